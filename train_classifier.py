@@ -1,0 +1,159 @@
+"""Supervised training of the ViT classifier: from scratch, or fine-tuning a pretrained MAE encoder.
+
+    python train_classifier.py                                          # from scratch
+    python train_classifier.py --pretrained_model_path vit-t-mae.pt     # from our pretraining checkpoint
+    python train_classifier.py --pretrained_model_path vit-t-mae.pt --trust_checkpoint   # the reference's pickle
+"""
+import argparse
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+import utils
+from data import AUGMENTATIONS, GpuLoader, load_dataset
+from model import MAE_Encoder, ViT_Classifier, encoder_state_dict
+
+RUN_NAME_KEYS = {"augment": "aug", "total_epoch": "ep", "batch_size": "bs", "base_learning_rate": "lr",
+                 "patch_size": "p", "emb_dim": "e", "encoder_depth": "ed", "seed": "s"}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # The reference's arguments and defaults.
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--max_device_batch_size", type=int, default=256, help="micro-batch; gradients accumulate")
+    p.add_argument("--base_learning_rate", type=float, default=1e-3, help="lr = base * batch_size / 256")
+    p.add_argument("--weight_decay", type=float, default=0.05)
+    p.add_argument("--total_epoch", type=int, default=100)
+    p.add_argument("--warmup_epoch", type=int, default=5)
+    p.add_argument("--pretrained_model_path", default=None, help="an MAE pretraining checkpoint (default: scratch)")
+    p.add_argument("--output_model_path", default=None, help="best checkpoint; default vit-t-<run>.pt")
+    # Model size: only used from scratch; a pretrained encoder brings its own.
+    p.add_argument("--patch_size", type=int, default=2)
+    p.add_argument("--emb_dim", type=int, default=192)
+    p.add_argument("--encoder_depth", type=int, default=12)
+    p.add_argument("--encoder_heads", type=int, default=3)
+    p.add_argument("--augment", choices=sorted(AUGMENTATIONS), default="none")
+    p.add_argument("--patience", type=int, default=None, help="stop when val accuracy has not improved for N epochs")
+    p.add_argument("--eval_batch_size", type=int, default=1000)
+    utils.add_run_arguments(p)
+    return p
+
+
+def name_run(args, parser):
+    source = f"from-{Path(args.pretrained_model_path).stem}" if args.pretrained_model_path else "scratch"
+    args.run_name = args.run_name or utils.run_name(f"cls_{source}", args, utils.parser_defaults(parser),
+                                                    RUN_NAME_KEYS)
+    args.output_model_path = args.output_model_path or f"vit-t-{args.run_name}.pt"
+    return str(Path(args.output_model_path).with_suffix("")) + "_last.pt"
+
+
+def build_model(args, image_size, num_classes):
+    """A classifier, its encoder loaded from ``--pretrained_model_path`` when given."""
+    if not args.pretrained_model_path:
+        encoder = MAE_Encoder(image_size, args.patch_size, args.emb_dim, args.encoder_depth, args.encoder_heads)
+        return ViT_Classifier(encoder, num_classes)
+    path = args.pretrained_model_path
+    checkpoint = utils.load_checkpoint(path, args.trust_checkpoint)
+    if checkpoint["kind"] != "mae":
+        raise utils.UserError(f"{path} is a {checkpoint['kind']} checkpoint; --pretrained_model_path needs an MAE "
+                              f"pretraining checkpoint (from mae_pretrain.py)")
+    for name in ("patch_size", "emb_dim", "encoder_depth", "encoder_heads"):  # the encoder's shape is its own
+        setattr(args, name, checkpoint.get("args", {}).get(name, getattr(args, name)))
+    encoder = MAE_Encoder(image_size, args.patch_size, args.emb_dim, args.encoder_depth, args.encoder_heads)
+    utils.load_weights(encoder, encoder_state_dict(checkpoint["model"]), path)
+    return ViT_Classifier(encoder, num_classes)
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, forward):
+    """Mean loss and accuracy over the whole split, summed on the device and synced once."""
+    model.eval()
+    totals = torch.zeros(3, device=device)
+    for images, labels in loader:
+        with utils.autocast(device):
+            logits = forward(images)
+        totals += torch.stack([F.cross_entropy(logits.float(), labels, reduction="sum"),
+                               (logits.argmax(-1) == labels).sum().float(), torch.tensor(len(labels), device=device)])
+    loss_sum, correct, count = utils.all_reduce_sum(totals).tolist()
+    return loss_sum / count, correct / count
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    last_path = name_run(args, parser)
+    env = utils.setup_device(args.device)
+    utils.setup_seed(args.seed)
+    resume_path = utils.resolve_resume(args.resume, last_path)
+    log_dir = utils.prepare_run_dir(f"{args.log_dir}/{args.dataset}/{args.run_name}", resume_path, env.is_main)
+
+    train_set, test_set = load_dataset(args.dataset, args.data_dir)
+    micro_batch, accum_steps = utils.split_batch(args.batch_size, args.max_device_batch_size, env.world_size)
+    loader = GpuLoader(train_set, micro_batch, env.device, augment=AUGMENTATIONS[args.augment], seed=args.seed,
+                       rank=env.rank, world_size=env.world_size)
+    test_loader = GpuLoader(test_set, args.eval_batch_size, env.device, train=False, rank=env.rank,
+                            world_size=env.world_size)
+    model = build_model(args, train_set.images.shape[-1], len(train_set.classes)).to(env.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.base_learning_rate * args.batch_size / 256,
+                                  weight_decay=args.weight_decay, fused=env.device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, utils.warmup_cosine(args.warmup_epoch,
+                                                                                  args.total_epoch))
+    done, best = 0, {"val_acc": -1.0, "epoch": 0}
+    if resume_path:
+        checkpoint = utils.load_checkpoint(resume_path)
+        done = utils.restore_training_state(checkpoint, "classifier", model, optimizer, scheduler, resume_path)
+        best = checkpoint["best"]
+    train_model = DistributedDataParallel(model) if env.world_size > 1 else model
+
+    def step(images, labels):
+        with utils.autocast(env.device):
+            logits = train_model(images)
+        return F.cross_entropy(logits.float(), labels), (logits.argmax(-1) == labels).sum()
+
+    step = utils.maybe_compile(step, env.device, not args.no_compile)
+    forward = utils.maybe_compile(model, env.device, not args.no_compile)
+    logger = utils.RunLogger(log_dir, ["train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
+                                       "images_per_s"], done + 1, env.is_main)
+    stop = utils.StopFlag().install()
+    steps_per_epoch = len(loader) // accum_steps * accum_steps
+    bar = utils.progress_bar(args.total_epoch * steps_per_epoch, done * steps_per_epoch, env.is_main)
+    for epoch in range(done + 1, args.total_epoch + 1):
+        loader.set_epoch(epoch)
+        model.train()
+        with utils.EpochTimer(env.device) as timer:
+            train_loss, (correct,), images_seen = utils.train_epoch(step, loader, optimizer, accum_steps,
+                                                                    train_model, bar)
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        val_loss, val_acc = evaluate(model, test_loader, env.device, forward)
+        bar.set_postfix(epoch=epoch, loss=f"{train_loss:.4f}", val_acc=f"{val_acc:.4f}")
+        logger.log(epoch, train_loss=train_loss, train_acc=correct / images_seen, val_loss=val_loss,
+                   val_acc=val_acc, lr=lr, seconds=timer.seconds, images_per_s=images_seen / timer.seconds)
+        if val_acc > best["val_acc"]:
+            best = {"val_acc": val_acc, "epoch": epoch}
+            if env.is_main:
+                utils.save_checkpoint(args.output_model_path, {"kind": "classifier", "model": model.state_dict(),
+                                                               "args": vars(args), "epoch": epoch,
+                                                               "val_acc": val_acc, "classes": train_set.classes})
+        patience_over = args.patience is not None and epoch - best["epoch"] >= args.patience
+        if env.is_main and (epoch % args.save_every == 0 or epoch == args.total_epoch or stop.requested
+                            or patience_over):
+            utils.save_checkpoint(last_path, utils.training_state("classifier", model, optimizer, scheduler,
+                                                                  epoch, args, best=best,
+                                                                  classes=train_set.classes))
+        if patience_over:
+            print(f"\nval accuracy has not improved for {args.patience} epochs (best {best['val_acc']:.4f} at "
+                  f"epoch {best['epoch']}); stopping early")
+        if stop.requested or patience_over:
+            break
+    bar.close()
+    logger.close()
+    utils.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    utils.run_cli(main)

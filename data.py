@@ -3,6 +3,7 @@
 CIFAR is 50,000 images of 3 x 32 x 32 bytes (150 MB): it fits on any GPU, so batches are cut from one resident
 tensor with ``randperm`` instead of going through DataLoader workers (the cifar10-airbench approach).
 """
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,9 +11,10 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms.v2 import RandAugment
 
 DATASETS = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}  # what torchvision.io.decode_image reads
 
 
 class DataError(ValueError):
@@ -48,11 +50,18 @@ def load_image_folder(folder):
         labels += [label] * len(found)
     if not files:
         raise DataError(f"{folder} holds no images (expected {folder}/<class>/*.jpg or *.png)")
-    images = [decode_image(read_file(str(f)), mode=ImageReadMode.RGB) for f in files]
+    images = [read_image(f) for f in files]
     sizes = {tuple(img.shape) for img in images}
     if len(sizes) != 1:
         raise DataError(f"{folder}: images must all have one size, found {sorted(sizes)[:3]}")
     return Split(torch.stack(images), torch.tensor(labels), classes)
+
+
+def read_image(path):
+    try:
+        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+    except RuntimeError:  # damaged or not really an image: name the file rather than a line of C++
+        raise DataError(f"{path} could not be decoded as a JPEG, PNG or WebP image") from None
 
 
 def load_torchvision(name, root, train):
@@ -77,7 +86,10 @@ def denormalize(images):
 
 
 def random_crop_flip(images, pad=4):
-    """Per-sample random translation by up to ``pad`` pixels (zero padding) and horizontal flip, on the device."""
+    """Per-sample random translation by up to ``pad`` pixels (zero padding) and horizontal flip, on the device.
+
+    Works on uint8 or float images of shape (B, C, H, W).
+    """
     B, C, H, W = images.shape
     padded = F.pad(images, (pad, pad, pad, pad))
     dy = torch.randint(0, 2 * pad + 1, (B, 1, 1), device=images.device)
@@ -90,7 +102,38 @@ def random_crop_flip(images, pad=4):
     return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
 
 
-AUGMENTATIONS = {"none": None, "crop_flip": random_crop_flip}
+def rand_augment(images, groups=16, num_ops=2, magnitude=9):
+    """Crop and flip, then torchvision's RandAugment on uint8 images, on the device.
+
+    torchvision draws one set of operations per call, so the batch is cut into ``groups`` chunks, each with its
+    own draw: per-chunk diversity at the cost of ``groups`` small calls instead of one per image.
+    """
+    policy = RandAugment(num_ops=num_ops, magnitude=magnitude)
+    images = random_crop_flip(images)
+    return torch.cat([policy(chunk) for chunk in images.chunk(groups)])
+
+
+def random_erasing(images, probability=0.25, area=(0.02, 1 / 3), aspect=(0.3, 3.3)):
+    """Erase one random rectangle per image with probability ``probability``, filled with noise (vectorised).
+
+    timm's RandomErasing loops over the batch in Python; this draws every rectangle at once.
+    """
+    B, C, H, W = images.shape
+    device = images.device
+    target_area = torch.empty(B, device=device).uniform_(*area) * H * W
+    log_ratio = torch.empty(B, device=device).uniform_(math.log(aspect[0]), math.log(aspect[1]))
+    h = (target_area * log_ratio.exp()).sqrt().round().clamp(1, H).long()
+    w = (target_area / log_ratio.exp()).sqrt().round().clamp(1, W).long()
+    top = (torch.rand(B, device=device) * (H - h + 1)).long()
+    left = (torch.rand(B, device=device) * (W - w + 1)).long()
+    rows, cols = torch.arange(H, device=device), torch.arange(W, device=device)
+    inside = (((rows[None] >= top[:, None]) & (rows[None] < (top + h)[:, None]))[:, :, None]
+              & ((cols[None] >= left[:, None]) & (cols[None] < (left + w)[:, None]))[:, None, :])
+    inside &= (torch.rand(B, 1, 1, device=device) < probability)
+    return torch.where(inside[:, None], torch.randn_like(images), images)
+
+
+AUGMENTATIONS = {"none": None, "crop_flip": random_crop_flip, "randaug": rand_augment}
 
 
 class GpuLoader:
@@ -134,7 +177,7 @@ class GpuLoader:
         order = self.indices()
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start:start + self.batch_size]
-            images = normalize(self.images[index])
+            images = self.images[index]
             if self.augment is not None:
-                images = self.augment(images)
-            yield images, self.labels[index]
+                images = self.augment(images)  # on uint8, as torchvision's policies expect
+            yield normalize(images), self.labels[index]

@@ -12,6 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 import utils
 from data import AUGMENTATIONS, GpuLoader, load_dataset, normalize
 from model import MAE_ViT, MASK_STRATEGIES, mae_loss
+from probe import evaluate_encoder
 from visualize_predictions import reconstruction_grid
 
 # Settings that name a run when they differ from their defaults ("" = use the value itself, e.g. "block").
@@ -44,6 +45,12 @@ def build_parser():
     p.add_argument("--encoder_heads", type=int, default=3)
     p.add_argument("--norm_pix_loss", action="store_true", help="per-patch normalised targets (the paper's)")
     p.add_argument("--augment", choices=sorted(AUGMENTATIONS), default="none")
+    # Monitoring the representation while it trains.
+    p.add_argument("--knn_every", type=int, default=0, help="log k-NN test accuracy every K epochs (0: off)")
+    p.add_argument("--knn_k", type=int, default=20)
+    p.add_argument("--knn_pool", choices=["cls", "mean"], default="cls", help="cls token or mean patch feature")
+    p.add_argument("--probe_epochs", type=int, default=0,
+                   help="with --knn_every: also train a linear probe on the frozen features for N epochs")
     utils.add_run_arguments(p)
     return p
 
@@ -59,6 +66,7 @@ def main(argv=None):
     log_dir = utils.prepare_run_dir(f"{args.log_dir}/{args.dataset}/{args.run_name}", resume_path, env.is_main)
 
     train_set, test_set = load_dataset(args.dataset, args.data_dir)
+    args.image_size = train_set.images.shape[-1]  # recorded in checkpoints, so that readers can rebuild the model
     micro_batch, accum_steps = utils.split_batch(args.batch_size, args.max_device_batch_size, env.world_size)
     loader = GpuLoader(train_set, micro_batch, env.device, augment=AUGMENTATIONS[args.augment], seed=args.seed,
                        rank=env.rank, world_size=env.world_size)
@@ -83,7 +91,8 @@ def main(argv=None):
 
     step = utils.maybe_compile(step, env.device, not args.no_compile)
     fixed_images = normalize(test_set.images[:16].to(env.device))  # the reference's 16 validation images
-    logger = utils.RunLogger(log_dir, ["loss", "lr", "seconds", "images_per_s"], done + 1, env.is_main)
+    logger = utils.RunLogger(log_dir, ["loss", "lr", "seconds", "images_per_s", "knn_acc", "probe_acc"], done + 1,
+                             env.is_main)
     stop = utils.StopFlag().install()
     steps_per_epoch = len(loader) // accum_steps * accum_steps
     bar = utils.progress_bar(args.total_epoch * steps_per_epoch, done * steps_per_epoch, env.is_main)
@@ -95,7 +104,12 @@ def main(argv=None):
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}")
-        logger.log(epoch, loss=loss, lr=lr, seconds=timer.seconds, images_per_s=images_seen / timer.seconds)
+        monitor = {}
+        if env.is_main and args.knn_every and (epoch % args.knn_every == 0 or epoch == args.total_epoch):
+            monitor = evaluate_encoder(model.encoder, train_set, test_set, env.device, args.knn_k, args.knn_pool,
+                                       args.probe_epochs)
+        logger.log(epoch, loss=loss, lr=lr, seconds=timer.seconds, images_per_s=images_seen / timer.seconds,
+                   **monitor)
         if env.is_main:
             logger.add_image("mae_image", reconstruction_grid(model, fixed_images), epoch)
         if env.is_main and (epoch % args.save_every == 0 or epoch == args.total_epoch or stop.requested):

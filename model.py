@@ -247,16 +247,52 @@ def encoder_state_dict(state_dict):
 
 
 class ViT_Classifier(ViTBackbone):
-    """The encoder without masking, plus a linear head on the cls token."""
+    """The encoder without masking, plus a linear head on the cls token.
 
-    def __init__(self, encoder: MAE_Encoder, num_classes=10):
+    ``probe_head`` puts a BatchNorm without affine parameters before the linear layer: the MAE paper's linear probe,
+    which makes the probe insensitive to the scale of the frozen features.
+    """
+
+    def __init__(self, encoder: MAE_Encoder, num_classes=10, probe_head=False):
         super().__init__()
         self.cls_token = encoder.cls_token
         self.pos_embedding = encoder.pos_embedding
         self.patchify = encoder.patchify
         self.transformer = encoder.transformer
         self.layer_norm = encoder.layer_norm
-        self.head = nn.Linear(self.pos_embedding.shape[-1], num_classes)
+        dim = self.pos_embedding.shape[-1]
+        linear = nn.Linear(dim, num_classes)
+        self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False), linear) if probe_head else linear
 
     def forward(self, img):
         return self.head(self.forward_features(img)[:, 0])
+
+    def no_weight_decay(self):
+        """Parameter names timm's optimizer helpers keep out of weight decay."""
+        return {"cls_token", "pos_embedding"}
+
+    def group_matcher(self, coarse=False):
+        """Layer ids for timm's layer-wise lr decay: the embeddings are layer 0, block i is layer i + 1."""
+        return {"stem": r"^cls_token|^pos_embedding|^patchify",
+                "blocks": [(r"^transformer\.(\d+)", None), (r"^layer_norm", (99999,))]}
+
+
+def to_timm_state_dict(state_dict):
+    """Our encoder (or classifier) weights under timm VisionTransformer names.
+
+    Loads into ``timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=2, no_embed_class=True,
+    qkv_bias=False, num_classes=10)``: our position embedding covers the patches only (no cls position), which is
+    timm's ``no_embed_class``; the reference's blocks have no qkv bias.
+    """
+    renames = {"patchify.": "patch_embed.proj.", "transformer.": "blocks.", "layer_norm.": "norm."}
+    converted = {}
+    for name, value in encoder_state_dict(state_dict).items():
+        if name == "pos_embedding":
+            name, value = "pos_embed", value.transpose(0, 1)  # (T, 1, C) -> (1, T, C)
+        for ours, theirs in renames.items():
+            if name.startswith(ours):
+                name = theirs + name[len(ours):]
+        converted[name] = value
+    head = {k: v for k, v in state_dict.items() if k in ("head.weight", "head.bias")}
+    converted.update(head)  # a plain linear classifier head carries over; a probe head or an MAE has none
+    return converted

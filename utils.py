@@ -259,14 +259,16 @@ def load_checkpoint(path, trust_pickle=False):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if "Weights only load failed" not in str(error):
-            raise UserError(f"checkpoint {path} is truncated or corrupt ({first_line(error)})") from None
+        # Only a file that names a class ("Unsupported global", older torch: "class") is a pickled module;
+        # random bytes also fail the weights-only unpickler, with other messages.
+        if not any(f"Unsupported {what}" in str(error) for what in ("global", "class")):
+            raise UserError(f"checkpoint {path} is truncated or corrupt (not a PyTorch checkpoint)") from None
         if not trust_pickle:
             raise UserError(f"checkpoint {path} is a pickled Python object (like the reference's released "
                             f"weights), which can run code when loaded; pass --trust_checkpoint if you trust "
                             f"where it came from") from None
         checkpoint = load_pickled_module(path)
-    except (RuntimeError, EOFError, OSError) as error:
+    except Exception as error:  # damaged bytes fail inside the unpickler in many ways (EOFError, IndexError, ...)
         raise UserError(f"checkpoint {path} is truncated or corrupt ({first_line(error)})") from None
     if isinstance(checkpoint, dict) and "model" not in checkpoint and all(
             isinstance(v, torch.Tensor) for v in checkpoint.values()):
@@ -292,7 +294,7 @@ def load_pickled_module(path):
 def checkpoint_kind(state_dict):
     if any(k.startswith("encoder.") for k in state_dict):
         return "mae"
-    if "head.weight" in state_dict and "patchify.weight" in state_dict:
+    if "patchify.weight" in state_dict and ("head.weight" in state_dict or "head.1.weight" in state_dict):
         return "classifier"
     return "unknown"
 

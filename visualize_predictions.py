@@ -42,10 +42,11 @@ def load_classifier(path, image_size, trust):
         raise utils.UserError(f"{path} is a {checkpoint['kind']} checkpoint; --model_path needs a classifier "
                               f"(from train_classifier.py)")
     args = checkpoint.get("args", {})
-    num_classes = checkpoint["model"]["head.weight"].shape[0]
+    probe = bool(args.get("linear_probe"))
+    num_classes = checkpoint["model"]["head.1.weight" if probe else "head.weight"].shape[0]
     encoder = MAE_Encoder(image_size, args.get("patch_size", 2), args.get("emb_dim", 192),
                           args.get("encoder_depth", 12), args.get("encoder_heads", 3))
-    model = ViT_Classifier(encoder, num_classes)
+    model = ViT_Classifier(encoder, num_classes, probe_head=probe)
     utils.load_weights(model, checkpoint["model"], path)
     return model
 

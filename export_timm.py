@@ -1,0 +1,45 @@
+"""Export an encoder (from a pretraining or a classifier checkpoint) as a timm VisionTransformer state dict.
+
+    python export_timm.py vit-t-mae.pt vit-t-mae-timm.pt
+
+then, in any project with timm:
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=2, no_embed_class=True,
+                              qkv_bias=False, num_classes=10)
+    model.load_state_dict(torch.load("vit-t-mae-timm.pt"), strict=False)   # all keys but the head's match
+"""
+import argparse
+
+import torch
+
+import utils
+from model import to_timm_state_dict
+
+
+def timm_model_kwargs(args, num_classes=10):
+    """The ``timm.create_model`` arguments that give our encoder's architecture."""
+    return dict(img_size=args.get("image_size", 32), patch_size=args.get("patch_size", 2),
+                embed_dim=args.get("emb_dim", 192), depth=args.get("encoder_depth", 12),
+                num_heads=args.get("encoder_heads", 3), no_embed_class=True, qkv_bias=False,
+                num_classes=num_classes)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="a checkpoint from mae_pretrain.py or train_classifier.py")
+    parser.add_argument("output", help="where to write the timm state dict")
+    parser.add_argument("--trust_checkpoint", action="store_true", help="allow a pickled whole-module checkpoint")
+    args = parser.parse_args(argv)
+    checkpoint = utils.load_checkpoint(args.checkpoint, args.trust_checkpoint)
+    if checkpoint["kind"] not in ("mae", "classifier"):
+        raise utils.UserError(f"{args.checkpoint} holds neither an MAE nor a classifier")
+    state = to_timm_state_dict(checkpoint["model"])
+    utils.save_checkpoint(args.output, state)
+    head = state.get("head.weight")
+    shape = timm_model_kwargs(checkpoint.get("args", {}), len(head) if head is not None else 10)
+    print(f"wrote {len(state)} tensors to {args.output}; load them into timm.create_model("
+          f"'vit_tiny_patch16_224', {', '.join(f'{k}={v!r}' for k, v in shape.items())})")
+
+
+if __name__ == "__main__":
+    utils.run_cli(main)

@@ -1,0 +1,75 @@
+"""Judging a frozen encoder without fine-tuning it: k-NN accuracy and a linear probe on cached features.
+
+Both run on features extracted once (a forward pass over the data), so they are cheap enough to run every few
+pretraining epochs.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import utils
+from data import normalize
+
+
+@torch.no_grad()
+def extract_features(backbone, images, pool="cls", batch_size=1000):
+    """Features of uint8 ``images`` (N, 3, H, W): the cls token, or the mean of the patch tokens."""
+    was_training = backbone.training
+    backbone.eval()
+    features = []
+    for start in range(0, len(images), batch_size):
+        with utils.autocast(images.device):
+            tokens = backbone.forward_features(normalize(images[start:start + batch_size]))
+        features.append((tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)).float())
+    backbone.train(was_training)
+    return torch.cat(features)
+
+
+@torch.no_grad()
+def knn_accuracy(train_features, train_labels, test_features, test_labels, k=20, temperature=0.07,
+                 chunk=1000):
+    """Weighted k-NN on cosine similarity: each of the k nearest neighbours votes exp(similarity / T)."""
+    train_features = F.normalize(train_features, dim=1)
+    num_classes = int(train_labels.max()) + 1
+    correct = torch.zeros((), device=test_labels.device)
+    for start in range(0, len(test_features), chunk):
+        query = F.normalize(test_features[start:start + chunk], dim=1)
+        similarity, neighbours = (query @ train_features.T).topk(min(k, len(train_features)), dim=1)
+        votes = torch.zeros(len(query), num_classes, device=query.device)
+        votes.scatter_add_(1, train_labels[neighbours], (similarity / temperature).exp())
+        correct += (votes.argmax(dim=1) == test_labels[start:start + chunk]).sum()
+    return correct.item() / len(test_labels)
+
+
+def linear_probe_accuracy(train_features, train_labels, test_features, test_labels, epochs=100, lr=1e-3,
+                          batch_size=4096, seed=0):
+    """Test accuracy of a linear classifier (after a BatchNorm without affine) trained on frozen features."""
+    generator = torch.Generator().manual_seed(seed)
+    num_classes = int(train_labels.max()) + 1
+    head = nn.Sequential(nn.BatchNorm1d(train_features.shape[1], affine=False),
+                         nn.Linear(train_features.shape[1], num_classes)).to(train_features.device)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+    for _ in range(epochs):
+        order = torch.randperm(len(train_features), generator=generator).to(train_features.device)
+        for start in range(0, len(order), batch_size):
+            index = order[start:start + batch_size]
+            loss = F.cross_entropy(head(train_features[index]), train_labels[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    head.eval()
+    with torch.no_grad():
+        return (head(test_features).argmax(dim=1) == test_labels).float().mean().item()
+
+
+def evaluate_encoder(backbone, train_split, test_split, device, k=20, pool="cls", probe_epochs=0):
+    """k-NN accuracy (and, with ``probe_epochs``, linear-probe accuracy) of a frozen backbone."""
+    train_images, train_labels = train_split.images.to(device), train_split.labels.to(device)
+    test_images, test_labels = test_split.images.to(device), test_split.labels.to(device)
+    train_features = extract_features(backbone, train_images, pool)
+    test_features = extract_features(backbone, test_images, pool)
+    results = {"knn_acc": knn_accuracy(train_features, train_labels, test_features, test_labels, k)}
+    if probe_epochs:
+        results["probe_acc"] = linear_probe_accuracy(train_features, train_labels, test_features, test_labels,
+                                                     probe_epochs)
+    return results

@@ -63,7 +63,7 @@ def main(argv=None):
     env = utils.setup_device(args.device)
     utils.setup_seed(args.seed)
     resume_path = utils.resolve_resume(args.resume, args.model_path)
-    log_dir = utils.prepare_run_dir(f"{args.log_dir}/{args.dataset}/{args.run_name}", resume_path, env.is_main)
+    log_dir = utils.prepare_run_dir(f"{args.log_dir}/{args.dataset}/{args.run_name}", args.resume, env.is_main)
 
     train_set, test_set = load_dataset(args.dataset, args.data_dir)
     args.image_size = train_set.images.shape[-1]  # recorded in checkpoints, so that readers can rebuild the model

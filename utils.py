@@ -421,7 +421,10 @@ class EpochTimer:
 
 
 def prepare_run_dir(log_dir, resuming, is_main):
-    """A new run refuses to mix its logs into an earlier run's folder; resuming continues that folder."""
+    """A new run refuses to mix its logs into an earlier run's folder; resuming continues that folder.
+
+    ``--resume auto`` before any checkpoint exists (killed during the first epoch) starts the folder afresh.
+    """
     log_dir = Path(log_dir)
     if is_main and not resuming and (log_dir / "metrics.csv").exists():
         raise UserError(f"{log_dir} already holds a run: pass --resume auto to continue it, or --run_name NAME "

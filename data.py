@@ -165,8 +165,10 @@ class GpuLoader:
             return torch.arange(n, device=self.images.device)[self.rank::self.world_size]
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(n, generator=generator)
-        per_rank = n // self.world_size  # every rank gets the same count, so the collectives line up
-        return order[self.rank * per_rank:(self.rank + 1) * per_rank].to(self.images.device)
+        # Interleaved slices with the same count per rank (so the collectives line up): at every step the ranks
+        # together see the same images as one process with the whole batch, as a single-GPU run would.
+        per_rank = n // self.world_size
+        return order[self.rank:per_rank * self.world_size:self.world_size].to(self.images.device)
 
     def __len__(self):
         n = len(self.labels) // self.world_size if self.train else len(range(self.rank, len(self.labels),

@@ -1,0 +1,267 @@
+"""data.py: image folders, the torchvision fallback, the device-resident loader and its augmentation."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+from data import DataError, GpuLoader, Split, load_dataset, load_image_folder, normalize, random_crop_flip
+
+# Written in an unsorted order on purpose: classes must come back sorted.
+TRAIN_COUNTS = {"dog": 1, "airplane": 3, "cat": 2}
+
+
+def write_pngs(folder, counts, size=8, seed=0):
+    """folder/<class>/<i>.png with random RGB pixels; returns {class: [HWC uint8 arrays in file order]}."""
+    rng = np.random.default_rng(seed)
+    written = {}
+    for name, count in counts.items():
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        written[name] = []
+        for i in range(count):
+            pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / name / f"{i}.png")
+            written[name].append(pixels)
+    return written
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """tmp_path/{train,test}/<class>/*.png; returns the root and what was written to train/."""
+    written = write_pngs(tmp_path / "train", TRAIN_COUNTS)
+    write_pngs(tmp_path / "test", {name: 1 for name in TRAIN_COUNTS}, seed=1)
+    return tmp_path, written
+
+
+def tiny_split(n=10, size=4):
+    """Random uint8 images whose labels are their own indices, so batches say which samples they hold."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=generator)
+    return Split(images, torch.arange(n), [str(i) for i in range(n)])
+
+
+def loader_labels(loader):
+    return [labels.tolist() for _, labels in loader]
+
+
+# ------------------------------------------------------------------------------------------------ image folders
+
+
+def test_load_image_folder_reads_uint8_images_labels_and_sorted_classes(image_folder):
+    root, written = image_folder
+    split = load_image_folder(root / "train")
+    assert split.classes == ["airplane", "cat", "dog"]
+    assert split.images.dtype == torch.uint8 and split.images.shape == (6, 3, 8, 8)
+    assert split.labels.tolist() == [0, 0, 0, 1, 1, 2]
+    expected = [pixels for name in split.classes for pixels in written[name]]  # files sorted within a class
+    assert torch.equal(split.images, torch.from_numpy(np.stack(expected)).permute(0, 3, 1, 2))
+
+
+def test_load_dataset_from_a_data_dir(image_folder):
+    root, _ = image_folder
+    train, test = load_dataset("cifar10", data_dir=str(root))
+    assert len(train.labels) == 6 and len(test.labels) == 3
+    assert train.classes == test.classes == ["airplane", "cat", "dog"]
+    assert test.labels.tolist() == [0, 1, 2]
+
+
+def test_grey_and_rgba_images_become_three_channels(tmp_path):
+    (tmp_path / "a").mkdir()
+    Image.fromarray(np.full((8, 8), 200, np.uint8), mode="L").save(tmp_path / "a" / "grey.png")
+    Image.fromarray(np.full((8, 8, 4), 100, np.uint8), mode="RGBA").save(tmp_path / "a" / "rgba.png")
+    split = load_image_folder(tmp_path)
+    assert split.images.shape == (2, 3, 8, 8)
+    assert set(split.images[0].unique().tolist()) == {200}
+
+
+def test_a_folder_without_images_raises(tmp_path):
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match="holds no images"):
+        load_image_folder(tmp_path / "train")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no images"):
+        load_image_folder(tmp_path / "empty")
+
+
+def test_missing_folder_raises(tmp_path):
+    with pytest.raises(DataError, match="is not a folder"):
+        load_image_folder(tmp_path / "nowhere")
+    with pytest.raises(DataError, match="--data_dir"):
+        load_dataset("cifar10", data_dir=str(tmp_path / "nowhere"))
+
+
+def test_train_and_test_with_different_classes_raise(tmp_path):
+    write_pngs(tmp_path / "train", {"cat": 1, "dog": 1})
+    write_pngs(tmp_path / "test", {"cat": 1, "frog": 1})
+    with pytest.raises(DataError, match="differ from train classes"):
+        load_dataset(data_dir=str(tmp_path))
+
+
+def test_images_of_different_sizes_raise(tmp_path):
+    write_pngs(tmp_path, {"cat": 1}, size=8)
+    write_pngs(tmp_path, {"dog": 1}, size=6)
+    with pytest.raises(DataError, match="one size"):
+        load_image_folder(tmp_path)
+
+
+def test_a_damaged_image_names_the_file(tmp_path):
+    write_pngs(tmp_path, {"cat": 1})
+    (tmp_path / "cat" / "broken.png").write_bytes(b"\x89PNG but not really")
+    with pytest.raises(DataError, match="broken.png could not be decoded"):
+        load_image_folder(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------- torchvision datasets
+
+
+def test_a_failed_download_says_to_pass_data_dir(monkeypatch, tmp_path):
+    class NoNetwork:
+        def __init__(self, *args, **kwargs):
+            raise OSError("Name or service not known")
+
+    monkeypatch.setitem(data.DATASETS, "cifar10", NoNetwork)
+    with pytest.raises(DataError, match="--data_dir") as error:
+        load_dataset("cifar10", download_root=str(tmp_path))
+    assert "could not download cifar10" in str(error.value) and "Name or service not known" in str(error.value)
+    with pytest.raises(DataError, match="unknown dataset 'mnist'"):
+        load_dataset("mnist", download_root=str(tmp_path))
+
+
+def test_a_torchvision_dataset_becomes_nchw_uint8(monkeypatch, tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 4, 4, 3), dtype=np.uint8)
+
+    class FakeCifar:  # the attributes torchvision's CIFAR datasets have: NHWC uint8 data, a list of targets
+        def __init__(self, root, train, download):
+            self.data = pixels if train else pixels[:2]
+            self.targets = [0, 1, 0, 1, 1] if train else [1, 0]
+            self.classes = ["a", "b"]
+
+    monkeypatch.setitem(data.DATASETS, "cifar10", FakeCifar)
+    train, test = load_dataset("cifar10", download_root=str(tmp_path))
+    assert train.images.shape == (5, 3, 4, 4) and train.images.dtype == torch.uint8
+    assert train.images[2, 1, 3, 0] == pixels[2, 3, 0, 1]
+    assert train.labels.tolist() == [0, 1, 0, 1, 1] and test.labels.tolist() == [1, 0]
+    assert train.classes == ["a", "b"]
+
+
+# ------------------------------------------------------------------------------------------------- GpuLoader
+
+
+def test_training_drops_the_last_partial_batch():
+    split = tiny_split(10)
+    loader = GpuLoader(split, 3, "cpu", train=True)
+    batches = list(loader)
+    assert len(loader) == len(batches) == 3
+    assert [len(labels) for _, labels in batches] == [3, 3, 3]
+    seen = torch.cat([labels for _, labels in batches])
+    assert len(set(seen.tolist())) == 9
+    for images, labels in batches:  # the images are the labelled samples, scaled to [-1, 1]
+        assert images.dtype == torch.float32
+        assert torch.equal(images, normalize(split.images[labels]))
+
+
+def test_evaluation_covers_every_sample_once_in_order():
+    loader = GpuLoader(tiny_split(10), 3, "cpu", train=False)
+    batches = loader_labels(loader)
+    assert len(loader) == len(batches) == 4
+    assert [len(b) for b in batches] == [3, 3, 3, 1]
+    assert sum(batches, []) == list(range(10))
+
+
+def test_the_order_depends_on_seed_and_epoch_only():
+    split = tiny_split(32)
+
+    def order(seed, epoch):
+        loader = GpuLoader(split, 4, "cpu", seed=seed)
+        loader.set_epoch(epoch)
+        return sum(loader_labels(loader), [])
+
+    assert order(1, 2) == order(1, 2)
+    assert order(1, 2) != order(1, 3)
+    assert order(1, 2) != order(2, 2)
+    assert order(1, 2) != list(range(32))
+
+
+def test_two_ranks_train_on_disjoint_equal_shares():
+    split = tiny_split(11)
+    ranks = [GpuLoader(split, 2, "cpu", seed=3, rank=r, world_size=2) for r in (0, 1)]
+    for loader in ranks:
+        loader.set_epoch(5)
+    indices = [set(loader.indices().tolist()) for loader in ranks]
+    assert len(indices[0]) == len(indices[1]) == 5
+    assert not indices[0] & indices[1]
+    assert len(ranks[0]) == len(ranks[1]) == 2  # the same number of steps, so collectives line up
+    seen = [set(sum(loader_labels(loader), [])) for loader in ranks]
+    assert not seen[0] & seen[1] and len(seen[0]) == len(seen[1]) == 4
+
+
+def test_two_ranks_evaluate_every_sample_once_between_them():
+    split = tiny_split(11)
+    seen = [sum(loader_labels(GpuLoader(split, 2, "cpu", train=False, rank=r, world_size=2)), []) for r in (0, 1)]
+    assert sorted(seen[0] + seen[1]) == list(range(11))
+
+
+def test_the_loader_applies_the_augmentation():
+    split = tiny_split(8)
+    loader = GpuLoader(split, 4, "cpu", augment=lambda images: images.flip(-1))
+    for images, labels in loader:
+        assert torch.equal(images, normalize(split.images[labels]).flip(-1))
+
+
+# ------------------------------------------------------------------------------------ normalisation, augmentation
+
+
+def test_normalize_maps_the_byte_range_to_minus_one_one():
+    pixels = torch.tensor([0, 255, 51], dtype=torch.uint8)
+    out = normalize(pixels)
+    assert out.dtype == torch.float32
+    assert out.tolist() == pytest.approx([-1.0, 1.0, 51 / 127.5 - 1])
+    assert pixels.tolist() == [0, 255, 51]  # the input is left alone
+    assert torch.allclose(data.denormalize(out) * 255, pixels.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_random_crop_flip_keeps_shape_and_dtype_and_changes_the_batch(dtype):
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (16, 3, 8, 8)).to(dtype)
+    out = random_crop_flip(images)
+    assert out.shape == images.shape and out.dtype == dtype
+    assert not torch.equal(out, images)
+
+
+def test_random_crop_flip_without_padding_only_flips():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (32, 3, 6, 6), dtype=torch.uint8)
+    out = random_crop_flip(images, pad=0)
+    same = (out == images).flatten(1).all(1)
+    flipped = (out == images.flip(-1)).flatten(1).all(1)
+    assert bool((same | flipped).all())
+    assert same.any() and flipped.any()
+
+
+def test_random_crop_flip_output_is_a_shifted_possibly_flipped_copy():
+    torch.manual_seed(1)
+    pad, size = 2, 6
+    images = torch.randint(1, 256, (24, 3, size, size), dtype=torch.uint8)  # no zeros: padding stands out
+    out = random_crop_flip(images, pad=pad)
+    shifted = 0
+    for image, result in zip(images, out):
+        candidates = [(dy, dx, flip) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1) for flip in (0, 1)
+                      if torch.equal(result, F.pad(image.flip(-1) if flip else image, [pad] * 4)
+                                     [:, dy:dy + size, dx:dx + size])]
+        assert candidates, "the output is no translation or flip of its input"
+        shifted += (candidates[0][0], candidates[0][1]) != (pad, pad)
+    assert shifted > 0
+
+
+def test_two_ranks_together_see_the_batches_of_one_process():
+    split = tiny_split(12)
+    whole = GpuLoader(split, 4, "cpu", seed=5)
+    ranks = [GpuLoader(split, 2, "cpu", seed=5, rank=r, world_size=2) for r in (0, 1)]
+    for loader in (whole, *ranks):
+        loader.set_epoch(1)
+    per_rank = [loader_labels(loader) for loader in ranks]
+    for step, batch in enumerate(loader_labels(whole)):
+        assert sorted(batch) == sorted(per_rank[0][step] + per_rank[1][step])

@@ -61,7 +61,7 @@ def main(argv=None):
     args.run_name = args.run_name or utils.run_name("mae", args, utils.parser_defaults(parser), RUN_NAME_KEYS)
     args.model_path = args.model_path or ("vit-t-mae.pt" if args.run_name == "mae" else f"vit-t-{args.run_name}.pt")
     env = utils.setup_device(args.device)
-    utils.setup_seed(args.seed)
+    utils.setup_seed(args.seed + env.rank)  # each process draws its own masks and augmentations
     resume_path = utils.resolve_resume(args.resume, args.model_path)
     log_dir = utils.prepare_run_dir(f"{args.log_dir}/{args.dataset}/{args.run_name}", args.resume, env.is_main)
 

@@ -135,7 +135,7 @@ class ViTBackbone(nn.Module):
     def embed(self, img):
         """img (B, 3, H, W) -> patch tokens with positions (B, T, C)."""
         patches = self.patchify(img).flatten(2).transpose(1, 2)
-        return patches + self.pos_embedding.transpose(0, 1)
+        return patches + self.pos_embedding.view(1, *self.pos_embedding.shape[::2])  # (T, 1, C) -> (1, T, C)
 
     def encode(self, tokens):
         """Prepend the cls token and run the transformer: (B, t, C) -> (B, 1 + t, C)."""
@@ -200,7 +200,8 @@ class MAE_Decoder(nn.Module):
         mask_tokens = self.mask_token.expand(B, T - keep, -1)
         shuffled = torch.cat([features[:, 1:], mask_tokens], dim=1)  # visible first, as the encoder ordered them
         unshuffled = torch.gather(shuffled, 1, backward_indexes.unsqueeze(-1).expand(-1, -1, shuffled.shape[-1]))
-        tokens = torch.cat([features[:, :1], unshuffled], dim=1) + self.pos_embedding.transpose(0, 1)
+        positions = self.pos_embedding.view(1, *self.pos_embedding.shape[::2])  # (T + 1, 1, C) -> (1, T + 1, C)
+        tokens = torch.cat([features[:, :1], unshuffled], dim=1) + positions
         patches = self.head(self.transformer(tokens)[:, 1:])  # drop the cls token: (B, T, 3 * p * p)
         masked = (backward_indexes >= keep).to(patches.dtype)  # a patch is masked if it came after the visible ones
         return self.patches_to_image(patches), self.patches_to_image(masked[..., None].expand_as(patches))

@@ -46,13 +46,17 @@ def linear_probe_accuracy(train_features, train_labels, test_features, test_labe
     """Test accuracy of a linear classifier (after a BatchNorm without affine) trained on frozen features."""
     generator = torch.Generator().manual_seed(seed)
     num_classes = int(train_labels.max()) + 1
-    head = nn.Sequential(nn.BatchNorm1d(train_features.shape[1], affine=False),
-                         nn.Linear(train_features.shape[1], num_classes)).to(train_features.device)
+    with torch.random.fork_rng(devices=[]):  # the head's init leaves the training run's random stream untouched
+        torch.random.default_generator.manual_seed(seed)
+        head = nn.Sequential(nn.BatchNorm1d(train_features.shape[1], affine=False),
+                             nn.Linear(train_features.shape[1], num_classes)).to(train_features.device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
     for _ in range(epochs):
         order = torch.randperm(len(train_features), generator=generator).to(train_features.device)
         for start in range(0, len(order), batch_size):
             index = order[start:start + batch_size]
+            if len(index) < 2:  # BatchNorm in training mode needs two samples: skip a last batch of one
+                continue
             loss = F.cross_entropy(head(train_features[index]), train_labels[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -160,7 +160,7 @@ def main(argv=None):
     args, parser = parse_args(argv)
     last_path = name_run(args, parser)
     env = utils.setup_device(args.device)
-    utils.setup_seed(args.seed)
+    utils.setup_seed(args.seed + env.rank)  # each process draws its own masks and augmentations
     resume_path = utils.resolve_resume(args.resume, last_path)
     log_dir = utils.prepare_run_dir(f"{args.log_dir}/{args.dataset}/{args.run_name}", args.resume, env.is_main)
 

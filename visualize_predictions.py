@@ -90,20 +90,31 @@ def prediction_figure(images, labels, predictions, classes, columns=8):
 
 @torch.no_grad()
 def strategies_figure(model, images, strategies=MASK_STRATEGIES, ratios=(0.75,), seed=0):
-    """For each (strategy, ratio): a masked row and a reconstruction row; the originals last."""
+    """For each (strategy, ratio): a masked row and a reconstruction row, labelled on the left; the originals last."""
     shuffle = model.encoder.shuffle
-    rows = []
+    rows, labels = [], []
     try:
         for strategy in strategies:
             for ratio in ratios:
                 model.encoder.shuffle = PatchShuffle(ratio, strategy)
                 grid = reconstruction_grid(model, images, seed)
                 rows.append(grid[:, : grid.shape[1] * 2 // 3])  # masked and reconstructed rows
+                labels.append(f"{strategy}\nratio {ratio:g}\n(masked,\nrecon.)")
         rows.append(grid[:, grid.shape[1] * 2 // 3:])
+        labels.append("original")
     finally:
         model.encoder.shuffle = shuffle
-    return to_pil_image(torch.cat(rows, dim=1)).resize(
-        (rows[0].shape[2] * SCALE // 2, sum(r.shape[1] for r in rows) * SCALE // 2), Image.NEAREST)
+    heights = [r.shape[1] * SCALE // 2 for r in rows]
+    grid_image = to_pil_image(torch.cat(rows, dim=1)).resize((rows[0].shape[2] * SCALE // 2, sum(heights)),
+                                                             Image.NEAREST)
+    margin = 72  # a white column on the left for the row labels
+    figure = Image.new("RGB", (grid_image.width + margin, grid_image.height), "white")
+    figure.paste(grid_image, (margin, 0))
+    draw = ImageDraw.Draw(figure)
+    for label, top, height in zip(labels, [sum(heights[:i]) for i in range(len(heights))], heights):
+        text_height = 12 * (label.count("\n") + 1)  # about 12 px a line in PIL's default font, old or new
+        draw.multiline_text((4, top + max(height - text_height, 0) // 2), label, fill="black")
+    return figure
 
 
 def per_class_accuracy(labels, predictions, classes):

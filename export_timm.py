@@ -10,7 +10,6 @@ then, in any project with timm:
 """
 import argparse
 
-import torch
 
 import utils
 from model import to_timm_state_dict

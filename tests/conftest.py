@@ -41,6 +41,20 @@ def write_image_folder(root, train_classes, test_classes, train_per_class=TRAIN_
     return Path(root)
 
 
+def write_coloured_image_folder(root, size=16, per_class=6, seed=0):
+    """train/<class>/*.png and test/<class>/*.png: each class a colour, each image that colour plus noise."""
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(0, 256, (NUM_CLASSES, 3))
+    for split in ("train", "test"):
+        for c in range(NUM_CLASSES):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = np.clip(colours[c] + rng.integers(-30, 31, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_image_folder(tmp_path_factory):
     """10 classes x 8 train and x 2 test PNGs of 16 x 16 random pixels."""

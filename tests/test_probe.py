@@ -1,28 +1,17 @@
 """k-NN accuracy, the linear probe, feature extraction, and the k-NN / probe monitor of mae_pretrain.py."""
 import csv
-import signal
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from PIL import Image
 
 import mae_pretrain
 import utils
+from conftest import write_coloured_image_folder
 from data import Split
 from probe import evaluate_encoder, extract_features, knn_accuracy, linear_probe_accuracy
 
 NUM_CLASSES = 10
-
-
-@pytest.fixture(autouse=True)
-def restore_signal_handlers():
-    """The training scripts install SIGINT / SIGTERM handlers; give pytest its own back afterwards."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
 
 
 def clusters(num_classes, per_class, dim, spread, seed, noise_seed=0):
@@ -185,23 +174,9 @@ def test_evaluate_encoder_knn_and_probe_on_class_dependent_backbone():
 # ---------------------------------------------------------------------------- the monitor in mae_pretrain
 
 
-def write_image_folder(root, size=16, per_class=6, seed=0):
-    """train/<class>/*.png and test/<class>/*.png: each class a colour, each image that colour plus noise."""
-    rng = np.random.default_rng(seed)
-    colours = rng.integers(0, 256, (NUM_CLASSES, 3))
-    for split in ("train", "test"):
-        for c in range(NUM_CLASSES):
-            folder = root / split / f"class{c}"
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                pixels = np.clip(colours[c] + rng.integers(-30, 31, (size, size, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-    return root
-
-
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
-    return write_image_folder(tmp_path_factory.mktemp("images"))
+    return write_coloured_image_folder(tmp_path_factory.mktemp("images"))
 
 
 def pretrain(image_folder, tmp_path, *extra):

@@ -2,20 +2,19 @@
 drop path and the linear probe of train_classifier.py."""
 import argparse
 import copy
-import signal
 
 import numpy as np
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from timm.layers import DropPath
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 
 import train_classifier
 import utils
+from conftest import write_coloured_image_folder
 from data import normalize, rand_augment, random_crop_flip, random_erasing
 from model import MAE_ViT, encoder_state_dict
 
@@ -30,15 +29,6 @@ def seeded():
     """timm's Mixup draws from numpy, the augmentations from torch: fix both for every test."""
     np.random.seed(0)
     torch.manual_seed(0)
-
-
-@pytest.fixture(autouse=True)
-def restore_signal_handlers():
-    """train_classifier.main installs SIGINT / SIGTERM handlers; give pytest its own back afterwards."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
 
 
 def uint8_batch(batch=16, size=IMAGE_SIZE, seed=0):
@@ -402,23 +392,9 @@ def test_linear_probe_has_no_drop_path(mae_checkpoint):
 # ------------------------------------------------------------------------------------------ linear probe
 
 
-def write_image_folder(root, size=IMAGE_SIZE, per_class=6, seed=0):
-    """train/<class>/*.png and test/<class>/*.png: each class a colour, each image that colour plus noise."""
-    rng = np.random.default_rng(seed)
-    colours = rng.integers(0, 256, (NUM_CLASSES, 3))
-    for split in ("train", "test"):
-        for c in range(NUM_CLASSES):
-            folder = root / split / f"class{c}"
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                pixels = np.clip(colours[c] + rng.integers(-30, 31, (size, size, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-    return root
-
-
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
-    return write_image_folder(tmp_path_factory.mktemp("images"))
+    return write_coloured_image_folder(tmp_path_factory.mktemp("images"), size=IMAGE_SIZE)
 
 
 def classifier_argv(image_folder, tmp_path, *extra):

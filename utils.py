@@ -447,4 +447,7 @@ def restore_training_state(checkpoint, kind, model, optimizer, scheduler, source
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
     set_rng_state(checkpoint["rng"])
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank:  # only rank 0's streams are saved: the others get their own again, fixed by (rank, epoch)
+        torch.manual_seed(rank * 1_000_003 + checkpoint["epoch"])
     return checkpoint["epoch"]

@@ -18,11 +18,12 @@ import gc
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+import mae_pretrain
+import train_classifier
 import utils
-from model import MAE_Encoder, MAE_ViT, MASK_STRATEGIES, ViT_Classifier, mae_loss
+from model import MAE_Encoder, MAE_ViT, MASK_STRATEGIES, ViT_Classifier
 
 WORKLOADS = ("pretrain", "finetune")
 CUDA_BATCH_SIZES = (256, 512, 1024, 2048, 4096)
@@ -75,18 +76,10 @@ def build_model(workload, args):
 
 
 def make_step(workload, model, device, patch_size):
-    """The training scripts' micro-batch step: (images, labels) -> (loss,)."""
+    """The training scripts' own micro-batch step (reference recipe: no batch regularisers), uncompiled."""
     if workload == "pretrain":
-        def step(images, _labels):
-            with utils.autocast(device):
-                predicted, mask = model(images)
-            return (mae_loss(predicted, images, mask, patch_size),)
-    else:
-        def step(images, labels):
-            with utils.autocast(device):
-                logits = model(images)
-            return (F.cross_entropy(logits.float(), labels),)
-    return step
+        return mae_pretrain.make_step(model, device, patch_size)
+    return train_classifier.make_step(model, device, torch.nn.CrossEntropyLoss())
 
 
 def synthetic_batch(batch_size, args, device):

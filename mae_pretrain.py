@@ -55,6 +55,16 @@ def build_parser():
     return p
 
 
+def make_step(model, device, patch_size, norm_pix_loss=False):
+    """One micro-batch: the masked forward under autocast and the loss on the masked patches -> (loss,)."""
+    def step(images, _labels):
+        with utils.autocast(device):
+            predicted, mask = model(images)
+        return (mae_loss(predicted, images, mask, patch_size, norm_pix_loss),)
+
+    return step
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -84,12 +94,8 @@ def main(argv=None):
                                             scheduler, resume_path)
     train_model = DistributedDataParallel(model) if env.world_size > 1 else model
 
-    def step(images, _labels):
-        with utils.autocast(env.device):
-            predicted, mask = train_model(images)
-        return (mae_loss(predicted, images, mask, args.patch_size, args.norm_pix_loss),)
-
-    step = utils.maybe_compile(step, env.device, not args.no_compile)
+    step = utils.maybe_compile(make_step(train_model, env.device, args.patch_size, args.norm_pix_loss), env.device,
+                               not args.no_compile)
     fixed_images = normalize(test_set.images[:16].to(env.device))  # the reference's 16 validation images
     logger = utils.RunLogger(log_dir, ["loss", "lr", "seconds", "images_per_s", "knn_acc", "probe_acc"], done + 1,
                              env.is_main)

@@ -142,6 +142,22 @@ def batch_regularizers(args, num_classes):
     return prepare, torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
 
 
+def make_step(model, device, criterion, prepare=None, compile=False):
+    """One micro-batch -> (loss, number correct). ``prepare`` (mixup, erasing) runs eagerly before the compiled
+    forward: timm's Mixup draws its mixing weight on the host, which a compiled graph would bake in."""
+    def forward_loss(images, targets, labels):
+        with utils.autocast(device):
+            logits = model(images)
+        return criterion(logits.float(), targets), (logits.argmax(-1) == labels).sum()
+
+    forward_loss = utils.maybe_compile(forward_loss, device, compile)
+
+    def step(images, labels):
+        return forward_loss(*(prepare(images, labels) if prepare else (images, labels)), labels)
+
+    return step
+
+
 @torch.no_grad()
 def evaluate(model, loader, device, forward):
     """Mean loss and accuracy over the whole split, summed on the device and synced once."""
@@ -184,15 +200,7 @@ def main(argv=None):
 
     prepare, criterion = batch_regularizers(args, len(train_set.classes))
 
-    def forward_loss(images, targets, labels):
-        with utils.autocast(env.device):
-            logits = train_model(images)
-        return criterion(logits.float(), targets), (logits.argmax(-1) == labels).sum()
-
-    forward_loss = utils.maybe_compile(forward_loss, env.device, not args.no_compile)
-
-    def step(images, labels):
-        return forward_loss(*prepare(images, labels), labels)
+    step = make_step(train_model, env.device, criterion, prepare, compile=not args.no_compile)
 
     forward = utils.maybe_compile(model, env.device, not args.no_compile)
     logger = utils.RunLogger(log_dir, ["train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",

@@ -5,9 +5,13 @@ import shutil
 
 import pytest
 import torch
+import torch._dynamo.testing
 import torch.nn.functional as F
 
+import mae_pretrain
+import train_classifier
 import utils
+from data import AUGMENTATIONS, GpuLoader, Split
 from model import MAE_Encoder, MAE_ViT, PatchShuffle, ViT_Classifier, mae_loss
 
 IMAGE, PATCH = 16, 4  # 16 patches per image
@@ -156,6 +160,46 @@ def test_compiled_bf16_step_matches_the_fp32_step(monkeypatch):
     cosine = F.cosine_similarity(torch.cat([g.flatten() for g in fast_grads]),
                                  torch.cat([g.flatten() for g in grads]), dim=0)
     assert cosine > 0.99, f"compiled bf16 gradients point elsewhere (cosine {cosine:.4f})"
+
+
+# ------------------------------------------------------------------------------- one graph, compiled once
+
+
+@pytest.mark.parametrize("strategy", ["random", "block", "grid"])
+def test_pretraining_step_traces_to_one_graph(strategy):
+    # A graph break would split the compiled step and hand the pieces back to Python between them: masking is
+    # all tensor ops, so the whole forward and loss must trace as one graph for every strategy.
+    model = MAE_ViT(IMAGE, PATCH, 32, 1, 2, 1, 2, mask_ratio=0.75, mask_strategy=strategy)
+    step = mae_pretrain.make_step(model, torch.device("cpu"), PATCH)
+    explained = torch._dynamo.explain(step)(torch.randn(4, 3, IMAGE, IMAGE), torch.zeros(4, dtype=torch.long))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_classifier_step_traces_to_one_graph():
+    step = train_classifier.make_step(tiny_classifier(), torch.device("cpu"), torch.nn.CrossEntropyLoss())
+    explained = torch._dynamo.explain(step)(torch.randn(4, 3, IMAGE, IMAGE), torch.arange(4) % 5)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_epochs_of_the_loader_compile_once():
+    # 21 images in batches of 4: the loader drops the partial last batch, so every step of every epoch has one
+    # shape and the compiled step is traced once. A recompile here would cost seconds per epoch on a GPU.
+    split = Split(torch.randint(0, 256, (21, 3, IMAGE, IMAGE), dtype=torch.uint8), torch.arange(21) % 5,
+                  [str(c) for c in range(5)])
+    loader = GpuLoader(split, 4, torch.device("cpu"), augment=AUGMENTATIONS["crop_flip"])
+    model = tiny_mae()
+    optimizer = torch.optim.AdamW(model.parameters())
+    counter = torch._dynamo.testing.CompileCounter()
+    torch.compiler.reset()
+    try:
+        step = torch.compile(mae_pretrain.make_step(model, torch.device("cpu"), PATCH), backend=counter)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for epoch in (1, 2):
+                loader.set_epoch(epoch)
+                utils.train_epoch(step, loader, optimizer, 1, model)
+    finally:
+        torch.compiler.reset()
+    assert counter.frame_count == 1
 
 
 # ------------------------------------------------------------------------------------------ mask statistics

@@ -16,8 +16,8 @@ Everything a sweep writes lives in one folder, <log_dir>/<dataset>/sweep_<name>/
 
 settings.json records what the run was started with; summarize.py groups runs by it.
 
-Run the same command again to continue a sweep: a run whose metrics.csv has all its epochs and whose checkpoint
-exists is skipped, an interrupted one continues with --resume auto, one that never started begins. Each run is a
+Run the same command again to continue a sweep: a run whose metrics.csv has all its epochs (or that --patience
+ended) and whose checkpoint exists is skipped, an interrupted one continues with --resume auto, one that never started begins. Each run is a
 subprocess, so one that crashes is reported at the end (exit code 1) without stopping the others; the runs that
 need its checkpoint are skipped. Ctrl-C lets the current run finish its epoch and save, then stops the sweep.
 
@@ -36,6 +36,8 @@ import time
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
+
+import torch
 
 from model import MASK_STRATEGIES
 
@@ -227,6 +229,14 @@ def logged_epochs(run):
         return max(sum(1 for line in f if line.strip()) - 1, 0)  # minus the header
 
 
+def stopped_early(checkpoint):
+    """Whether train_classifier.py ended this run before its last epoch (--patience): finished all the same."""
+    try:
+        return bool(torch.load(checkpoint, map_location="cpu", weights_only=True).get("stopped_early"))
+    except Exception:  # unreadable: the resumed run will say what is wrong with it
+        return False
+
+
 def recorded_settings(run):
     path = run.log_dir / "settings.json"
     return json.loads(path.read_text())["settings"] if path.is_file() else None
@@ -247,6 +257,8 @@ def run_state(run):
     epochs, has_checkpoint = logged_epochs(run), run.checkpoint.is_file()
     if has_checkpoint and epochs is not None and epochs >= run.total_epochs:
         return "skipped", f"finished: {epochs}/{run.total_epochs} epochs"
+    if has_checkpoint and epochs and stopped_early(run.checkpoint):
+        return "skipped", f"finished: stopped early (--patience) after {epochs}/{run.total_epochs} epochs"
     if has_checkpoint:
         return "resuming", f"{epochs or 0}/{run.total_epochs} epochs done"
     if epochs is None:
@@ -321,8 +333,8 @@ def run_sweep(runs, dry_run=False):
             finished.add(run.name)
             say(f"{prefix} finished in {time.perf_counter() - start:.1f} s")
         else:
-            reason = f"exit code {code}" if code else (f"stopped after {epochs} of {run.total_epochs} epochs: "
-                                                       f"by a signal, or --patience")
+            reason = f"exit code {code}" if code else (f"stopped by a signal after {epochs} of "
+                                                       f"{run.total_epochs} epochs")
             failures.append((run.name, reason))
             say(f"{prefix} FAILED ({reason}; its output is above)")
     return failures, skipped

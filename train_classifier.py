@@ -196,6 +196,10 @@ def main(argv=None):
         checkpoint = utils.load_checkpoint(resume_path)
         done = utils.restore_training_state(checkpoint, "classifier", model, optimizer, scheduler, resume_path)
         best = checkpoint["best"]
+        if checkpoint.get("stopped_early"):
+            print(f"{resume_path} ended early at epoch {done} (--patience): nothing to resume")
+            utils.cleanup_distributed()
+            return
     train_model = DistributedDataParallel(model) if env.world_size > 1 else model
 
     prepare, criterion = batch_regularizers(args, len(train_set.classes))
@@ -231,7 +235,8 @@ def main(argv=None):
                             or patience_over):
             utils.save_checkpoint(last_path, utils.training_state("classifier", model, optimizer, scheduler,
                                                                   epoch, args, best=best,
-                                                                  classes=train_set.classes))
+                                                                  classes=train_set.classes,
+                                                                  stopped_early=patience_over))
         if patience_over:
             print(f"\nval accuracy has not improved for {args.patience} epochs (best {best['val_acc']:.4f} at "
                   f"epoch {best['epoch']}); stopping early")

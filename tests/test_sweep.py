@@ -6,6 +6,7 @@ from itertools import takewhile
 
 import numpy as np
 import pytest
+import torch
 
 import summarize
 import sweep
@@ -94,6 +95,9 @@ def test_plan_follows_what_is_on_disk(tmp_path, capfd):
     fake_run(runs["ft_dd1_random_mr0.75_ep2_s0"], 1, checkpoint=True)    # interrupted after epoch 1
     fake_run(runs["mae_dd2_random_mr0.75_ep2_s0"], 0, checkpoint=False)  # died in its first epoch
     fake_run(runs["mae_dd1_random_mr0.75_ep2_s1"], 1, checkpoint=False)  # logged, but its checkpoint is gone
+    early = runs["ft_dd2_random_mr0.75_ep2_s1"]                         # --patience ended it after epoch 1
+    fake_run(early, 1, checkpoint=False)
+    torch.save({"kind": "classifier", "epoch": 1, "stopped_early": True}, early.checkpoint)
     changed = runs["scratch_s0"]
     sweep.write_settings(changed, [])
     settings = json.loads((changed.log_dir / "settings.json").read_text())
@@ -109,6 +113,7 @@ def test_plan_follows_what_is_on_disk(tmp_path, capfd):
     assert "no checkpoint" in lines["mae_dd1_random_mr0.75_ep2_s1"]
     assert "not run" in lines["ft_dd1_random_mr0.75_ep2_s1"]
     assert "other settings (finetune_epochs: 5 then, 2 now)" in lines["scratch_s0"]
+    assert "skipped (finished: stopped early (--patience) after 1/2 epochs)" in lines["ft_dd2_random_mr0.75_ep2_s1"]
     assert "new" in lines["scratch_s1"]
     resumed = runs["ft_dd1_random_mr0.75_ep2_s0"]
     assert resumed.command(resume=True)[-2:] == ["--resume", "auto"]

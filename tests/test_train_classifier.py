@@ -126,6 +126,14 @@ def test_patience_stops_when_val_accuracy_stops_improving(tmp_path, cls_argv, ca
     last = load_state(tmp_path / "cls_last.pt")
     assert last["epoch"] == 2 and last["best"]["epoch"] == 1
     assert load_state(tmp_path / "cls.pt")["epoch"] == 1
+    assert last["stopped_early"]
+
+    # Resuming a run that patience ended trains nothing more.
+    train_classifier.main(cls_argv(tmp_path, "--total_epoch", 6, "--patience", 1, "--base_learning_rate", 0,
+                                   "--resume", "auto"))
+    assert "nothing to resume" in capsys.readouterr().out
+    assert [int(row["epoch"]) for row in read_metrics(run_dir)[1]] == [1, 2]
+    assert load_state(tmp_path / "cls_last.pt")["epoch"] == 2
 
 
 # --------------------------------------------------------------------------------------------- bad input

@@ -15,6 +15,7 @@ import utils
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
+from timm.utils import ModelEmaV3
 
 from data import AUGMENTATIONS, GpuLoader, load_dataset, random_erasing
 from model import MAE_Encoder, ViT_Classifier, encoder_state_dict
@@ -24,9 +25,9 @@ from model import MAE_Encoder, ViT_Classifier, encoder_state_dict
 RECIPES = {"strong": dict(augment="randaug", mixup=0.8, cutmix=1.0, label_smoothing=0.1, layer_decay=0.65,
                           drop_path=0.1, reprob=0.25, batch_size=512, max_device_batch_size=512)}
 RUN_NAME_KEYS = {"linear_probe": "probe", "recipe": "", "augment": "aug", "mixup": "mix", "cutmix": "cut",
-                 "label_smoothing": "ls", "layer_decay": "ld", "drop_path": "dp", "reprob": "re", "total_epoch": "ep",
-                 "batch_size": "bs", "base_learning_rate": "lr", "patch_size": "p", "emb_dim": "e",
-                 "encoder_depth": "ed", "seed": "s"}
+                 "label_smoothing": "ls", "layer_decay": "ld", "drop_path": "dp", "reprob": "re", "model_ema": "ema",
+                 "total_epoch": "ep", "batch_size": "bs", "base_learning_rate": "lr", "patch_size": "p",
+                 "emb_dim": "e", "encoder_depth": "ed", "seed": "s"}
 
 
 def build_parser():
@@ -56,6 +57,9 @@ def build_parser():
     p.add_argument("--layer_decay", type=float, default=None, help="layer-wise lr decay, e.g. 0.65")
     p.add_argument("--drop_path", type=float, default=0.0, help="stochastic depth rate of the last block")
     p.add_argument("--reprob", type=float, default=0.0, help="random erasing probability")
+    p.add_argument("--model_ema", type=float, default=None, metavar="DECAY",
+                   help="also keep an exponential moving average of the weights (e.g. 0.999); it is evaluated "
+                        "every epoch and is what the best checkpoint holds")
     p.add_argument("--linear_probe", action="store_true",
                    help="freeze the pretrained encoder; train only a BatchNorm + linear head")
     p.add_argument("--patience", type=int, default=None, help="stop when val accuracy has not improved for N epochs")
@@ -172,6 +176,25 @@ def evaluate(model, loader, device, forward):
     return loss_sum / count, correct / count
 
 
+def evaluate_all(evaluated, loader, device):
+    """``evaluated``: (suffix, model, forward) triples -> {"val_loss<suffix>": ..., "val_acc<suffix>": ...}."""
+    scores = {}
+    for suffix, model, forward in evaluated:
+        scores[f"val_loss{suffix}"], scores[f"val_acc{suffix}"] = evaluate(model, loader, device, forward)
+    return scores
+
+
+def resume(path, model, optimizer, scheduler, ema):
+    """Restore a run from its last checkpoint -> (finished epochs, best so far, whether --patience ended it)."""
+    checkpoint = utils.load_checkpoint(path)
+    done = utils.restore_training_state(checkpoint, "classifier", model, optimizer, scheduler, path)
+    if ema:
+        if checkpoint.get("ema") is None:
+            raise utils.UserError(f"cannot resume {path} with --model_ema: it was trained without it")
+        utils.load_weights(ema.module, checkpoint["ema"], path)
+    return done, checkpoint["best"], checkpoint.get("stopped_early", False)
+
+
 def main(argv=None):
     args, parser = parse_args(argv)
     last_path = name_run(args, parser)
@@ -191,24 +214,22 @@ def main(argv=None):
     optimizer = build_optimizer(model, args, fused=env.device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, utils.warmup_cosine(args.warmup_epoch,
                                                                                   args.total_epoch))
-    done, best = 0, {"val_acc": -1.0, "epoch": 0}
-    if resume_path:
-        checkpoint = utils.load_checkpoint(resume_path)
-        done = utils.restore_training_state(checkpoint, "classifier", model, optimizer, scheduler, resume_path)
-        best = checkpoint["best"]
-        if checkpoint.get("stopped_early"):
-            print(f"{resume_path} ended early at epoch {done} (--patience): nothing to resume")
-            utils.cleanup_distributed()
-            return
+    ema = ModelEmaV3(model, decay=args.model_ema) if args.model_ema else None
+    done, best, stopped_early = resume(resume_path, model, optimizer, scheduler, ema) if resume_path else (
+        0, {"val_acc": -1.0, "epoch": 0}, False)
+    if stopped_early:
+        print(f"{resume_path} ended early at epoch {done} (--patience): nothing to resume")
+        return utils.cleanup_distributed()
     train_model = DistributedDataParallel(model) if env.world_size > 1 else model
 
     prepare, criterion = batch_regularizers(args, len(train_set.classes))
-
     step = make_step(train_model, env.device, criterion, prepare, compile=not args.no_compile)
-
-    forward = utils.maybe_compile(model, env.device, not args.no_compile)
+    compiled = lambda module: utils.maybe_compile(module, env.device, not args.no_compile)
+    evaluated = [("", model, compiled(model))] + ([("_ema", ema.module, compiled(ema.module))] if ema else [])
+    kept = ema.module if ema else model  # what the best checkpoint holds, chosen by its own accuracy
     logger = utils.RunLogger(log_dir, ["train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
-                                       "images_per_s"], done + 1, env.is_main)
+                                       "images_per_s", *(["val_loss_ema", "val_acc_ema"] if ema else [])],
+                             done + 1, env.is_main)
     stop = utils.StopFlag().install()
     steps_per_epoch = len(loader) // accum_steps * accum_steps
     bar = utils.progress_bar(args.total_epoch * steps_per_epoch, done * steps_per_epoch, env.is_main)
@@ -217,26 +238,27 @@ def main(argv=None):
         model.train()
         with utils.EpochTimer(env.device) as timer:
             train_loss, (correct,), images_seen = utils.train_epoch(step, loader, optimizer, accum_steps,
-                                                                    train_model, bar)
+                                                                    train_model, bar,
+                                                                    (lambda: ema.update(model)) if ema else None)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        val_loss, val_acc = evaluate(model, test_loader, env.device, forward)
-        bar.set_postfix(epoch=epoch, loss=f"{train_loss:.4f}", val_acc=f"{val_acc:.4f}")
-        logger.log(epoch, train_loss=train_loss, train_acc=correct / images_seen, val_loss=val_loss,
-                   val_acc=val_acc, lr=lr, seconds=timer.seconds, images_per_s=images_seen / timer.seconds)
-        if val_acc > best["val_acc"]:
-            best = {"val_acc": val_acc, "epoch": epoch}
+        scores = evaluate_all(evaluated, test_loader, env.device)
+        bar.set_postfix(epoch=epoch, loss=f"{train_loss:.4f}", val_acc=f"{scores['val_acc']:.4f}")
+        logger.log(epoch, train_loss=train_loss, train_acc=correct / images_seen, lr=lr, seconds=timer.seconds,
+                   images_per_s=images_seen / timer.seconds, **scores)
+        kept_acc = scores["val_acc_ema" if ema else "val_acc"]
+        if kept_acc > best["val_acc"]:
+            best = {"val_acc": kept_acc, "epoch": epoch}
             if env.is_main:
-                utils.save_checkpoint(args.output_model_path, {"kind": "classifier", "model": model.state_dict(),
+                utils.save_checkpoint(args.output_model_path, {"kind": "classifier", "model": kept.state_dict(),
                                                                "args": vars(args), "epoch": epoch,
-                                                               "val_acc": val_acc, "classes": train_set.classes})
+                                                               "val_acc": kept_acc, "classes": train_set.classes})
         patience_over = args.patience is not None and epoch - best["epoch"] >= args.patience
         if env.is_main and (epoch % args.save_every == 0 or epoch == args.total_epoch or stop.requested
                             or patience_over):
-            utils.save_checkpoint(last_path, utils.training_state("classifier", model, optimizer, scheduler,
-                                                                  epoch, args, best=best,
-                                                                  classes=train_set.classes,
-                                                                  stopped_early=patience_over))
+            utils.save_checkpoint(last_path, utils.training_state(
+                "classifier", model, optimizer, scheduler, epoch, args, best=best, classes=train_set.classes,
+                stopped_early=patience_over, ema=ema.module.state_dict() if ema else None))
         if patience_over:
             print(f"\nval accuracy has not improved for {args.patience} epochs (best {best['val_acc']:.4f} at "
                   f"epoch {best['epoch']}); stopping early")

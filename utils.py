@@ -354,11 +354,12 @@ class NonFiniteLoss(UserError):
     pass
 
 
-def train_epoch(step, batches, optimizer, accum_steps, model, progress=None):
+def train_epoch(step, batches, optimizer, accum_steps, model, progress=None, after_step=None):
     """One pass over ``batches``; ``step(images, labels)`` returns (loss, *extra sums) for one micro-batch.
 
     Gradients of ``accum_steps`` micro-batches are averaged before each optimizer step, so a large batch split
     across micro-batches gives the same update as the whole batch. Sums stay on the device: no sync per step.
+    ``after_step()``, if given, runs after every optimizer step (e.g. to update an EMA of the weights).
     Returns the per-micro-batch mean loss, the extra sums, and the number of images seen by this process.
     """
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
@@ -374,6 +375,8 @@ def train_epoch(step, batches, optimizer, accum_steps, model, progress=None):
         if sync:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if after_step is not None:
+                after_step()
         loss_sum = loss_sum + loss.detach().float()
         extras = [e.detach().float() for e in extras]
         extra_sums = extras if extra_sums is None else [a + b for a, b in zip(extra_sums, extras)]

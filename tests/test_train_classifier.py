@@ -115,6 +115,39 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path, cls_
     assert [r["val_acc"] for r in rows] == [r["val_acc"] for r in full_rows]
 
 
+def test_model_ema_is_evaluated_saved_as_best_and_resumed(tmp_path, cls_argv, stop_after_epoch):
+    extra = ["--total_epoch", 3, "--base_learning_rate", 0.01, "--model_ema", 0.5]
+    train_classifier.main(cls_argv(tmp_path / "full", *extra))
+    (full_dir,) = run_dirs(tmp_path / "full" / "logs")
+    header, full_rows = read_metrics(full_dir)
+    assert {"val_loss_ema", "val_acc_ema"} <= set(header)
+    full = load_state(tmp_path / "full" / "cls_last.pt")
+    assert not same_weights(full["ema"], full["model"])  # an average of the weights, not the weights
+    best = load_state(tmp_path / "full" / "cls.pt")
+    # The best checkpoint holds the EMA weights, chosen by the EMA's accuracy.
+    ema_accs = [float(row["val_acc_ema"]) for row in full_rows]
+    assert best["val_acc"] == max(ema_accs) and best["epoch"] == 1 + ema_accs.index(max(ema_accs))
+    train_classifier.main(cls_argv(tmp_path / "one", "--total_epoch", 1, "--model_ema", 0.5))
+    one_best, one_last = load_state(tmp_path / "one" / "cls.pt"), load_state(tmp_path / "one" / "cls_last.pt")
+    assert same_weights(one_best["model"], one_last["ema"])
+
+    argv = cls_argv(tmp_path / "split", *extra)
+    with stop_after_epoch(2):
+        train_classifier.main(argv)
+    train_classifier.main(argv + ["--resume", "auto"])
+    resumed = load_state(tmp_path / "split" / "cls_last.pt")
+    assert same_weights(resumed["ema"], full["ema"]) and same_weights(resumed["model"], full["model"])
+    (split_dir,) = run_dirs(tmp_path / "split" / "logs")
+    assert [r["val_acc_ema"] for r in read_metrics(split_dir)[1]] == [r["val_acc_ema"] for r in full_rows]
+
+
+def test_resuming_with_model_ema_needs_a_run_that_had_it(tmp_path, cls_argv, cli_error):
+    train_classifier.main(cls_argv(tmp_path, "--total_epoch", 1))
+    line = cli_error(train_classifier.main, cls_argv(tmp_path, "--total_epoch", 2, "--model_ema", 0.9,
+                                                     "--run_name", "cls", "--resume", str(tmp_path / "cls_last.pt")))
+    assert "trained without it" in line
+
+
 def test_patience_stops_when_val_accuracy_stops_improving(tmp_path, cls_argv, capsys):
     # lr 0: the weights never change, so val accuracy cannot beat epoch 1's.
     train_classifier.main(cls_argv(tmp_path, "--total_epoch", 6, "--patience", 1, "--base_learning_rate", 0))

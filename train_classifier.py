@@ -94,10 +94,7 @@ def build_model(args, image_size, num_classes):
                               drop_path_rate=args.drop_path)
         return ViT_Classifier(encoder, num_classes)
     path = args.pretrained_model_path
-    checkpoint = utils.load_checkpoint(path, args.trust_checkpoint)
-    if checkpoint["kind"] != "mae":
-        raise utils.UserError(f"{path} is a {checkpoint['kind']} checkpoint; --pretrained_model_path needs an MAE "
-                              f"pretraining checkpoint (from mae_pretrain.py)")
+    checkpoint = utils.load_checkpoint(path, args.trust_checkpoint, "mae", "--pretrained_model_path")
     for name in ("patch_size", "emb_dim", "encoder_depth", "encoder_heads"):  # the encoder's shape is its own
         setattr(args, name, checkpoint.get("args", {}).get(name, getattr(args, name)))
     encoder = MAE_Encoder(image_size, args.patch_size, args.emb_dim, args.encoder_depth, args.encoder_heads,

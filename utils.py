@@ -247,11 +247,16 @@ def save_checkpoint(path, state):
         tmp.unlink(missing_ok=True)
 
 
-def load_checkpoint(path, trust_pickle=False):
+KIND_NAMES = {"mae": "an MAE pretraining checkpoint (from mae_pretrain.py)",
+              "classifier": "a classifier checkpoint (from train_classifier.py)"}
+
+
+def load_checkpoint(path, trust_pickle=False, kind=None, option=None):
     """A checkpoint dict with at least ``model`` and ``kind`` ("mae" or "classifier").
 
     Ours load with ``weights_only=True``. A whole pickled module (the reference's released weights) can run
-    code when unpickled, so it is loaded only with ``trust_pickle``.
+    code when unpickled, so it is loaded only with ``trust_pickle``. With ``kind``, a checkpoint of the other
+    kind is refused, naming the command-line ``option`` that took it.
     """
     path = Path(path)
     if not path.is_file():
@@ -276,6 +281,8 @@ def load_checkpoint(path, trust_pickle=False):
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
         raise UserError(f"checkpoint {path} holds no model weights")
     checkpoint.setdefault("kind", checkpoint_kind(checkpoint["model"]))
+    if kind and checkpoint["kind"] != kind:
+        raise UserError(f"{path} is a {checkpoint['kind']} checkpoint; {option} needs {KIND_NAMES[kind]}")
     return checkpoint
 
 

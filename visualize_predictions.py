@@ -37,10 +37,7 @@ def reconstruction_grid(model, images, seed=0):
 
 
 def load_classifier(path, image_size, trust):
-    checkpoint = utils.load_checkpoint(path, trust)
-    if checkpoint["kind"] != "classifier":
-        raise utils.UserError(f"{path} is a {checkpoint['kind']} checkpoint; --model_path needs a classifier "
-                              f"(from train_classifier.py)")
+    checkpoint = utils.load_checkpoint(path, trust, "classifier", "--model_path")
     args = checkpoint.get("args", {})
     probe = bool(args.get("linear_probe"))
     num_classes = checkpoint["model"]["head.1.weight" if probe else "head.weight"].shape[0]
@@ -52,10 +49,7 @@ def load_classifier(path, image_size, trust):
 
 
 def load_mae(path, image_size, trust):
-    checkpoint = utils.load_checkpoint(path, trust)
-    if checkpoint["kind"] != "mae":
-        raise utils.UserError(f"{path} is a {checkpoint['kind']} checkpoint; --mae_model_path needs an MAE "
-                              f"pretraining checkpoint (from mae_pretrain.py)")
+    checkpoint = utils.load_checkpoint(path, trust, "mae", "--mae_model_path")
     args = checkpoint.get("args", {})
     model = MAE_ViT(image_size, args.get("patch_size", 2), args.get("emb_dim", 192), args.get("encoder_depth", 12),
                     args.get("encoder_heads", 3), args.get("decoder_depth", 4), args.get("decoder_heads", 3),

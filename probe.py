@@ -63,7 +63,7 @@ def linear_probe_accuracy(train_features, train_labels, test_features, test_labe
             optimizer.step()
     head.eval()
     with torch.no_grad():
-        return (head(test_features).argmax(dim=1) == test_labels).float().mean().item()
+        return (head(test_features).argmax(dim=1) == test_labels).sum().item() / len(test_labels)  # exact
 
 
 def evaluate_encoder(backbone, train_split, test_split, device, k=20, pool="cls", probe_epochs=0):

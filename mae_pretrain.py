@@ -46,6 +46,8 @@ def build_parser():
     p.add_argument("--norm_pix_loss", action="store_true", help="per-patch normalised targets (the paper's)")
     p.add_argument("--augment", choices=sorted(AUGMENTATIONS), default="none")
     # Monitoring the representation while it trains.
+    p.add_argument("--image_every", type=int, default=10,
+                   help="log the reconstruction grid every N epochs (and at the first and last); each is ~75 KB")
     p.add_argument("--knn_every", type=int, default=0, help="log k-NN test accuracy every K epochs (0: off)")
     p.add_argument("--knn_k", type=int, default=20)
     p.add_argument("--knn_pool", choices=["cls", "mean"], default="cls", help="cls token or mean patch feature")
@@ -116,7 +118,7 @@ def main(argv=None):
                                        args.probe_epochs)
         logger.log(epoch, loss=loss, lr=lr, seconds=timer.seconds, images_per_s=images_seen / timer.seconds,
                    **monitor)
-        if env.is_main:
+        if env.is_main and (epoch % args.image_every == 0 or epoch in (1, args.total_epoch)):
             logger.add_image("mae_image", reconstruction_grid(model, fixed_images), epoch)
         if env.is_main and (epoch % args.save_every == 0 or epoch == args.total_epoch or stop.requested):
             utils.save_checkpoint(args.model_path, utils.training_state("mae", model, optimizer, scheduler,

@@ -54,6 +54,17 @@ def test_pretraining_writes_checkpoint_csv_and_tensorboard(mae_run):
     assert [i.step for i in accumulator.Images("mae_image")] == [1, 2]
 
 
+def test_reconstruction_grid_is_logged_every_n_epochs_and_at_both_ends(tmp_path, mae_argv):
+    mae_pretrain.main(mae_argv(tmp_path, "--total_epoch", 5, "--warmup_epoch", 1, "--image_every", 2))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run_dir,) = run_dirs(tmp_path / "logs")
+    (events,) = run_dir.glob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    assert [i.step for i in accumulator.Images("mae_image")] == [1, 2, 4, 5]
+
+
 # ------------------------------------------------------------------------------------------------ run names
 
 

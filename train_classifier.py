@@ -237,7 +237,7 @@ def main(argv=None):
             train_loss, (correct,), images_seen = utils.train_epoch(step, loader, optimizer, accum_steps,
                                                                     train_model, bar,
                                                                     (lambda: ema.update(model)) if ema else None)
-        lr = optimizer.param_groups[0]["lr"]
+        lr = max(group["lr"] for group in optimizer.param_groups)  # with layer decay: the head's, the largest
         scheduler.step()
         scores = evaluate_all(evaluated, test_loader, env.device)
         bar.set_postfix(epoch=epoch, loss=f"{train_loss:.4f}", val_acc=f"{scores['val_acc']:.4f}")

@@ -115,6 +115,16 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path, cls_
     assert [r["val_acc"] for r in rows] == [r["val_acc"] for r in full_rows]
 
 
+def test_logged_lr_is_the_heads_under_layer_decay(tmp_path, cls_argv, mae_run):
+    # Layer decay gives the embeddings the smallest lr; the CSV shows the largest, the head's, which is the
+    # scheduled lr itself (1e-3 * batch / 256 in the warm-up epoch, which runs at the peak).
+    train_classifier.main(cls_argv(tmp_path, "--pretrained_model_path", mae_run.checkpoint, "--layer_decay", 0.65,
+                                   "--total_epoch", 1, "--warmup_epoch", 1, "--base_learning_rate", 1e-3))
+    (run_dir,) = run_dirs(tmp_path / "logs")
+    batch_size = load_state(tmp_path / "cls_last.pt")["args"]["batch_size"]
+    assert float(read_metrics(run_dir)[1][0]["lr"]) == pytest.approx(1e-3 * batch_size / 256)
+
+
 def test_model_ema_is_evaluated_saved_as_best_and_resumed(tmp_path, cls_argv, stop_after_epoch):
     extra = ["--total_epoch", 3, "--base_learning_rate", 0.01, "--model_ema", 0.5]
     train_classifier.main(cls_argv(tmp_path / "full", *extra))

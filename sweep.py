@@ -19,7 +19,8 @@ settings.json records what the run was started with; summarize.py groups runs by
 Run the same command again to continue a sweep: a run whose metrics.csv has all its epochs (or that --patience
 ended) and whose checkpoint exists is skipped, an interrupted one continues with --resume auto, one that never
 started begins. Each run is a subprocess, so one that crashes is reported at the end (exit code 1) without stopping
-the others; the runs that need its checkpoint are skipped. Ctrl-C lets the current run finish its epoch and save, then stops the sweep.
+the others; the runs that need its checkpoint are skipped. Ctrl-C lets the current run finish its epoch and save,
+then stops the sweep.
 
 Warm-up lengths scale with the schedule, as in the reference (pretraining 200 of 2000 epochs, fine-tuning 5 of 100),
 so that a shortened schedule keeps its shape; --pretrain_args="--warmup_epoch 40" (any option of the script) wins,

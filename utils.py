@@ -4,6 +4,7 @@ import math
 import os
 import pickle
 import random
+import shutil
 import signal
 import sys
 import time
@@ -243,6 +244,10 @@ def save_checkpoint(path, state):
     try:
         torch.save(state, tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:  # a full disk, a lost mount: torch's writer raises RuntimeError
+        free = shutil.disk_usage(path.parent).free / 2 ** 20  # torch's own message rarely says "disk full"
+        raise UserError(f"could not write checkpoint {path} ({first_line(error)}; {free:.1f} MiB free there); "
+                        f"the one before it is intact, so fix the cause and continue with --resume auto") from None
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -3,6 +3,7 @@
     python benchmark.py                                        # CUDA: batch 256 ... 4096, bf16, compiled
     python benchmark.py --decoder_depth 8 --mask_strategy block --output bench.csv
     python benchmark.py --device cpu --steps 2 --warmup 1 --batch_sizes 8 --emb_dim 32 --encoder_depth 1
+    python benchmark.py --workloads pretrain --batch_sizes 512 --profile profiles    # where does a step go?
 
 A step is what the training scripts run per optimizer step: the forward under ``utils.autocast``, the loss, the
 backward and an AdamW step, through ``utils.maybe_compile`` and ``utils.train_epoch``. The data is synthetic and
@@ -18,6 +19,8 @@ import gc
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 import mae_pretrain
@@ -47,6 +50,9 @@ def build_parser():
     p.add_argument("--peak_tflops", type=float, default=None,
                    help="the device's peak for the '%% of peak' column (default: known GPUs' dense bf16 peak)")
     p.add_argument("--output", default=None, help="also write the results: .csv gives CSV, else markdown")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="also profile each row: a Chrome trace and a table of the costliest operators in DIR")
+    p.add_argument("--profile_steps", type=int, default=3, help="optimizer steps per profile")
     p.add_argument("--seed", type=int, default=0)
     # The model, with the training scripts' defaults (ViT-T/2 on 32 x 32 images).
     p.add_argument("--image_size", type=int, default=32)
@@ -163,7 +169,27 @@ def measure(workload, batch_size, args, device):
         timed_steps(step, model, optimizer, images, labels, args.warmup, device)
     seconds = timed_steps(step, model, optimizer, images, labels, args.steps, device)
     memory = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+    if args.profile:
+        profile_steps(lambda: timed_steps(step, model, optimizer, images, labels, args.profile_steps, device),
+                      args.profile_steps, device, Path(args.profile) / f"{workload}_batch{batch_size}")
     return batch_size * args.steps / seconds, memory
+
+
+def profile_steps(run_steps, steps, device, stem):
+    """Profile ``run_steps()`` (``steps`` optimizer steps): ``stem.json``, a Chrome trace (chrome://tracing or
+    Perfetto), and ``stem.txt``, the costliest operators. Kernels per step above a few hundred at a small batch
+    mean the GPU waits for launches; a gap in the trace's GPU row points at a host sync."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        run_steps()
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    profiler.export_chrome_trace(str(stem.with_suffix(".json")))
+    on_gpu = device.type == "cuda"
+    kernels = sum(1 for event in profiler.events() if event.device_type == DeviceType.CUDA) if on_gpu else None
+    header = (f"{kernels / steps:.0f} GPU kernels per optimizer step\n\n" if on_gpu else "")
+    table = profiler.key_averages().table(sort_by="self_device_time_total" if on_gpu else "self_cpu_time_total",
+                                          row_limit=25)
+    stem.with_suffix(".txt").write_text(header + table + "\n")
 
 
 def measure_or_oom(workload, batch_size, args, device):
@@ -245,8 +271,10 @@ def write_output(path, rows, text):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.steps < 1 or args.warmup < 0 or (args.batch_sizes and min(args.batch_sizes) < 1):
-        raise utils.UserError("--steps and every --batch_sizes must be at least 1, --warmup at least 0")
+    counts = [args.steps, args.profile_steps, *(args.batch_sizes or [])]
+    if min(counts) < 1 or args.warmup < 0:
+        raise utils.UserError("--steps, --profile_steps and every --batch_sizes must be at least 1, --warmup at "
+                              "least 0")
     device = utils.setup_device(args.device).device
     utils.setup_seed(args.seed)
     batch_sizes = args.batch_sizes or (CUDA_BATCH_SIZES if device.type == "cuda" else CPU_BATCH_SIZES)

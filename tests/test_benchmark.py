@@ -1,5 +1,6 @@
 """benchmark.py: the table it prints, its CSV / markdown output, and its FLOP count against a hand count."""
 import csv
+import json
 
 import pytest
 import torch
@@ -52,6 +53,16 @@ def test_markdown_output_holds_the_printed_table(tmp_path, capsys):
     out = tmp_path / "bench.md"
     benchmark.main([*CPU_RUN, "--batch_sizes", "2", "--workloads", "pretrain", "--output", str(out)])
     assert out.read_text().strip() == capsys.readouterr().out.strip()
+
+
+def test_profile_writes_a_trace_and_a_table_per_row(tmp_path, capsys):
+    benchmark.main([*CPU_RUN, "--workloads", "pretrain", "--profile", str(tmp_path / "prof"), "--profile_steps", "1"])
+    assert sorted(f.name for f in (tmp_path / "prof").iterdir()) == [
+        "pretrain_batch2.json", "pretrain_batch2.txt", "pretrain_batch4.json", "pretrain_batch4.txt"]
+    table = (tmp_path / "prof" / "pretrain_batch4.txt").read_text()
+    assert "Self CPU" in table and "aten::" in table  # the operators of the step, with their times
+    trace = json.loads((tmp_path / "prof" / "pretrain_batch4.json").read_text())
+    assert any(event.get("name", "").startswith("aten::") for event in trace["traceEvents"])
 
 
 def test_bad_arguments_are_user_errors():

@@ -173,14 +173,6 @@ def evaluate(model, loader, device, forward):
     return loss_sum / count, correct / count
 
 
-def evaluate_all(evaluated, loader, device):
-    """``evaluated``: (suffix, model, forward) triples -> {"val_loss<suffix>": ..., "val_acc<suffix>": ...}."""
-    scores = {}
-    for suffix, model, forward in evaluated:
-        scores[f"val_loss{suffix}"], scores[f"val_acc{suffix}"] = evaluate(model, loader, device, forward)
-    return scores
-
-
 def resume(path, model, optimizer, scheduler, ema):
     """Restore a run from its last checkpoint -> (finished epochs, best so far, whether --patience ended it)."""
     checkpoint = utils.load_checkpoint(path)
@@ -221,8 +213,8 @@ def main(argv=None):
 
     prepare, criterion = batch_regularizers(args, len(train_set.classes))
     step = make_step(train_model, env.device, criterion, prepare, compile=not args.no_compile)
-    compiled = lambda module: utils.maybe_compile(module, env.device, not args.no_compile)
-    evaluated = [("", model, compiled(model))] + ([("_ema", ema.module, compiled(ema.module))] if ema else [])
+    forward = utils.maybe_compile(model, env.device, not args.no_compile)
+    ema_forward = utils.maybe_compile(ema.module, env.device, not args.no_compile) if ema else None
     kept = ema.module if ema else model  # what the best checkpoint holds, chosen by its own accuracy
     logger = utils.RunLogger(log_dir, ["train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
                                        "images_per_s", *(["val_loss_ema", "val_acc_ema"] if ema else [])],
@@ -239,7 +231,10 @@ def main(argv=None):
                                                                     (lambda: ema.update(model)) if ema else None)
         lr = max(group["lr"] for group in optimizer.param_groups)  # with layer decay: the head's, the largest
         scheduler.step()
-        scores = evaluate_all(evaluated, test_loader, env.device)
+        scores = dict(zip(("val_loss", "val_acc"), evaluate(model, test_loader, env.device, forward)))
+        if ema:
+            scores.update(zip(("val_loss_ema", "val_acc_ema"), evaluate(ema.module, test_loader, env.device,
+                                                                        ema_forward)))
         bar.set_postfix(epoch=epoch, loss=f"{train_loss:.4f}", val_acc=f"{scores['val_acc']:.4f}")
         logger.log(epoch, train_loss=train_loss, train_acc=correct / images_seen, lr=lr, seconds=timer.seconds,
                    images_per_s=images_seen / timer.seconds, **scores)

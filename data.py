@@ -3,18 +3,29 @@
 CIFAR is 50,000 images of 3 x 32 x 32 bytes (150 MB): it fits on any GPU, so batches are cut from one resident
 tensor with ``randperm`` instead of going through DataLoader workers (the cifar10-airbench approach).
 """
+import io
 import math
+import os
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
-from torchvision.io import ImageReadMode, decode_image, read_file
+from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import RandAugment
 
+try:  # deprecated since torchvision 0.29 (TorchCodec supersedes it); without it every image goes through PIL
+    from torchvision.io import ImageReadMode, decode_image
+except ImportError:  # pragma: no cover - a torchvision that no longer has it
+    decode_image = None
+
 DATASETS = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}  # what torchvision.io.decode_image reads
+# torchvision ImageFolder's suffixes, plus GIF: everything else in a class folder is skipped with one warning line.
+IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 
 
 class DataError(ValueError):
@@ -28,40 +39,160 @@ class Split:
     classes: list
 
 
+@dataclass
+class _Listing:
+    """What an image folder holds, before any image is decoded (paths as strings: cheaper than 60,000 Paths)."""
+    folder: Path
+    classes: list
+    files: list  # image files, class by class, sorted by name within a class
+    labels: list
+    skipped: list  # neither hidden nor an image: README.txt, labels.csv, a folder inside a class folder (ends in /)
+
+
 def load_dataset(name="cifar10", data_dir=None, download_root="data"):
     """The train and test splits: from an image folder (``data_dir/{train,test}/<class>/*``) or torchvision."""
     if data_dir:
-        train, test = load_image_folder(Path(data_dir) / "train"), load_image_folder(Path(data_dir) / "test")
-        if train.classes != test.classes:
-            raise DataError(f"{data_dir}: test classes {test.classes} differ from train classes {train.classes}")
-        return train, test
+        train, test = list_image_folder(Path(data_dir) / "train"), list_image_folder(Path(data_dir) / "test")
+        if train.classes != test.classes:  # found before decoding 60,000 images
+            only_train = [name for name in train.classes if name not in test.classes]
+            only_test = [name for name in test.classes if name not in train.classes]
+            missing = [f"{', '.join(names)} missing in {side}/" for names, side in ((only_train, "test"),
+                                                                                      (only_test, "train")) if names]
+            raise DataError(f"{data_dir}: test classes differ from train classes ({'; '.join(missing)}); "
+                            f"train/ and test/ need the same class folders")
+        train_split = read_images(train)
+        test_split = read_images(test, reference=(train.files[0], train_split.images.shape[-1]))
+        warn_skipped(Path(data_dir), train.skipped + test.skipped)  # only once all loaded: an error stays one line
+        return train_split, test_split
     return load_torchvision(name, download_root, train=True), load_torchvision(name, download_root, train=False)
 
 
 def load_image_folder(folder):
+    """``folder/<class>/*`` as a Split: classes sorted by name, files sorted by name within a class."""
+    listing = list_image_folder(folder)
+    split = read_images(listing)
+    warn_skipped(listing.folder, listing.skipped)
+    return split
+
+
+def list_image_folder(folder):
+    """The classes and image files of ``folder``; hidden names (.DS_Store, .ipynb_checkpoints) are never seen."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder} is not a folder; --data_dir needs train/<class>/ and test/<class>/ inside")
-    classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    classes, skipped = [], []
+    for entry in visible_entries(folder):
+        (classes if entry.is_dir() else skipped).append(entry.name)
+    skipped = [str(folder / name) for name in skipped]  # files outside any class folder
+    if not classes:
+        loose = sum(is_image(name) for name in skipped)
+        hint = f"; its {loose} images must go into one folder per class" if loose else ""
+        raise DataError(f"{folder} holds no images: expected {folder}/<class>/*.jpg or *.png{hint}")
     files, labels = [], []
     for label, name in enumerate(classes):
-        found = sorted(f for f in (folder / name).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        found = []
+        for entry in visible_entries(folder / name):
+            if entry.is_dir():
+                skipped.append(entry.path + "/")
+            else:
+                (found if is_image(entry.name) else skipped).append(entry.path)
+        if not found:
+            raise DataError(f"class folder {folder / name} holds no images (it needs *.jpg or *.png files); "
+                            f"add images or remove the folder")
         files += found
         labels += [label] * len(found)
-    if not files:
-        raise DataError(f"{folder} holds no images (expected {folder}/<class>/*.jpg or *.png)")
-    images = [read_image(f) for f in files]
-    sizes = {tuple(img.shape) for img in images}
-    if len(sizes) != 1:
-        raise DataError(f"{folder}: images must all have one size, found {sorted(sizes)[:3]}")
-    return Split(torch.stack(images), torch.tensor(labels), classes)
+    return _Listing(folder, classes, files, labels, skipped)
+
+
+def visible_entries(folder):
+    """``os.scandir`` (no stat per file, unlike pathlib) without hidden names, sorted by name."""
+    with os.scandir(folder) as entries:
+        return sorted((entry for entry in entries if not entry.name.startswith(".")), key=lambda entry: entry.name)
+
+
+def is_image(name):
+    return name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def warn_skipped(root, skipped):
+    """One stderr line for everything skipped, however many files that is."""
+    if not skipped:
+        return
+    names = [os.path.relpath(path, root) + ("/" if path.endswith("/") else "") for path in skipped[:3]]
+    more = ", ..." if len(skipped) > 3 else ""
+    print(f"warning: {root}: skipped {len(skipped)} {'item' if len(skipped) == 1 else 'items'} that are not images "
+          f"({', '.join(names)}{more}); an image needs one of the suffixes {' '.join(IMAGE_SUFFIXES)}",
+          file=sys.stderr)
+
+
+def read_images(listing, reference=None):
+    """Decode every file of ``listing`` into one (N, 3, S, S) uint8 tensor.
+
+    ``reference`` is (a file, its side) that every image must match: test images must have the train images' size.
+    """
+    images = []
+    for path in listing.files:
+        image = read_image(path)
+        _, height, width = image.shape
+        if height != width:
+            raise DataError(f"{path} is {width}x{height} pixels (width x height): the model needs square images; "
+                            f"crop or resize it to a square")
+        if reference is None:
+            reference = (path, width)
+        elif width != reference[1]:
+            raise DataError(f"{path} is {width}x{width} pixels but {reference[0]} is {reference[1]}x{reference[1]}: "
+                            f"all images (train and test) must have one size; resize them to one size")
+        images.append(image)
+    return Split(torch.stack(images), torch.tensor(listing.labels), listing.classes)
+
+
+PNG, JPEG = b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"
 
 
 def read_image(path):
+    """A (3, H, W) uint8 RGB tensor, whatever the file's mode: what ``Image.open(path).convert("RGB")`` gives,
+    except that 16-bit images are scaled to 8 bits (value / 257, rounded) rather than clipped at 255.
+
+    8-bit and 16-bit JPEG, PNG and WebP files (all of CIFAR) take torchvision's decoders, which are about twice as fast
+    as PIL on small images and give the same pixels as ``convert("RGB")``: grey replicated to three channels,
+    palettes expanded, alpha dropped. Everything else (TIFF, BMP, GIF, CMYK, ...) goes through PIL.
+    """
     try:
-        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-    except RuntimeError:  # damaged or not really an image: name the file rather than a line of C++
-        raise DataError(f"{path} could not be decoded as a JPEG, PNG or WebP image") from None
+        with open(path, "rb") as file:
+            raw = file.read()
+    except OSError as error:
+        raise DataError(f"{path} could not be read ({error.strerror or error})") from None
+    if decode_image is not None and (raw.startswith((PNG, JPEG)) or (raw[:4] == b"RIFF" and raw[8:12] == b"WEBP")):
+        try:
+            image = decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except RuntimeError:  # damaged, or a variant this libpng/libjpeg cannot read: PIL has the last word
+            pass
+        else:
+            if image.dtype == torch.uint16:  # a 16-bit PNG: 65535 -> 255, as for PIL's 16-bit modes below
+                image = torch.div(image.to(torch.int32) + 128, 257, rounding_mode="floor").to(torch.uint8)
+            return image
+    try:
+        with warnings.catch_warnings():  # PIL's notes on palettes with transparency: not the user's concern here
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(raw)) as image:
+                pixels = pil_to_rgb(image)
+    except Exception as error:  # PIL raises OSError, ValueError, SyntaxError, ... for what it cannot read
+        reason = ("it is empty" if not raw else "not in an image format that PIL or torchvision can read"
+                  if isinstance(error, UnidentifiedImageError) else str(error) or type(error).__name__)
+        raise DataError(f"{path} could not be decoded as an image ({reason}); replace or delete the file") from None
+    return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
+def pil_to_rgb(image):
+    """An (H, W, 3) uint8 array from a PIL image of any mode (the first frame of a GIF or a multi-page TIFF)."""
+    if image.mode.startswith("I"):  # I;16* (16-bit PNG or TIFF) and I (32-bit: older Pillow reads 16-bit PNGs so)
+        grey = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+        return np.repeat(((grey + 128) // 257).astype(np.uint8)[..., None], 3, axis=2)
+    # Everything else as convert("RGB") gives it, which is what torchvision's ImageFolder hands its users:
+    # alpha (LA, PA, RGBA, a palette's transparency) is dropped, not composited onto a background; 1, L and F
+    # (float, read as 0..255 and clipped) are replicated to three channels; P and PA look up their palette;
+    # CMYK uses PIL's own conversion.
+    return np.array(image.convert("RGB"))
 
 
 def load_torchvision(name, root, train):

@@ -1,4 +1,8 @@
 """data.py: image folders, the torchvision fallback, the device-resident loader and its augmentation."""
+import io
+import struct
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -92,24 +96,225 @@ def test_missing_folder_raises(tmp_path):
         load_dataset("cifar10", data_dir=str(tmp_path / "nowhere"))
 
 
-def test_train_and_test_with_different_classes_raise(tmp_path):
-    write_pngs(tmp_path / "train", {"cat": 1, "dog": 1})
+def test_train_and_test_with_different_classes_name_what_each_side_lacks(tmp_path):
+    write_pngs(tmp_path / "train", {"cat": 1, "dog": 1, "emu": 1})
     write_pngs(tmp_path / "test", {"cat": 1, "frog": 1})
-    with pytest.raises(DataError, match="differ from train classes"):
+    (tmp_path / "train" / "cat" / "1.png").write_bytes(b"not a png")  # never decoded: the classes fail first
+    with pytest.raises(DataError, match="differ from train classes") as error:
         load_dataset(data_dir=str(tmp_path))
+    assert "dog, emu missing in test/" in str(error.value) and "frog missing in train/" in str(error.value)
 
 
-def test_images_of_different_sizes_raise(tmp_path):
+def test_images_of_different_sizes_raise_naming_the_file_and_both_sizes(tmp_path):
     write_pngs(tmp_path, {"cat": 1}, size=8)
     write_pngs(tmp_path, {"dog": 1}, size=6)
-    with pytest.raises(DataError, match="one size"):
+    with pytest.raises(DataError, match="one size") as error:
         load_image_folder(tmp_path)
+    message = str(error.value)
+    assert str(tmp_path / "dog" / "0.png") in message and "6x6" in message and "8x8" in message
+
+
+def test_test_images_must_have_the_train_images_size(tmp_path):
+    write_pngs(tmp_path / "train", {"cat": 2, "dog": 1}, size=8)
+    write_pngs(tmp_path / "test", {"cat": 1, "dog": 1}, size=16)
+    with pytest.raises(DataError, match="one size") as error:
+        load_dataset(data_dir=str(tmp_path))
+    assert str(tmp_path / "test" / "cat" / "0.png") in str(error.value) and "16x16" in str(error.value)
+
+
+def test_a_non_square_image_names_the_file(tmp_path):
+    write_pngs(tmp_path, {"cat": 2})
+    Image.fromarray(np.zeros((8, 6, 3), np.uint8)).save(tmp_path / "cat" / "wide.png")  # 6 wide, 8 high
+    with pytest.raises(DataError, match="square") as error:
+        load_image_folder(tmp_path)
+    assert str(tmp_path / "cat" / "wide.png") in str(error.value) and "6x8" in str(error.value)
 
 
 def test_a_damaged_image_names_the_file(tmp_path):
     write_pngs(tmp_path, {"cat": 1})
     (tmp_path / "cat" / "broken.png").write_bytes(b"\x89PNG but not really")
     with pytest.raises(DataError, match="broken.png could not be decoded"):
+        load_image_folder(tmp_path)
+
+
+def jpeg_bytes(pixels, **options):
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", **options)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("path", ["torchvision", "pil"])
+@pytest.mark.parametrize("case", ["truncated jpeg", "truncated png", "text", "empty"])
+def test_an_undecodable_image_file_names_the_file(tmp_path, monkeypatch, capsys, case, path):
+    if path == "pil":
+        monkeypatch.setattr(data, "decode_image", None)
+    write_pngs(tmp_path, {"cat": 1})
+    (tmp_path / "cat" / "notes.txt").write_text("skipped, but no warning when the load fails")
+    png = (tmp_path / "cat" / "0.png").read_bytes()
+    raw, name = {"truncated jpeg": (jpeg_bytes(np.zeros((16, 16, 3), np.uint8))[:200], "bad.jpg"),
+                 "truncated png": (png[:len(png) // 2], "bad.png"), "text": (b"hello", "bad.jpeg"),
+                 "empty": (b"", "bad.png")}[case]
+    (tmp_path / "cat" / name).write_bytes(raw)
+    with pytest.raises(DataError, match="could not be decoded") as error:
+        load_image_folder(tmp_path)
+    assert str(tmp_path / "cat" / name) in str(error.value) and "replace or delete" in str(error.value)
+    assert capsys.readouterr().err == ""  # the error is the only line the user sees
+
+
+# ------------------------------------------------------------------------------------------------ pixel modes
+# Each case: a file in one PIL mode and the 8-bit RGB pixels a user means by it (built without PIL's conversions).
+GREY = np.random.default_rng(2).integers(0, 256, (8, 8), dtype=np.uint8)
+GREY[0, :2] = 0, 255  # the ends of the range: 16-bit 65535 must become 255
+RGB = np.random.default_rng(3).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+ALPHA = np.random.default_rng(4).integers(0, 256, (8, 8), dtype=np.uint8)
+PALETTE = np.random.default_rng(5).integers(0, 256, (16, 3), dtype=np.uint8)
+INDICES = np.random.default_rng(6).integers(0, 16, (8, 8), dtype=np.uint8)
+GREY_RGB = np.repeat(GREY[..., None], 3, axis=2)
+
+
+def palette_image():
+    image = Image.fromarray(INDICES, mode="P")
+    image.putpalette(PALETTE.flatten().tolist())
+    return image
+
+
+def png16(pixels):
+    """A 16-bit RGB PNG, which PIL cannot write: (H, W, 3) uint16 big-endian samples, no filtering."""
+    height, width, _ = pixels.shape
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in pixels)
+
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+MODES = {  # name: (the image or its bytes, file suffix, save options, expected HWC uint8)
+    "1": (Image.fromarray(GREY > 127), ".png", {}, np.where(GREY_RGB > 127, 255, 0).astype(np.uint8)),
+    "L": (Image.fromarray(GREY, mode="L"), ".png", {}, GREY_RGB),
+    "LA": (Image.fromarray(np.dstack([GREY, ALPHA]), mode="LA"), ".png", {}, GREY_RGB),
+    "P": (palette_image(), ".png", {}, PALETTE[INDICES]),
+    "PA": (palette_image(), ".png", {"transparency": bytes(range(0, 256, 16))}, PALETTE[INDICES]),  # tRNS alpha
+    "P gif": (palette_image(), ".gif", {}, PALETTE[INDICES]),
+    "RGBA": (Image.fromarray(np.dstack([RGB, ALPHA]), mode="RGBA"), ".png", {}, RGB),  # alpha dropped
+    "I;16": (Image.fromarray(GREY.astype(np.uint16) * 257), ".png", {}, GREY_RGB),  # 65535 -> 255, not 257x
+    "I;16 tiff": (Image.fromarray(GREY.astype(np.uint16) * 257), ".tif", {}, GREY_RGB),
+    "RGB 16-bit": (png16(RGB.astype(np.uint16) * 257), ".png", {}, RGB),
+    "I": (Image.fromarray(GREY.astype(np.int32) * 257, mode="I"), ".tif", {}, GREY_RGB),
+    "F": (Image.fromarray(GREY.astype(np.float32), mode="F"), ".tif", {}, GREY_RGB),  # PIL's 0..255 float scale
+    "CMYK": (Image.fromarray(RGB).convert("CMYK"), ".tif", {}, RGB),
+    "RGB": (Image.fromarray(RGB), ".png", {}, RGB),
+    "RGB bmp": (Image.fromarray(RGB), ".bmp", {}, RGB),
+}
+
+
+def test_the_mode_cases_are_what_they_say():
+    for name, (image, _, _, _) in MODES.items():
+        if isinstance(image, Image.Image):
+            assert image.mode == name.split()[0] or name in ("PA", "P gif", "RGB 16-bit"), name
+
+
+@pytest.mark.parametrize("path", ["torchvision", "pil"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_every_common_mode_loads_as_its_8_bit_rgb_pixels(tmp_path, monkeypatch, mode, path):
+    if path == "pil":  # the fallback for what torchvision cannot read, and for a torchvision without decoders
+        monkeypatch.setattr(data, "decode_image", None)
+    image, suffix, options, expected = MODES[mode]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    if isinstance(image, bytes):
+        (tmp_path / "a" / f"image{suffix}").write_bytes(image)
+    else:
+        image.save(tmp_path / "a" / f"image{suffix}", **options)
+    Image.fromarray(expected).save(tmp_path / "b" / "rgb.png")  # its 8-bit RGB equivalent, loaded beside it
+    split = load_image_folder(tmp_path)
+    assert split.images.dtype == torch.uint8 and split.images.shape == (2, 3, 8, 8)
+    assert torch.equal(split.images[1], torch.from_numpy(expected).permute(2, 0, 1))
+    difference = (split.images[0].int() - split.images[1].int()).abs().max().item()
+    assert difference == 0, f"{mode} differs from its RGB pixels by up to {difference}"
+
+
+def test_16_bit_values_are_rounded_to_the_nearest_8_bit_value(tmp_path):
+    values = np.array([[0, 128, 129, 257 * 100 + 128, 257 * 100 + 129, 65535, 65407, 65406]], np.uint16)
+    Image.fromarray(np.repeat(values, 8, axis=0)).save(tmp_path / "grey16.png")
+    Image.fromarray(np.repeat(values, 8, axis=0)).save(tmp_path / "grey16.tif")
+    expected = [0, 0, 1, 100, 101, 255, 255, 254]  # value / 257, rounded half up
+    assert data.read_image(tmp_path / "grey16.png")[:, 0].T.tolist() == [[v] * 3 for v in expected]
+    assert data.read_image(tmp_path / "grey16.tif")[:, 0].T.tolist() == [[v] * 3 for v in expected]
+
+
+def test_a_pa_image_and_a_cmyk_jpeg_are_read_as_pil_converts_them(tmp_path):
+    # No file format Pillow writes holds PA: the conversion itself, on the image in memory.
+    assert np.array_equal(data.pil_to_rgb(palette_image().convert("PA")), PALETTE[INDICES])
+    # A CMYK JPEG (lossy, so compared with PIL's own reading): torchvision and PIL agree.
+    Image.fromarray(RGB).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    with Image.open(tmp_path / "cmyk.jpg") as image:
+        assert image.mode == "CMYK"
+        expected = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+    assert torch.equal(data.read_image(tmp_path / "cmyk.jpg"), expected)
+
+
+def test_ordinary_jpegs_read_the_same_through_torchvision_and_pil(tmp_path, monkeypatch):
+    (tmp_path / "rgb.jpg").write_bytes(jpeg_bytes(RGB, quality=90))
+    (tmp_path / "grey.jpg").write_bytes(jpeg_bytes(GREY))
+    fast = [data.read_image(tmp_path / name) for name in ("rgb.jpg", "grey.jpg")]
+    monkeypatch.setattr(data, "decode_image", None)
+    assert all(torch.equal(a, data.read_image(tmp_path / name)) for a, name in zip(fast, ("rgb.jpg", "grey.jpg")))
+    assert fast[1].shape == (3, 8, 8) and torch.equal(fast[1][0], fast[1][2])  # grey replicated
+
+
+# --------------------------------------------------------------------------------- hidden and non-image files
+
+
+def test_hidden_files_and_folders_are_never_classes_or_images(tmp_path, capsys):
+    write_pngs(tmp_path / "train", {"cat": 2, "dog": 1})
+    write_pngs(tmp_path / "train" / ".ipynb_checkpoints", {"cat": 1})  # a hidden class with images inside
+    write_pngs(tmp_path / "train" / "cat", {".cache": 1})  # a hidden folder inside a class
+    (tmp_path / "train" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (tmp_path / "train" / "cat" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (tmp_path / "train" / "cat" / "._0.png").write_bytes(b"\0\5\26\7 AppleDouble, not a PNG")
+    split = load_image_folder(tmp_path / "train")
+    assert split.classes == ["cat", "dog"] and split.labels.tolist() == [0, 0, 1]
+    assert capsys.readouterr().err == ""  # hidden names are not even counted as skipped
+
+
+def test_non_image_files_are_skipped_with_one_warning_line(tmp_path, capsys):
+    write_pngs(tmp_path / "train", {"cat": 2, "dog": 1})
+    write_pngs(tmp_path / "test", {"cat": 1, "dog": 1}, seed=1)
+    (tmp_path / "train" / "README.txt").write_text("about this data")
+    (tmp_path / "train" / "labels.csv").write_text("file,label\n")
+    (tmp_path / "train" / "cat" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    (tmp_path / "train" / "cat" / "notes").write_text("no suffix at all")
+    (tmp_path / "train" / "dog" / "extra").mkdir()  # a folder inside a class folder: not a class of its own
+    (tmp_path / "test" / "cat" / "scores.json").write_text("{}")
+    train, test = load_dataset(data_dir=str(tmp_path))
+    assert train.classes == test.classes == ["cat", "dog"]
+    assert train.labels.tolist() == [0, 0, 1] and test.labels.tolist() == [0, 1]
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: ")
+    assert "skipped 6 items that are not images" in lines[0]
+    assert "train/README.txt" in lines[0] and ", ..." in lines[0]  # a few examples, not all six
+    load_image_folder(tmp_path / "test")
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "skipped 1 item that are not images (cat/scores.json)" in lines[0]
+
+
+def test_an_empty_class_folder_names_the_folder(tmp_path):
+    write_pngs(tmp_path, {"cat": 2, "dog": 1})
+    (tmp_path / "emu").mkdir()
+    (tmp_path / "emu" / ".DS_Store").write_bytes(b"")  # hidden and non-image files do not count as images
+    (tmp_path / "emu" / "README.txt").write_text("to do")
+    with pytest.raises(DataError, match="holds no images") as error:
+        load_image_folder(tmp_path)
+    assert f"class folder {tmp_path / 'emu'} holds no images" in str(error.value)
+    assert "add images or remove the folder" in str(error.value)
+
+
+def test_images_outside_class_folders_say_to_make_class_folders(tmp_path):
+    for i in range(2):
+        Image.fromarray(RGB).save(tmp_path / f"{i}.png")
+    with pytest.raises(DataError, match="its 2 images must go into one folder per class"):
         load_image_folder(tmp_path)
 
 

@@ -1,355 +1,261 @@
-"""Tables and figures of an ablation study: each setting's results as mean ± std over its seeds.
+"""Tables and figures of ablation studies, each setting's results as mean ± std over its seeds. Needs only numpy and
+matplotlib (no torch), so it runs wherever the logs are copied to.
 
-    python summarize.py logs/cifar10/sweep_depth                      # results.md and figures in that folder
-    python summarize.py logs/cifar10 --output_dir results/depth       # every sweep under logs/cifar10
+    python summarize.py logs/cifar10/sweep_depth                                  # writes into that folder
+    python summarize.py logs/cifar10/sweep_depth logs/cifar10/sweep_mask --output_dir results/ablations
 
-It reads every run folder below the given folders that holds a settings.json (written by sweep.py: the run's
-stage, seed and settings) and a metrics.csv with all its epochs; unfinished runs are left out and listed. A
-setting's seeds are the pretraining -> fine-tuning (-> linear probe) chains that share every other setting.
-
-Tables (markdown, printed and written to results.md): every setting against fine-tuning from scratch, then one
-table per ablated setting (decoder depth, mask strategy, mask ratio, pretraining or fine-tuning epochs: those
-with more than one value), with the final and the best test accuracy of fine-tuning (val_acc), the linear probe's
-final accuracy, the final pretraining loss, and the wall time per seed (the metrics.csv "seconds" of all of a
-seed's runs). Mean ± sample std over seeds; n seeds; std "-" for a single seed.
-
-Figures (PNG): pretraining loss and fine-tuning test accuracy against epoch per ablated setting, the mean over
-seeds with a ±std band, one panel per combination of the other ablated settings; fine-tuning from each setting
-against from scratch.
+Reads every run folder below the given folders with a settings.json (written by sweep.py) and a metrics.csv with
+all its epochs; unfinished runs are left out and named. A setting (a table row) is a fine-tuning or from-scratch
+run's settings, joined by the pretraining and linear-probe runs with the same pretraining settings and seed.
+Writes runs.csv (one row per run: settings and results), results.md (also printed): a table of all settings, then
+one per setting that differs (rows differing only in it side by side) with n seeds, the fine-tuning test accuracy
+at the last and the best epoch, the linear probe's, the k-NN and probe accuracy logged by pretraining, its last
+loss, and the time per seed, as mean ± sample std ('-' for one seed; "(n=k)" where fewer seeds have it); and PNGs:
+each curve against epoch per differing setting (mean, ±std band), fine-tuning vs from scratch, and every setting's
+accuracies (each seed a dot, mean ± std error bars).
 """
 import argparse
 import csv
 import json
-import statistics
-from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # files only: no display needed, works on servers and in tests
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-import utils  # noqa: E402
-
-# The settings an ablation varies, with the words used in tables and figures.
-AXES = {"decoder_depth": "decoder depth", "mask_strategy": "mask strategy", "mask_ratio": "mask ratio",
-        "pretrain_epochs": "pretraining epochs", "finetune_epochs": "fine-tuning epochs"}
-PRETRAIN_AXES = tuple(AXES)[:4]  # what a pretraining run, and so its fine-tuning and probe, depends on
-SCRATCH = "from scratch"
-
-
-@dataclass
-class RunRecord:
-    settings: dict  # from its settings.json: stage, seed and the sweep's settings
-    rows: list      # metrics.csv as dicts of floats (None where empty)
+WORDS = {"decoder_depth": "decoder depth", "mask_strategy": "mask strategy", "mask_ratio": "mask ratio",
+         "pretrain_epochs": "pretraining epochs", "finetune_epochs": "fine-tuning epochs"}  # known ablations first
+# Table columns: header, the stages whose runs give it, the run's result, scale, digits.
+COLUMNS = [("final acc (%)", ("finetune", "scratch"), "val_acc", 100, 2),
+           ("best acc (%)", ("finetune", "scratch"), "best_val_acc", 100, 2),
+           ("linear probe (%)", ("linear_probe",), "val_acc", 100, 2),
+           ("k-NN (%)", ("pretrain",), "knn_acc", 100, 2),
+           ("pretraining probe (%)", ("pretrain",), "probe_acc", 100, 2),
+           ("pretrain loss", ("pretrain",), "loss", 1, 4)]
+CURVES = {"pretrain_loss": (("pretrain",), "loss", 1, "pretraining loss (MSE on masked patches)"),
+          "knn_acc": (("pretrain",), "knn_acc", 100, "k-NN test accuracy during pretraining (%)"),
+          "finetune_acc": (("finetune", "scratch"), "val_acc", 100, "fine-tuning test accuracy (%)")}
 
 
-@dataclass
-class Setting:
-    """One point of the grid (or fine-tuning from scratch) and its runs, by seed and stage."""
-    key: tuple  # the AXES values; None for the pretraining ones when from scratch
-    seeds: dict = field(default_factory=dict)  # seed -> {"pretrain" | "finetune" | "linear_probe": rows}
-
-    @property
-    def is_scratch(self):
-        return self.key[0] is None
-
-    def value(self, axis):
-        return self.key[list(AXES).index(axis)]
-
-    def stage_rows(self, stage):
-        """{seed: rows} of the seeds that have a finished run of ``stage``."""
-        return {seed: runs[stage] for seed, runs in sorted(self.seeds.items()) if stage in runs}
-
-
-# -------------------------------------------------------------------------------------------- reading runs
+def read_run(settings_path):
+    """(the run, or None if unfinished, and then why) from its settings.json and metrics.csv."""
+    record, metrics = json.loads(settings_path.read_text()), settings_path.with_name("metrics.csv")
+    rows = list(csv.DictReader(metrics.read_text().splitlines())) if metrics.is_file() else []
+    if len(rows) < record["total_epochs"]:
+        return None, f"{settings_path.parent} ({len(rows)}/{record['total_epochs']} epochs)"
+    curves = {k: np.array([float(row[k]) if row[k] else np.nan for row in rows]) for k in rows[0] if k != "epoch"}
+    last = {k: c[np.isfinite(c)][-1] for k, c in curves.items() if np.isfinite(c).any()}  # the last logged value
+    results = {k: last.get(k) for k in ("loss", "val_acc", "knn_acc", "probe_acc")}
+    results.update(best_val_acc=np.nanmax(curves["val_acc"]) if "val_acc" in last else None,
+                   seconds=np.nansum(curves.get("seconds", 0)))
+    s = record["settings"]
+    return dict(run=settings_path.parent.name, sweep=settings_path.parent.parent.name, stage=s["stage"],
+                seed=s["seed"], key={k: v for k, v in s.items() if k not in ("stage", "seed")}, epochs=len(rows),
+                curves=curves, results=results), None
 
 
-def read_metrics(path):
-    with open(path, newline="") as f:
-        return [{k: float(v) if v not in ("", None) else None for k, v in row.items()} for row in csv.DictReader(f)]
+def show(value):
+    """A setting as text: None (the script's default) 'default', a list its words, a dict k=v."""
+    if isinstance(value, dict):
+        return " ".join(f"{k}={v}" for k, v in value.items()) or "default"
+    return ("default" if value is None else str(value)) if not isinstance(value, list) else " ".join(value) or "none"
 
 
-def find_runs(folders):
-    """(finished runs, unfinished run folders) below ``folders``."""
-    finished, unfinished = [], []
-    for folder in folders:
-        for settings_path in sorted(Path(folder).rglob("settings.json")):
-            record = json.loads(settings_path.read_text())
-            metrics = settings_path.with_name("metrics.csv")
-            rows = read_metrics(metrics) if metrics.is_file() else []
-            if len(rows) >= record["total_epochs"]:
-                finished.append(RunRecord(record["settings"], rows))
-            else:
-                unfinished.append(f"{settings_path.parent} ({len(rows)}/{record['total_epochs']} epochs)")
-    return finished, unfinished
+def group(runs):
+    """The settings (table rows) as {"key", "scratch", "runs"}: one per fine-tuning or scratch run's settings;
+    a pretraining or probe run joins each pretrained one that agrees on the settings both have, else makes one."""
+    rows = {}
+    for run in sorted(runs, key=lambda r: ("finetune", "scratch", "pretrain", "linear_probe").index(r["stage"])):
+        joins = [row for row in rows.values() if not row["scratch"] and run["stage"] in ("pretrain", "linear_probe")
+                 and all(row["key"].get(k, v) == v for k, v in run["key"].items())]
+        for row in joins or [rows.setdefault(json.dumps(run["key"], sort_keys=True),
+                                             dict(key=run["key"], scratch=run["stage"] == "scratch", runs=[]))]:
+            row["runs"].append(run)
+    return list(rows.values())
 
 
-def group_settings(runs):
-    """Settings keyed by their AXES values, each holding its seeds' runs.
-
-    A fine-tuning run (or a scratch one) makes a setting; its pretraining and probe runs join every setting with
-    the same pretraining settings and seed. A pretraining run with no fine-tuning yet makes a setting of its own.
-    """
-    settings = {}
-    by_stage = {stage: [r for r in runs if r.settings["stage"] == stage]
-                for stage in ("pretrain", "finetune", "linear_probe", "scratch")}
-    for run in by_stage["finetune"] + by_stage["scratch"]:
-        s = run.settings
-        key = tuple(s.get(axis) for axis in AXES)
-        settings.setdefault(key, Setting(key)).seeds.setdefault(s["seed"], {})["finetune"] = run.rows
-    for stage in ("pretrain", "linear_probe"):
-        for run in by_stage[stage]:
-            pretrain_key = tuple(run.settings[axis] for axis in PRETRAIN_AXES)
-            matching = [k for k in settings if k[:len(PRETRAIN_AXES)] == pretrain_key] or [(*pretrain_key, None)]
-            for key in matching:
-                settings.setdefault(key, Setting(key)).seeds.setdefault(run.settings["seed"], {})[stage] = run.rows
-    return sorted(settings.values(), key=lambda setting: sort_key(setting.key))
+def word(key):
+    return WORDS.get(key, key.replace("_", " "))
 
 
-def sort_key(values):
-    """Scratch last; numbers by value, words alphabetically."""
-    return tuple((v is None, v if isinstance(v, (int, float)) else 0, str(v)) for v in values)
+def label(row, axes):
+    return "from scratch" if row["scratch"] else ", ".join(f"{word(a)} {show(row['key'].get(a))}" for a in axes) \
+        or "MAE pretraining"
 
 
-# ------------------------------------------------------------------------------------------------- numbers
+def order(row, axes):
+    """Sort key: from scratch last; numbers by value, words alphabetically."""
+    return row["scratch"], [(v is None, v if isinstance(v, (int, float)) else 0, show(v))
+                            for v in (row["key"].get(a) for a in axes)]
 
 
-def per_seed(setting):
-    """{column: [value of each seed that has it]} for one setting."""
-    values = {"final": [], "best": [], "probe": [], "loss": [], "seconds": []}
-    for seed, runs in sorted(setting.seeds.items()):
-        if "finetune" in runs:
-            accuracy = [row["val_acc"] for row in runs["finetune"]]
-            values["final"].append(accuracy[-1])
-            values["best"].append(max(accuracy))
-        if "linear_probe" in runs:
-            values["probe"].append(runs["linear_probe"][-1]["val_acc"])
-        if "pretrain" in runs:
-            values["loss"].append(runs["pretrain"][-1]["loss"])
-        values["seconds"].append(sum(row["seconds"] or 0 for rows in runs.values() for row in rows))
-    return values
+def values(row, stages, result, scale=1):
+    return [r["results"][result] * scale for r in row["runs"] if r["stage"] in stages and r["results"][result]
+            is not None]
 
 
-def mean_std(values):
-    """Mean and sample standard deviation (None for a single value)."""
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
-
-
-def format_mean_std(values, scale=1.0, digits=2, n=None):
-    """``mean ± std``; '-' for the std of one value; the count when it differs from the setting's n."""
-    if not values:
+def mean_std(numbers, digits, n):
+    if not numbers:
         return ""
-    mean, std = mean_std([v * scale for v in values])
-    text = f"{mean:.{digits}f} ± " + ("-" if std is None else f"{std:.{digits}f}")
-    return text if n is None or len(values) == n else f"{text} (n={len(values)})"
+    std = f"{np.std(numbers, ddof=1):.{digits}f}" if len(numbers) > 1 else "-"
+    return f"{np.mean(numbers):.{digits}f} ± {std}" + ("" if len(numbers) == n else f" (n={len(numbers)})")
 
 
-def format_seconds(seconds):
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.2f} h"
+def table(rows, heads, cells, columns):
+    """Markdown: ``heads`` (``cells(row)`` fills them), n seeds, the ``columns`` as mean ± std, time per seed."""
+    lines = [[*heads, "n", *(c[0] for c in columns), "time / seed"]]
+    for row in rows:
+        seeds = sorted({r["seed"] for r in row["runs"]})
+        seconds = np.mean([sum(r["results"]["seconds"] for r in row["runs"] if r["seed"] == s) for s in seeds])
+        time = f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else \
+            f"{seconds / 3600:.2f} h"
+        lines.append([*cells(row), str(len(seeds)), *(mean_std(values(row, *c[1:4]), c[4], len(seeds))
+                                                      for c in columns), time])
+    return "\n".join("| " + " | ".join(line) + " |" for line in [lines[0], ["---"] * len(lines[0]), *lines[1:]])
 
 
-# -------------------------------------------------------------------------------------------------- tables
-
-
-def varying_axes(settings):
-    """The AXES with more than one value among the pretrained settings: the ablations."""
-    pretrained = [s for s in settings if not s.is_scratch]
-    return [axis for axis in AXES if len({s.value(axis) for s in pretrained}) > 1]
-
-
-def fixed_axes_text(settings, varying):
-    pretrained = [s for s in settings if not s.is_scratch]
-    fixed = [f"{AXES[axis]} {pretrained[0].value(axis)}" for axis in AXES
-             if axis not in varying and pretrained and pretrained[0].value(axis) is not None]
-    return ", ".join(fixed)
-
-
-def result_cells(setting, with_probe):
-    values = per_seed(setting)
-    n = len(values["final"]) or len(values["seconds"])
-    cells = [str(n), format_mean_std(values["final"], 100, n=n), format_mean_std(values["best"], 100, n=n)]
-    if with_probe:
-        cells.append(format_mean_std(values["probe"], 100, n=n))
-    cells += [format_mean_std(values["loss"], digits=4, n=n), format_seconds(statistics.mean(values["seconds"]))]
-    return cells
-
-
-def result_header(with_probe):
-    return ["n", "final acc (%)", "best acc (%)", *(["linear probe (%)"] if with_probe else []),
-            "pretrain loss", "time / seed"]
-
-
-def markdown_table(header, rows):
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-
-
-def setting_label(setting, axes):
-    if setting.is_scratch:
-        return SCRATCH
-    return ", ".join(f"{AXES[axis]} {setting.value(axis)}" for axis in axes) or "MAE pretraining"
-
-
-def all_settings_table(settings, varying, with_probe):
-    rows = [[setting_label(s, varying), *result_cells(s, with_probe)] for s in settings]
-    return markdown_table(["setting", *result_header(with_probe)], rows)
-
-
-def comparisons(settings, axis, varying, stage=None):
-    """The pretrained settings that differ only in ``axis``, grouped by the other ablated settings.
-
-    Returns (the other ablated axes, [(their values, settings sorted by ``axis``)]). A group of one setting
-    compares nothing (e.g. the default point of a one-at-a-time study, seen from the other ablation): left out.
-    """
+def comparisons(rows, axis, varying):
+    """The pretrained rows that differ only in ``axis``, grouped by the other differing settings; a group of one
+    compares nothing and is left out (but with ``axis`` None, all rows are one group)."""
     others = [a for a in varying if a != axis]
-    chosen = sorted((s for s in settings if not s.is_scratch and (stage is None or s.stage_rows(stage))),
-                    key=lambda s: sort_key([s.value(a) for a in (*others, axis)]))
-    groups = [(key, list(group)) for key, group in groupby(chosen, key=lambda s: [s.value(a) for a in others])]
-    return others, [(key, group) for key, group in groups if len(group) > 1 or axis not in varying]
+    chosen = sorted((r for r in rows if not r["scratch"]), key=lambda r: order(r, [*others, axis]))
+    groups = [(key, list(g)) for key, g in groupby(chosen, key=lambda r: label(r, others) if others else "")]
+    return [(key, g) for key, g in groups if len(g) > 1 or axis is None]
 
 
-def ablation_table(settings, axis, varying, with_probe):
-    """One row per setting, the other ablated settings first, so that rows differing only in ``axis`` sit
-    together (a controlled comparison, never an average over other settings)."""
-    others, groups = comparisons(settings, axis, varying)
-    rows = [[*(str(s.value(a)) for a in (*others, axis)), *result_cells(s, with_probe)]
-            for _, group in groups for s in group]
-    return markdown_table([*(AXES[a] for a in (*others, axis)), *result_header(with_probe)], rows)
+def new_figure(width, panels=1):
+    from matplotlib.figure import Figure  # late, and without pyplot: the tables need no plotting
+
+    figure = Figure(figsize=(min(20, max(7, width)), 4.5), layout="tight")
+    return figure, figure.subplots(1, panels, squeeze=False)[0]
 
 
-# ------------------------------------------------------------------------------------------------- figures
+def curve_figure(groups, curve, axes, title, path):
+    """A CURVES metric against epoch, the mean over seeds with a ±std band: a line per row (labelled by its
+    ``axes``), a panel per group. Returns ``path``, or None when no run logged the metric."""
+    stages, column, scale, ylabel = CURVES[curve]
 
+    def curves(row):  # each seed's, where it logged the metric
+        return [r["curves"][column] * scale for r in row["runs"] if r["stage"] in stages and
+                np.isfinite(r["curves"].get(column, np.nan)).any()]
 
-def plot_mean_std(ax, curves, label):
-    """The mean over seeds of per-epoch curves, with a ±std band where there are several seeds."""
-    length = min(len(c) for c in curves)  # finished runs of one setting all have the same length
-    epochs = range(1, length + 1)
-    columns = [[c[i] for c in curves] for i in range(length)]
-    means = [statistics.mean(column) for column in columns]
-    line, = ax.plot(epochs, means, label=f"{label} (n={len(curves)})")
-    if len(curves) > 1:
-        stds = [statistics.stdev(column) for column in columns]
-        ax.fill_between(epochs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
-                        color=line.get_color(), alpha=0.2, linewidth=0)
-
-
-def curves(setting, stage, column, scale=1.0):
-    return [[row[column] * scale for row in rows] for rows in setting.stage_rows(stage).values()]
-
-
-METRICS = {  # figure name: (stage, metrics.csv column, scale, y label)
-    "pretrain_loss": ("pretrain", "loss", 1.0, "pretraining loss (MSE on masked patches)"),
-    "finetune_acc": ("finetune", "val_acc", 100.0, "fine-tuning test accuracy (%)"),
-}
-
-
-def ablation_figure(settings, axis, varying, metric, path):
-    """Curves by ``axis``: one panel per combination of the other ablated settings; returns False if empty."""
-    stage, column, scale, ylabel = METRICS[metric]
-    others, panels = comparisons(settings, axis, varying, stage)
+    panels = [(key, [(row, curves(row)) for row in group if curves(row)]) for key, group in groups]
+    panels = [(key, lines) for key, lines in panels if lines]
     if not panels:
-        return False
-    figure, axes = plt.subplots(1, len(panels), figsize=(max(7.0, 5.5 * len(panels)), 4.5), squeeze=False)
-    for ax, (key, group) in zip(axes[0], panels):
-        for setting in group:
-            plot_mean_std(ax, curves(setting, stage, column, scale), f"{AXES[axis]} {setting.value(axis)}")
-        if others:
-            ax.set_title(", ".join(f"{AXES[a]} {v}" for a, v in zip(others, key)), fontsize="medium")
-        label_axes(ax, ylabel)
-    figure.suptitle(f"{ylabel.split(' (')[0].capitalize()} by {AXES[axis]} (mean ± std over seeds)")
-    save(figure, path)
-    return True
-
-
-def label_axes(ax, ylabel):
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(ylabel)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
-    ax.legend()
-
-
-def scratch_figure(settings, varying, path):
-    """Fine-tuning accuracy from every pretrained setting and from scratch, in one panel."""
-    stage, column, scale, ylabel = METRICS["finetune_acc"]
-    figure, ax = plt.subplots(figsize=(7, 4.5))
-    for setting in settings:
-        if setting.stage_rows(stage):
-            plot_mean_std(ax, curves(setting, stage, column, scale), setting_label(setting, varying))
-    ax.set_title("Fine-tuning: pretrained with MAE vs from scratch (mean ± std over seeds)")
-    label_axes(ax, ylabel)
-    save(figure, path)
-
-
-def save(figure, path):
-    figure.tight_layout()
+        return None
+    figure, grid = new_figure(5.5 * len(panels), len(panels))
+    for ax, (key, lines) in zip(grid, panels):
+        for row, seeds in lines:
+            stacked = np.stack([c[:min(map(len, seeds))] for c in seeds])
+            mean, epochs = stacked.mean(0), np.arange(1, stacked.shape[1] + 1)
+            seen = np.isfinite(mean)  # k-NN accuracy is logged every few epochs only
+            line, = ax.plot(epochs[seen], mean[seen], marker=None if seen.all() else "o",
+                            label=f"{label(row, axes)} (n={len(seeds)})")
+            if len(seeds) > 1:
+                std = stacked.std(0, ddof=1)[seen]
+                ax.fill_between(epochs[seen], mean[seen] - std, mean[seen] + std, color=line.get_color(), alpha=0.2)
+        ax.set(title=key, xlabel="epoch", ylabel=ylabel)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize="small")
+    figure.suptitle(f"{title} (mean ± std over seeds)")
     figure.savefig(path, dpi=120)
-    plt.close(figure)
+    return path
 
 
-# ---------------------------------------------------------------------------------------------------- main
+def spread_figure(rows, varying, columns, path):
+    """Every setting's accuracies: each seed's value a dot, the mean with ±std error bars."""
+    figure, (ax,) = new_figure(0.5 * len(rows) * len(columns) + 3)
+    for i, (header, stages, result, scale, _) in enumerate(columns):
+        x = np.arange(len(rows)) + (i - (len(columns) - 1) / 2) * 0.8 / len(columns)
+        points = [values(row, stages, result, scale) for row in rows]
+        for xi, p in zip(x, points):
+            ax.scatter([xi] * len(p), p, s=12, color=f"C{i}", alpha=0.5)
+        ax.errorbar(x, [np.mean(p) if p else np.nan for p in points], fmt="o", capsize=4, color=f"C{i}",
+                    yerr=[np.std(p, ddof=1) if len(p) > 1 else 0 for p in points], label=header.replace(" (%)", ""))
+    ax.set_xticks(range(len(rows)), [label(row, varying) for row in rows], rotation=20, ha="right")
+    ax.set(ylabel="test accuracy (%)", title="Accuracy per setting: each seed (dots), mean ± std (bars)")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1, 1))
+    figure.savefig(path, dpi=120)
+    return path
 
 
-def summarize(settings, output_dir):
+def summarize(rows, output_dir):
     """The markdown report; writes the figures into ``output_dir`` and links them from the report."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    varying = varying_axes(settings)
-    with_probe = any(s.stage_rows("linear_probe") for s in settings)
-    has_scratch = any(s.is_scratch for s in settings)
-    fixed = fixed_axes_text(settings, varying)
-    parts = ["# Ablation results", "",
-             "Test accuracy of fine-tuning (final epoch, and best epoch, which is picked on the test set and so "
-             "flatters: compare final), mean ± sample std over seeds (n seeds; '-' for one seed)."
-             + (f" Fixed: {fixed}." if fixed else ""), "",
-             "## All settings" + (" vs from scratch" if has_scratch else ""), "",
-             all_settings_table(settings, varying, with_probe), ""]
+    keys = dict.fromkeys([*WORDS, *sorted({k for row in rows for k in row["key"]})])
+    varying = [k for k in keys if len({show(r["key"][k]) for r in rows if not r["scratch"] and k in r["key"]}) > 1]
+    rows = sorted(rows, key=lambda r: order(r, [*varying, *keys]))
+    columns = [c for c in COLUMNS if any(values(row, *c[1:3]) for row in rows)]
+    fixed = ", ".join(f"{word(k)} {show(v)}" for k, v in next((r["key"] for r in rows if not r["scratch"]), {})
+                      .items() if k not in varying and v not in (None, [], {}))
+    scratch = any(r["scratch"] for r in rows)
+    parts = ["# Ablation results", "", "Test accuracy of the final and the best epoch (picked on the test set, so "
+             "it flatters: compare final); mean ± sample std over n seeds." + (f" Fixed: {fixed}." if fixed else ""),
+             "", "## All settings" + (" vs from scratch" if scratch else ""), "",
+             table(rows, ["setting"], lambda r: [label(r, varying)], columns), ""]
     figures = []
-    for axis in varying:
-        parts += [f"## {AXES[axis].capitalize()}", "", ablation_table(settings, axis, varying, with_probe), ""]
-        for metric in METRICS:
-            path = output_dir / f"{metric}_{axis}.png"
-            if ablation_figure(settings, axis, varying, metric, path):
-                figures.append(path)
-                parts += [f"![{metric} by {AXES[axis]}]({path.name})", ""]
-    if not varying:  # a single setting over seeds: its curves still deserve a look
-        for metric in METRICS:
-            path = output_dir / f"{metric}.png"
-            if ablation_figure(settings, "decoder_depth", [], metric, path):
-                figures.append(path)
-                parts += [f"![{metric}]({path.name})", ""]
-    if has_scratch:
-        path = output_dir / "finetune_acc_vs_scratch.png"
-        scratch_figure(settings, varying, path)
-        figures.append(path)
-        parts += ["## Pretrained vs from scratch", "", f"![fine-tuning vs from scratch]({path.name})", ""]
+
+    def add(path, title):
+        if path:
+            figures.append(path)
+            parts.extend([f"![{title}]({path.name})", ""])
+
+    for axis in varying or [None]:
+        groups, axes = comparisons(rows, axis, varying), [*(a for a in varying if a != axis), axis]
+        if axis:  # the other differing settings first, so that rows differing only in ``axis`` sit together
+            compared = table([r for _, g in groups for r in g], [word(a) for a in axes],
+                             lambda r: [show(r["key"].get(a)) for a in axes], columns)
+            parts += [f"## {word(axis).capitalize()}", "", compared, ""]
+        for curve, (*_, ylabel) in CURVES.items():
+            title = ylabel.split(" (")[0] + (f" by {word(axis)}" if axis else "")
+            add(curve_figure(groups, curve, [axis] if axis else [], title[0].upper() + title[1:],
+                             output_dir / (f"{curve}_{axis}.png" if axis else f"{curve}.png")), title)
+    if scratch:
+        parts += ["## Pretrained vs from scratch", ""]
+        add(curve_figure([("", rows)], "finetune_acc", varying, "Fine-tuning: pretrained with MAE vs from scratch",
+                         output_dir / "finetune_acc_vs_scratch.png"), "fine-tuning vs from scratch")
+    if accuracy := [c for c in columns if c[3] == 100]:
+        parts += ["## Accuracy per setting", ""]
+        add(spread_figure(rows, varying, accuracy, output_dir / "accuracy_per_setting.png"), "accuracy per setting")
     return "\n".join(parts), figures
 
 
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("folders", nargs="+", help="a sweep folder (logs/<dataset>/sweep_<name>) or any folder above")
-    p.add_argument("--output_dir", default=None, help="for results.md and the figures (default: the first folder)")
-    return p
+def folder(must_exist):
+    """An argparse type: a folder that exists, or a path where one can be made (no file on the way)."""
+    def check(text):
+        path = Path(text)
+        if (must_exist and not path.is_dir()) or any(p.exists() and not p.is_dir() for p in (path, *path.parents)):
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected " +
+                                             ("an existing folder" if must_exist else "a folder, not a file"))
+        return path
+    return check
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    runs, unfinished = find_runs(args.folders)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folders", nargs="+", type=folder(True), help="sweep folders, or any folders above them")
+    parser.add_argument("--output_dir", type=folder(False), help="for results.md, runs.csv and the figures "
+                                                                 "(default: the first folder)")
+    args = parser.parse_args(argv)
+    found = {p.resolve(): read_run(p) for f in args.folders for p in sorted(f.rglob("settings.json"))}  # each once
+    runs, unfinished = [r for r, _ in found.values() if r], [why for _, why in found.values() if why]
     if not runs:
-        raise utils.UserError(f"no finished runs with a settings.json (written by sweep.py) under "
-                              f"{', '.join(args.folders)}")
-    output_dir = Path(args.output_dir or args.folders[0])
-    report, figures = summarize(group_settings(runs), output_dir)
-    if unfinished:
-        report += "\nLeft out, not finished: " + "; ".join(unfinished) + "\n"
+        parser.error(f"no finished runs with a settings.json (written by sweep.py) under "
+                     f"{', '.join(map(str, args.folders))}")
+    output_dir = args.output_dir or args.folders[0]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    report, figures = summarize(group(runs), output_dir)
+    report += "\nLeft out, not finished: " + "; ".join(unfinished) + "\n" if unfinished else ""
     (output_dir / "results.md").write_text(report + "\n")
+    keys = sorted({k for run in runs for k in run["key"]})
+    with open(output_dir / "runs.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, ["run", "sweep", "stage", "seed", *keys, "epochs", *runs[0]["results"]])
+        writer.writeheader()
+        writer.writerows({**{k: run[k] for k in ("run", "sweep", "stage", "seed", "epochs")},
+                          **{k: show(run["key"][k]) for k in keys if k in run["key"]},
+                          **{k: "" if v is None else f"{v:.6g}" for k, v in run["results"].items()}}
+                         for run in sorted(runs, key=lambda r: (r["sweep"], r["run"])))
     print(report)
-    print(f"wrote {output_dir / 'results.md'} and {len(figures)} figures")
+    print(f"wrote {output_dir / 'results.md'}, {output_dir / 'runs.csv'} and {len(figures)} figures")
 
 
 if __name__ == "__main__":
-    utils.run_cli(main)
+    main()

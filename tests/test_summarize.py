@@ -1,0 +1,192 @@
+"""summarize.py on made-up runs: tables of mean ± std computed from the CSVs written here, several sweep folders
+at once, the per-run CSV, the figures, argument errors, and that it needs no torch."""
+import csv
+import json
+import subprocess
+import sys
+from itertools import takewhile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import summarize
+
+REPO = Path(__file__).resolve().parent.parent
+GRID = dict(dataset="cifar10", mask_ratio=0.75, pretrain_epochs=2, model_size={}, pretrain_args=[])
+
+
+def write_run(folder, stage, seed, rows, total_epochs=2, **settings):
+    """A run folder as sweep.py leaves it: settings.json and a metrics.csv of ``rows`` (None: an empty cell)."""
+    folder.mkdir(parents=True)
+    (folder / "settings.json").write_text(json.dumps({"settings": {"stage": stage, "seed": seed, **settings},
+                                                      "total_epochs": total_epochs}))
+    with open(folder / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, ["epoch", *rows[0]])
+        writer.writeheader()
+        writer.writerows({"epoch": i + 1, **{k: "" if v is None else v for k, v in row.items()}}
+                         for i, row in enumerate(rows))
+
+
+def write_chain(folder, depth, strategy, seed, final, knn=None, probe=None, **grid):
+    """Pretraining (loss, k-NN and probe accuracy on its last epoch only), fine-tuning and linear probe runs."""
+    grid = {**GRID, "decoder_depth": depth, "mask_strategy": strategy, **grid}
+    name = f"dd{depth}_{strategy}_s{seed}"
+    write_run(folder / f"mae_{name}", "pretrain", seed, [
+        {"loss": 0.5, "seconds": 10, "knn_acc": None, "probe_acc": None},
+        {"loss": 0.4 - 0.01 * seed, "seconds": 10, "knn_acc": knn, "probe_acc": probe}], **grid)
+    write_run(folder / f"ft_{name}", "finetune", seed, [{"val_acc": final + 0.2, "seconds": 1},
+                                                        {"val_acc": final, "seconds": 1}], **grid, finetune_epochs=2)
+    write_run(folder / f"lp_{name}", "linear_probe", seed, [{"val_acc": final / 2, "seconds": 1},
+                                                            {"val_acc": final / 3, "seconds": 1}],
+              **grid, linear_probe_epochs=2, probe_args=[])
+
+
+def table_after(markdown, heading):
+    """The markdown table under ``## heading`` as a list of {column: cell}."""
+    lines = markdown.split(f"## {heading}\n", 1)[1].strip().splitlines()
+    table = list(takewhile(lambda line: line.startswith("|"), lines))
+    header = [cell.strip() for cell in table[0].strip("|").split("|")]
+    return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in table[2:]]
+
+
+def mean_std_text(values, scale=100.0, digits=2):
+    """What the tables should show, computed here with numpy: mean ± sample std."""
+    values = np.asarray(values, dtype=float) * scale
+    return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_import_needs_no_torch():
+    check = "import summarize, sys; assert 'torch' not in sys.modules and 'matplotlib' not in sys.modules"
+    subprocess.run([sys.executable, "-c", check], cwd=REPO, check=True, timeout=60)
+
+
+def test_tables_keep_ablations_apart_and_count_seeds(tmp_path, capsys):
+    """Two ablated settings at once (depth x strategy): each table compares one, the other held fixed."""
+    accuracies, knn, probe = {}, {}, {}
+    for depth in (1, 2):
+        for strategy in ("block", "random"):
+            for seed in (0,) if (depth, strategy) == (2, "block") else (0, 1, 2):
+                final = 0.1 * depth + 0.01 * seed + (0.05 if strategy == "block" else 0)
+                accuracies.setdefault((depth, strategy), []).append(final)
+                knn.setdefault((depth, strategy), []).append(final - 0.05)
+                probe.setdefault((depth, strategy), []).append(final - 0.02)
+                write_chain(tmp_path, depth, strategy, seed, final, knn=final - 0.05, probe=final - 0.02)
+    write_run(tmp_path / "ft_unfinished", "finetune", 5, [{"val_acc": 0.9, "seconds": 1}],
+              **GRID, decoder_depth=8, mask_strategy="grid", finetune_epochs=2)
+
+    summarize.main([str(tmp_path)])
+    report = (tmp_path / "results.md").read_text()
+    assert report in capsys.readouterr().out
+    depth_rows = table_after(report, "Decoder depth")
+    assert [(r["mask strategy"], r["decoder depth"], r["n"]) for r in depth_rows] == [
+        ("block", "1", "3"), ("block", "2", "1"), ("random", "1", "3"), ("random", "2", "3")]
+    row, key = depth_rows[0], (1, "block")
+    assert row["final acc (%)"] == mean_std_text(accuracies[key])
+    assert row["best acc (%)"] == mean_std_text(np.add(accuracies[key], 0.2))
+    assert row["linear probe (%)"] == mean_std_text(np.divide(accuracies[key], 3))
+    assert row["k-NN (%)"] == mean_std_text(knn[key])              # the last non-empty value of each seed
+    assert row["pretraining probe (%)"] == mean_std_text(probe[key])
+    assert row["pretrain loss"] == mean_std_text([0.4, 0.39, 0.38], 1, 4)
+    assert row["time / seed"] == "24.0 s"  # 2 x 10 s pretraining + 2 x 1 s fine-tuning + 2 x 1 s probe
+    assert depth_rows[1]["final acc (%)"] == f"{accuracies[2, 'block'][0] * 100:.2f} ± -"  # one seed: no std
+    strategy_rows = table_after(report, "Mask strategy")
+    assert [(r["decoder depth"], r["mask strategy"]) for r in strategy_rows] == [
+        ("1", "block"), ("1", "random"), ("2", "block"), ("2", "random")]
+    assert [r["setting"] for r in table_after(report, "All settings")] == [
+        "decoder depth 1, mask strategy block", "decoder depth 1, mask strategy random",
+        "decoder depth 2, mask strategy block", "decoder depth 2, mask strategy random"]
+    assert "dd8" not in report and "ft_unfinished (1/2 epochs)" in report  # unfinished runs are left out, named
+
+    runs = read_csv(tmp_path / "runs.csv")
+    assert len(runs) == 3 * 10 and not any(r["run"] == "ft_unfinished" for r in runs)
+    ft = next(r for r in runs if r["run"] == "ft_dd1_block_s2")
+    assert (ft["stage"], ft["seed"], ft["decoder_depth"], ft["mask_strategy"], ft["finetune_epochs"]) == (
+        "finetune", "2", "1", "block", "2")
+    assert float(ft["val_acc"]) == pytest.approx(accuracies[1, "block"][2])
+    assert float(ft["best_val_acc"]) == pytest.approx(accuracies[1, "block"][2] + 0.2)
+    mae = next(r for r in runs if r["run"] == "mae_dd1_block_s2")
+    assert float(mae["knn_acc"]) == pytest.approx(knn[1, "block"][2]) and mae["val_acc"] == ""
+    for name in ("finetune_acc_decoder_depth", "finetune_acc_mask_strategy", "pretrain_loss_decoder_depth",
+                 "knn_acc_mask_strategy", "accuracy_per_setting"):
+        assert (tmp_path / f"{name}.png").read_bytes().startswith(b"\x89PNG")
+        assert f"({name}.png)" in report
+    assert not (tmp_path / "finetune_acc_vs_scratch.png").exists()
+
+
+@pytest.fixture
+def figure_texts(monkeypatch):
+    """{file name: {"title", "axes": [(x label, y label, [legend entries])]}} of every figure saved."""
+    from matplotlib.figure import Figure
+
+    texts, savefig = {}, Figure.savefig
+
+    def recording_savefig(self, path, **kwargs):
+        legends = [[t.get_text() for t in ax.get_legend().get_texts()] if ax.get_legend() else [] for ax in self.axes]
+        texts[Path(path).name] = {"title": self.get_suptitle() or self.axes[0].get_title(), "axes": [
+            (ax.get_xlabel(), ax.get_ylabel(), legend) for ax, legend in zip(self.axes, legends)]}
+        return savefig(self, path, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", recording_savefig)
+    return texts
+
+
+def test_several_sweeps_combine_and_settings_that_differ_become_rows(tmp_path, capsys, figure_texts):
+    """Two sweep folders (one with --norm_pix_loss), a from-scratch run, the same folder named twice."""
+    first, second = tmp_path / "logs" / "sweep_a", tmp_path / "logs" / "sweep_b"
+    for seed in (0, 1):
+        write_chain(first, 4, "random", seed, 0.5 + 0.1 * seed)
+        write_chain(second, 4, "random", seed, 0.6 + 0.1 * seed, pretrain_args=["--norm_pix_loss"])
+        write_run(first / f"scratch_s{seed}", "scratch", seed, [{"val_acc": 0.3, "seconds": 1},
+                                                                {"val_acc": 0.2 + 0.1 * seed, "seconds": 1}],
+                  dataset="cifar10", model_size={}, finetune_epochs=2)
+    out = tmp_path / "results"
+    summarize.main([str(first), str(second), str(tmp_path / "logs"), "--output_dir", str(out)])
+    report = (out / "results.md").read_text()
+    rows = table_after(report, "All settings vs from scratch")
+    assert [(r["setting"], r["n"]) for r in rows] == [
+        ("pretrain args --norm_pix_loss", "2"), ("pretrain args none", "2"), ("from scratch", "2")]
+    assert rows[0]["final acc (%)"] == mean_std_text([0.6, 0.7]) and rows[1]["final acc (%)"] == mean_std_text(
+        [0.5, 0.6])
+    assert rows[2]["final acc (%)"] == mean_std_text([0.2, 0.3]) and rows[2]["linear probe (%)"] == ""
+    assert "decoder depth 4" in report.split("## All settings")[0]  # what all share is said once
+    assert len(read_csv(out / "runs.csv")) == 2 * 2 * 3 + 2  # each run once, though named twice
+    assert {r["sweep"] for r in read_csv(out / "runs.csv")} == {"sweep_a", "sweep_b"}
+    for name in ("finetune_acc_pretrain_args", "finetune_acc_vs_scratch", "accuracy_per_setting"):
+        assert (out / f"{name}.png").stat().st_size > 1000
+    assert figure_texts["finetune_acc_vs_scratch.png"]["axes"] == [("epoch", "fine-tuning test accuracy (%)", [
+        "pretrain args --norm_pix_loss (n=2)", "pretrain args none (n=2)", "from scratch (n=2)"])]
+    assert figure_texts["pretrain_loss_pretrain_args.png"]["axes"][0][2] == ["pretrain args --norm_pix_loss (n=2)",
+                                                                             "pretrain args none (n=2)"]
+    (_, ylabel, legend), = figure_texts["accuracy_per_setting.png"]["axes"]
+    assert ylabel == "test accuracy (%)" and legend == ["final acc", "best acc", "linear probe"]
+
+
+def test_one_setting_over_seeds_still_gets_its_curves(tmp_path, capsys):
+    for seed in (0, 1):
+        write_chain(tmp_path, 4, "random", seed, 0.5)
+    summarize.main([str(tmp_path)])
+    report = (tmp_path / "results.md").read_text()
+    assert table_after(report, "All settings")[0]["setting"] == "MAE pretraining"
+    assert (tmp_path / "finetune_acc.png").is_file() and (tmp_path / "pretrain_loss.png").is_file()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["{tmp}/missing"], "argument folders: "), (["{tmp}/a_file"], "argument folders: "),
+    (["{tmp}", "--output_dir", "{tmp}/a_file"], "argument --output_dir: "),
+    (["{tmp}", "--output_dir", "{tmp}/a_file/below"], "argument --output_dir: "),
+    (["{tmp}"], "error: no finished runs"),
+])
+def test_bad_arguments_exit_2_and_write_nothing(tmp_path, capsys, argv, message):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        summarize.main([word.format(tmp=tmp_path) for word in argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: ") and message in err and "Traceback" not in err
+    assert [p.name for p in tmp_path.iterdir()] == ["a_file"]

@@ -1,13 +1,17 @@
 """Training-step throughput of MAE pretraining and fine-tuning, printed as one markdown table.
 
     python benchmark.py                                        # CUDA: batch 256 ... 4096, bf16, compiled
+    python benchmark.py --compile_modes default max-autotune-no-cudagraphs --batch_sizes 512 1024 4096
     python benchmark.py --decoder_depth 8 --mask_strategy block --output bench.csv
-    python benchmark.py --device cpu --steps 2 --warmup 1 --batch_sizes 8 --emb_dim 32 --encoder_depth 1
+    python benchmark.py --device cpu --preset small            # the chosen CPU path beside fp32 eager
+    python benchmark.py --workloads finetune --augments none crop_flip randaug     # the augmentations' cost
     python benchmark.py --workloads pretrain --batch_sizes 512 --profile profiles    # where does a step go?
 
-A step is what the training scripts run per optimizer step: the forward under ``utils.autocast``, the loss, the
-backward and an AdamW step, through ``utils.maybe_compile`` and ``utils.train_epoch``. The data is synthetic and
-already on the device, so the numbers measure the model and the optimizer, not the loader.
+A step is what the training scripts run per optimizer step: the forward under ``engine.autocast``, the loss, the
+backward and an AdamW step, through ``engine.maybe_compile`` and ``engine.train_epoch``. The data is synthetic and
+already on the device, so the numbers measure the model and the optimizer, not the loader; an ``--augments`` row
+adds the loader's augmentation of each batch. Every row is also compared with fp32 eager at the same batch
+(``vs fp32 eager``), measured in the same run.
 
 FLOPs come from ``FlopCounterMode`` on the uncompiled step at a small batch, scaled linearly: every matmul in the
 step is linear in the batch size. The count covers matmuls, the patch convolution and attention (forward and
@@ -23,10 +27,10 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
-import mae_pretrain
-import train_classifier
+import engine
 import utils
-from model import MAE_Encoder, MAE_ViT, MASK_STRATEGIES, ViT_Classifier
+from data import AUGMENTATIONS, normalize
+from model import MASK_STRATEGIES, ModelConfig, build_classifier, build_mae
 
 WORKLOADS = ("pretrain", "finetune")
 CUDA_BATCH_SIZES = (256, 512, 1024, 2048, 4096)
@@ -34,58 +38,84 @@ CPU_BATCH_SIZES = (8, 16)  # the CPU run is a smoke test: ViT-T/2 does a few ima
 FLOP_COUNT_BATCH = 2  # enough to count: the count is exactly linear in the batch size
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets; the first name in the device name wins.
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
-COLUMNS = ("workload", "batch", "images/s", "TFLOP/s", "% of peak", "peak memory (GiB)")
+COLUMNS = ("workload", "batch", "precision", "compile", "augment", "images/s", "vs fp32 eager", "TFLOP/s",
+           "% of peak", "peak memory (GiB)")
+# The CPU-scale model of the training scripts' --preset small.
+PRESETS = {"small": dict(patch_size=4, emb_dim=96, encoder_depth=4, encoder_heads=3, decoder_depth=2,
+                         decoder_heads=2, decoder_emb_dim=64, batch_sizes=[256])}
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto", help="cuda, cpu or auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
-    p.add_argument("--batch_sizes", nargs="+", type=int, default=None,
+    p.add_argument("--batch_sizes", nargs="+", type=utils.POSITIVE_INT, default=None,
                    help=f"default {' '.join(map(str, CUDA_BATCH_SIZES))} on CUDA, "
                         f"{' '.join(map(str, CPU_BATCH_SIZES))} on the CPU")
-    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per row")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first; they include the compilation")
-    p.add_argument("--no_compile", action="store_true", help="skip torch.compile on CUDA")
-    p.add_argument("--peak_tflops", type=float, default=None,
+    p.add_argument("--precisions", nargs="+", choices=engine.PRECISIONS, default=["auto"])
+    p.add_argument("--compile_modes", nargs="+", choices=(*engine.COMPILE_MODES, "none"), default=["default"],
+                   help="'none': eager")
+    p.add_argument("--augments", nargs="+", choices=sorted(AUGMENTATIONS), default=["none"],
+                   help="fine-tuning rows with the loader's augmentation of every batch")
+    p.add_argument("--no_baseline", action="store_true", help="skip the fp32 eager rows the ratio column needs")
+    p.add_argument("--steps", type=utils.POSITIVE_INT, default=20, help="timed optimizer steps per row")
+    p.add_argument("--warmup", type=utils.NONNEGATIVE_INT, default=5,
+                   help="untimed steps first; they include the compilation")
+    p.add_argument("--threads", type=utils.POSITIVE_INT, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--peak_tflops", type=utils.POSITIVE_FLOAT, default=None,
                    help="the device's peak for the '%% of peak' column (default: known GPUs' dense bf16 peak)")
     p.add_argument("--output", default=None, help="also write the results: .csv gives CSV, else markdown")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="also profile each row: a Chrome trace and a table of the costliest operators in DIR")
-    p.add_argument("--profile_steps", type=int, default=3, help="optimizer steps per profile")
+    p.add_argument("--profile_steps", type=utils.POSITIVE_INT, default=3, help="optimizer steps per profile")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="the training scripts' preset model")
     # The model, with the training scripts' defaults (ViT-T/2 on 32 x 32 images).
-    p.add_argument("--image_size", type=int, default=32)
-    p.add_argument("--patch_size", type=int, default=2)
-    p.add_argument("--emb_dim", type=int, default=192)
-    p.add_argument("--encoder_depth", type=int, default=12)
-    p.add_argument("--encoder_heads", type=int, default=3)
-    p.add_argument("--decoder_depth", type=int, default=4)
-    p.add_argument("--decoder_heads", type=int, default=3)
-    p.add_argument("--decoder_emb_dim", type=int, default=None, help="decoder width (default: the encoder's)")
+    defaults = ModelConfig()
+    for name in ("image_size", "patch_size", "emb_dim", "encoder_depth", "encoder_heads", "decoder_depth",
+                 "decoder_heads", "num_classes"):
+        p.add_argument(f"--{name}", type=utils.POSITIVE_INT, default=getattr(defaults, name))
+    p.add_argument("--decoder_emb_dim", type=utils.POSITIVE_INT, default=None,
+                   help="decoder width (default: the encoder's)")
     p.add_argument("--mask_strategy", choices=MASK_STRATEGIES, default="random")
-    p.add_argument("--mask_ratio", type=float, default=0.75)
-    p.add_argument("--num_classes", type=int, default=10)
+    p.add_argument("--mask_ratio", type=utils.OPEN_UNIT, default=0.75)
     return p
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    preset = parser.parse_known_args(argv)[0].preset
+    if preset:
+        parser.set_defaults(**PRESETS[preset])
+    args = parser.parse_args(argv)
+    utils.check_device(parser, args.device)
+    if args.output:
+        utils.check_output_file(parser, "--output", args.output)
+    if args.profile:
+        utils.check_writable_folder(parser, "--profile", args.profile)
+    try:
+        build_model("pretrain", args)  # impossible shapes (heads, ratio and strategy) fail here, before any row
+    except ValueError as error:
+        parser.error(str(error))
+    return args
 
 
 # ---------------------------------------------------------------------------------------- models and steps
 
 
+def config_of(args):
+    return ModelConfig.from_dict(vars(args))
+
+
 def build_model(workload, args):
-    if workload == "pretrain":
-        return MAE_ViT(args.image_size, args.patch_size, args.emb_dim, args.encoder_depth, args.encoder_heads,
-                       args.decoder_depth, args.decoder_heads, args.mask_ratio, args.mask_strategy,
-                       args.decoder_emb_dim)
-    encoder = MAE_Encoder(args.image_size, args.patch_size, args.emb_dim, args.encoder_depth, args.encoder_heads)
-    return ViT_Classifier(encoder, args.num_classes)
+    return build_mae(config_of(args)) if workload == "pretrain" else build_classifier(config_of(args))
 
 
-def make_step(workload, model, device, patch_size):
+def make_step(workload, model, device, precision, patch_size):
     """The training scripts' own micro-batch step (reference recipe: no batch regularisers), uncompiled."""
     if workload == "pretrain":
-        return mae_pretrain.make_step(model, device, patch_size)
-    return train_classifier.make_step(model, device, torch.nn.CrossEntropyLoss())
+        return engine.make_pretrain_step(model, device, precision, patch_size)
+    return engine.make_classifier_step(model, device, precision, torch.nn.CrossEntropyLoss())
 
 
 def synthetic_batch(batch_size, args, device):
@@ -139,21 +169,43 @@ def train_step_flops(model, step, images, labels):
 def flops_per_image(workload, args, device):
     model = build_model(workload, args).to(device)
     images, labels = synthetic_batch(FLOP_COUNT_BATCH, args, device)
-    return train_step_flops(model, make_step(workload, model, device, args.patch_size), images, labels) / len(images)
+    step = make_step(workload, model, device, "fp32", args.patch_size)
+    return train_step_flops(model, step, images, labels) / len(images)
 
 
 # ----------------------------------------------------------------------------------------------- timing
 
 
-def timed_steps(step, model, optimizer, images, labels, steps, device):
-    """Seconds for ``steps`` optimizer steps through the scripts' own epoch loop (one device sync, at the end)."""
-    with utils.EpochTimer(device) as timer:
-        utils.train_epoch(step, [(images, labels)] * steps, optimizer, 1, model)
+def timed_steps(step, model, optimizer, batches, device, scaler=None):
+    """Seconds for one optimizer step per batch through the scripts' own epoch loop (one device sync, at the end)."""
+    with engine.EpochTimer(device) as timer:
+        engine.train_epoch(step, batches, optimizer, 1, model, scaler=scaler)
     return timer.seconds
 
 
-def measure(workload, batch_size, args, device):
-    """(images per second, peak memory in GiB or None) for one workload at one batch size."""
+class AugmentedBatches:
+    """``steps`` fresh augmentations of one uint8 batch, made as the loader makes them: their cost lands in the row."""
+
+    def __init__(self, augment, batch_size, steps, args, device):
+        self.augment, self.steps = AUGMENTATIONS[augment], steps
+        self.images = torch.randint(0, 256, (batch_size, 3, args.image_size, args.image_size), dtype=torch.uint8,
+                                    device=device)
+        self.labels = torch.randint(0, args.num_classes, (batch_size,), device=device)
+
+    def __len__(self):
+        return self.steps
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            yield normalize(self.augment(self.images)), self.labels
+
+
+def measure(workload, batch_size, path, args, device):
+    """(images per second, peak memory in GiB or None) for one workload at one batch size on one path.
+
+    ``path`` is (precision, compile mode or "none", augmentation).
+    """
+    precision, mode, augment = path
     # A fresh compile per row: dynamo would otherwise recompile the second batch size with a dynamic batch
     # dimension, and time a dynamic-shape graph that training (one fixed batch size) never runs. Dropping the
     # old graphs also frees the previous row's model before this row's peak memory is measured.
@@ -161,17 +213,22 @@ def measure(workload, batch_size, args, device):
     gc.collect()
     model = build_model(workload, args).to(device)
     optimizer = make_optimizer(model, device)
-    images, labels = synthetic_batch(batch_size, args, device)
-    step = utils.maybe_compile(make_step(workload, model, device, args.patch_size), device, not args.no_compile)
+    scaler = engine.grad_scaler(device, precision)
+    step = engine.maybe_compile(make_step(workload, model, device, precision, args.patch_size), device,
+                                mode != "none", mode)
+    fixed = synthetic_batch(batch_size, args, device)
+    batches = (lambda n: [fixed] * n) if augment == "none" else (
+        lambda n: AugmentedBatches(augment, batch_size, n, args, device))
+    run_steps = lambda n: timed_steps(step, model, optimizer, batches(n), device, scaler)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if args.warmup:
-        timed_steps(step, model, optimizer, images, labels, args.warmup, device)
-    seconds = timed_steps(step, model, optimizer, images, labels, args.steps, device)
+        run_steps(args.warmup)
+    seconds = run_steps(args.steps)
     memory = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
     if args.profile:
-        profile_steps(lambda: timed_steps(step, model, optimizer, images, labels, args.profile_steps, device),
-                      args.profile_steps, device, Path(args.profile) / f"{workload}_batch{batch_size}")
+        name = f"{workload}_batch{batch_size}_{precision}_{mode}" + (f"_{augment}" if augment != "none" else "")
+        profile_steps(lambda: run_steps(args.profile_steps), args.profile_steps, device, Path(args.profile) / name)
     return batch_size * args.steps / seconds, memory
 
 
@@ -192,10 +249,10 @@ def profile_steps(run_steps, steps, device, stem):
     stem.with_suffix(".txt").write_text(header + table + "\n")
 
 
-def measure_or_oom(workload, batch_size, args, device):
+def measure_or_oom(workload, batch_size, path, args, device):
     """``measure``, or None when the batch does not fit in GPU memory (the table says OOM and goes on)."""
     try:
-        return measure(workload, batch_size, args, device)
+        return measure(workload, batch_size, path, args, device)
     except torch.cuda.OutOfMemoryError:  # the name older torch 2.x has too
         pass
     # Out of the except block, so the traceback no longer pins the failed step's tensors.
@@ -206,25 +263,49 @@ def measure_or_oom(workload, batch_size, args, device):
 
 
 def detect_peak_tflops(device):
-    """The dense bf16 peak of a known GPU; None elsewhere (the CPU runs fp32, and has no one peak)."""
+    """The dense bf16 peak of a known GPU; None elsewhere (the CPU has no one peak)."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
 
 
+def measured_matmul_tflops(device, precision, size=None, repeats=10):
+    """What a large square matmul really reaches here: spec sheets overstate the peak a step can get."""
+    size = size or (8192 if device.type == "cuda" else 1024)
+    dtype = engine.AUTOCAST_DTYPES.get(precision, torch.float32)
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    (a @ b).sum()  # warm-up (and cuBLAS's heuristics)
+    with engine.EpochTimer(device) as timer:
+        for _ in range(repeats):
+            a @ b
+    return 2 * size ** 3 * repeats / timer.seconds / 1e12
+
+
 # ---------------------------------------------------------------------------------------------- results
 
 
-def result_row(workload, batch_size, measured, flops, peak_tflops):
-    row = {"workload": workload, "batch": batch_size, "images_per_s": None, "tflops": None,
-           "percent_of_peak": None, "peak_memory_gib": None, "gflop_per_image": flops / 1e9, "status": "OOM"}
+def result_row(workload, batch_size, path, measured, flops, peak_tflops):
+    precision, mode, augment = path
+    row = {"workload": workload, "batch": batch_size, "precision": precision, "compile": mode, "augment": augment,
+           "images_per_s": None, "vs_fp32_eager": None, "tflops": None, "percent_of_peak": None,
+           "peak_memory_gib": None, "gflop_per_image": flops / 1e9, "status": "OOM"}
     if measured is not None:
         images_per_s, memory = measured
         tflops = images_per_s * flops / 1e12
         row.update(images_per_s=images_per_s, tflops=tflops, peak_memory_gib=memory, status="ok",
                    percent_of_peak=100 * tflops / peak_tflops if peak_tflops else None)
     return row
+
+
+def add_ratios(rows):
+    """Each row's speed over the fp32 eager row of the same workload and batch (no augmentation)."""
+    baseline = {(r["workload"], r["batch"]): r["images_per_s"] for r in rows
+                if (r["precision"], r["compile"], r["augment"]) == ("fp32", "none", "none") and r["images_per_s"]}
+    for r in rows:
+        base = baseline.get((r["workload"], r["batch"]))
+        r["vs_fp32_eager"] = r["images_per_s"] / base if base and r["images_per_s"] else None
+    return rows
 
 
 def fmt(value, spec):
@@ -236,22 +317,22 @@ def markdown_table(rows):
     for r in rows:
         speed = fmt(r["images_per_s"], ".1f") if r["status"] == "ok" else r["status"]
         tflops = None if r["tflops"] is None else float(f"{r['tflops']:.3g}")  # 3 significant digits, any scale
-        cells = [r["workload"], str(r["batch"]), speed, fmt(tflops, "g"), fmt(r["percent_of_peak"], ".1f"),
+        cells = [r["workload"], str(r["batch"]), r["precision"], r["compile"], r["augment"], speed,
+                 fmt(r["vs_fp32_eager"], ".2f"), fmt(tflops, "g"), fmt(r["percent_of_peak"], ".1f"),
                  fmt(r["peak_memory_gib"], ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def describe_setup(args, device, flops, peak_tflops):
-    if device.type == "cuda":
-        precision = "bf16 autocast, " + ("eager" if args.no_compile else "torch.compile")
-        where = torch.cuda.get_device_name(device)
-    else:
-        precision, where = "fp32, eager", "CPU"
-    peak = f"{peak_tflops:g} TFLOP/s peak" if peak_tflops else "peak unknown (pass --peak_tflops)"
-    lines = [f"{where} ({precision}); {peak}; {args.steps} timed steps after {args.warmup} warm-up steps",
+def describe_setup(args, device, flops, peak_tflops, matmul_tflops):
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    peak = f"{peak_tflops:g} TFLOP/s spec peak" if peak_tflops else "spec peak unknown (pass --peak_tflops)"
+    lines = [f"{where}; torch {torch.__version__}; {peak}; a large matmul measures "
+             + ", ".join(f"{v:.3g} TFLOP/s in {k}" for k, v in matmul_tflops.items()),
+             f"{args.steps} timed steps after {args.warmup} warm-up steps (the warm-up includes compilation)",
              f"model: ViT patch {args.patch_size}, width {args.emb_dim}, encoder {args.encoder_depth} x "
-             f"{args.encoder_heads} heads, decoder {args.decoder_depth} x {args.decoder_heads} heads, "
+             f"{args.encoder_heads} heads, decoder {args.decoder_depth} x {args.decoder_heads} heads"
+             f"{f' of width {args.decoder_emb_dim}' if args.decoder_emb_dim else ''}, "
              f"{args.mask_strategy} mask {args.mask_ratio}"]
     lines += [f"{w}: {flops[w] / 1e9:.3f} GFLOP per image per training step (forward + backward)" for w in flops]
     return "\n".join(f"- {line}" for line in lines)
@@ -269,20 +350,29 @@ def write_output(path, rows, text):
         writer.writerows(rows)
 
 
+def paths_for(workload, args, device):
+    """(precision, compile mode, augmentation) rows for one workload: the fp32 eager baseline first."""
+    chosen = [(engine.resolve_precision(p, device), m if engine.compiler_available(device) else "none")
+              for p in args.precisions for m in args.compile_modes]
+    baseline = [] if args.no_baseline else [("fp32", "none")]
+    augments = args.augments if workload == "finetune" else ["none"]
+    paths = [(p, m, "none") for p, m in baseline + chosen]
+    paths += [(p, m, a) for p, m in chosen for a in augments if a != "none"]
+    return list(dict.fromkeys(paths))  # a path asked for twice (or equal to the baseline) runs once
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    counts = [args.steps, args.profile_steps, *(args.batch_sizes or [])]
-    if min(counts) < 1 or args.warmup < 0:
-        raise utils.UserError("--steps, --profile_steps and every --batch_sizes must be at least 1, --warmup at "
-                              "least 0")
-    device = utils.setup_device(args.device).device
+    args = parse_args(argv)
+    device = utils.setup_device(args.device, args.threads).device
     utils.setup_seed(args.seed)
     batch_sizes = args.batch_sizes or (CUDA_BATCH_SIZES if device.type == "cuda" else CPU_BATCH_SIZES)
     peak_tflops = args.peak_tflops or detect_peak_tflops(device)
+    precisions = {engine.resolve_precision(p, device) for p in args.precisions}
+    matmul = {p: measured_matmul_tflops(device, p) for p in sorted(precisions | {"fp32"})}
     flops = {w: flops_per_image(w, args, device) for w in args.workloads}
-    rows = [result_row(w, b, measure_or_oom(w, b, args, device), flops[w], peak_tflops)
-            for w in args.workloads for b in batch_sizes]
-    text = describe_setup(args, device, flops, peak_tflops) + "\n\n" + markdown_table(rows)
+    rows = [result_row(w, b, path, measure_or_oom(w, b, path, args, device), flops[w], peak_tflops)
+            for w in args.workloads for b in batch_sizes for path in paths_for(w, args, device)]
+    text = describe_setup(args, device, flops, peak_tflops, matmul) + "\n\n" + markdown_table(add_ratios(rows))
     print(text)
     if args.output:
         write_output(args.output, rows, text)

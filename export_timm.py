@@ -9,17 +9,17 @@ then, in any project with timm:
     model.load_state_dict(torch.load("vit-t-mae-timm.pt"), strict=False)   # all keys but the head's match
 """
 import argparse
+from pathlib import Path
 
-
+import checkpoint as ckpt
 import utils
 from model import to_timm_state_dict
 
 
-def timm_model_kwargs(args, num_classes=10):
-    """The ``timm.create_model`` arguments that give our encoder's architecture."""
-    return dict(img_size=args.get("image_size", 32), patch_size=args.get("patch_size", 2),
-                embed_dim=args.get("emb_dim", 192), depth=args.get("encoder_depth", 12),
-                num_heads=args.get("encoder_heads", 3), no_embed_class=True, qkv_bias=False,
+def timm_model_kwargs(config, num_classes=10):
+    """The ``timm.create_model`` arguments that give our encoder's architecture (a ModelConfig)."""
+    return dict(img_size=config.image_size, patch_size=config.patch_size, embed_dim=config.emb_dim,
+                depth=config.encoder_depth, num_heads=config.encoder_heads, no_embed_class=True, qkv_bias=False,
                 num_classes=num_classes)
 
 
@@ -28,14 +28,22 @@ def main(argv=None):
     parser.add_argument("checkpoint", help="a checkpoint from mae_pretrain.py or train_classifier.py")
     parser.add_argument("output", help="where to write the timm state dict")
     parser.add_argument("--trust_checkpoint", action="store_true", help="allow a pickled whole-module checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     args = parser.parse_args(argv)
-    checkpoint = utils.load_checkpoint(args.checkpoint, args.trust_checkpoint)
+    if not Path(args.checkpoint).is_file():
+        parser.error(f"argument checkpoint: {args.checkpoint} is not a file")
+    if Path(args.output).resolve() == Path(args.checkpoint).resolve():
+        parser.error(f"argument output: {args.output} is the input checkpoint; writing there would replace it")
+    utils.check_output_file(parser, "output", args.output)
+    if Path(args.output).exists() and not args.overwrite:
+        parser.error(f"argument output: {args.output} already exists; pass --overwrite to replace it")
+    checkpoint = ckpt.load_checkpoint(args.checkpoint, args.trust_checkpoint)
     if checkpoint["kind"] not in ("mae", "classifier"):
         raise utils.UserError(f"{args.checkpoint} holds neither an MAE nor a classifier")
     state = to_timm_state_dict(checkpoint["model"])
-    utils.save_checkpoint(args.output, state)
+    ckpt.save_checkpoint(args.output, state)
     head = state.get("head.weight")
-    shape = timm_model_kwargs(checkpoint.get("args", {}), len(head) if head is not None else 10)
+    shape = timm_model_kwargs(checkpoint["config"], len(head) if head is not None else 10)
     print(f"wrote {len(state)} tensors to {args.output}; load them into timm.create_model("
           f"'vit_tiny_patch16_224', {', '.join(f'{k}={v!r}' for k, v in shape.items())})")
 

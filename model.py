@@ -8,6 +8,7 @@ The public interfaces keep the reference's sequence-first (T, B, C) layout; insi
 batch-first (B, T, C), which is what timm's blocks and fused attention want.
 """
 import math
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -15,7 +16,51 @@ from einops import rearrange
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 
-MASK_STRATEGIES = ("random", "block", "grid")
+MASK_STRATEGIES = ("random", "block", "grid", "blockwise")
+
+
+@dataclass
+class ModelConfig:
+    """The architecture, saved in every checkpoint under ``config``: enough to rebuild the model exactly.
+
+    The defaults are the reference's ViT-T/2 for 32 x 32 images. An MAE uses every field but ``num_classes`` and
+    ``probe_head``; a classifier uses the encoder's fields plus those two.
+    """
+    image_size: int = 32
+    patch_size: int = 2
+    emb_dim: int = 192
+    encoder_depth: int = 12
+    encoder_heads: int = 3
+    decoder_depth: int = 4
+    decoder_heads: int = 3
+    decoder_emb_dim: int = None  # None: the encoder's width, as in the reference
+    mask_ratio: float = 0.75
+    mask_strategy: str = "random"
+    num_classes: int = 10
+    probe_head: bool = False  # BatchNorm + linear (the linear probe) instead of a linear head
+
+    ENCODER_FIELDS = ("image_size", "patch_size", "emb_dim", "encoder_depth", "encoder_heads")
+
+    @classmethod
+    def from_dict(cls, values):
+        """From a checkpoint's plain dict; unknown keys (a newer version's) are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def build_mae(config: ModelConfig):
+    return MAE_ViT(config.image_size, config.patch_size, config.emb_dim, config.encoder_depth,
+                   config.encoder_heads, config.decoder_depth, config.decoder_heads, config.mask_ratio,
+                   config.mask_strategy, config.decoder_emb_dim)
+
+
+def build_classifier(config: ModelConfig, drop_path_rate=0.0):
+    encoder = MAE_Encoder(config.image_size, config.patch_size, config.emb_dim, config.encoder_depth,
+                          config.encoder_heads, drop_path_rate=drop_path_rate)
+    return ViT_Classifier(encoder, config.num_classes, probe_head=config.probe_head)
 
 
 def take_indexes(sequences, indexes):
@@ -39,7 +84,9 @@ class PatchShuffle(nn.Module):
     Every strategy keeps exactly ``int(T * (1 - ratio))`` patches so that a batch stays one dense tensor.
     ``random`` is the paper's uniform sampling without replacement; ``block`` keeps one contiguous (near-)square
     at a random place; ``grid`` keeps a regular lattice (every second row and column at ratio 0.75) with a random
-    phase. Masks are built on the patches' device with tensor ops: no Python loop over samples.
+    phase; ``blockwise`` is BEiT's block-wise masking, the MAE paper's own "block" ablation: masked rectangles of
+    random area and aspect ratio until the ratio is reached. Masks are built on the patches' device with tensor
+    ops: no Python loop over samples.
     """
 
     def __init__(self, ratio, strategy="random"):
@@ -60,13 +107,12 @@ class PatchShuffle(nn.Module):
         keep = self.num_visible(num_patches)
         if keep < 1:
             raise ValueError(f"mask ratio {self.ratio} leaves no visible patch out of {num_patches}")
-        if self.strategy != "random":
-            if side * side != num_patches:
-                raise ValueError(f"{self.strategy} masking needs a square patch grid, got {num_patches} patches")
-            if self._rectangle(num_patches) is None:
-                raise ValueError(
-                    f"{self.strategy} masking cannot keep {keep} of {num_patches} patches (mask ratio "
-                    f"{self.ratio}): {keep} has no factorisation r x c with r, c <= {side}; try another ratio")
+        if self.strategy != "random" and side * side != num_patches:
+            raise ValueError(f"{self.strategy} masking needs a square patch grid, got {num_patches} patches")
+        if self.strategy in ("block", "grid") and self._rectangle(num_patches) is None:
+            raise ValueError(
+                f"{self.strategy} masking cannot keep {keep} of {num_patches} patches (mask ratio "
+                f"{self.ratio}): {keep} has no factorisation r x c with r, c <= {side}; try another ratio")
 
     def _rectangle(self, num_patches):
         side = math.isqrt(num_patches)
@@ -79,6 +125,8 @@ class PatchShuffle(nn.Module):
             noise = torch.rand(batch_size, num_patches, device=device)
             rank = noise.argsort(dim=1).argsort(dim=1)
             return rank < self.num_visible(num_patches)
+        if self.strategy == "blockwise":
+            return self._blockwise_visible(batch_size, num_patches, device)
         side = math.isqrt(num_patches)
         r, c = self._rectangle(num_patches)
         if self.strategy == "block":
@@ -95,6 +143,33 @@ class PatchShuffle(nn.Module):
         visible_ids = (rows[:, :, None] * side + cols[:, None, :]).flatten(1)  # (B, r * c)
         mask = torch.zeros(batch_size, num_patches, dtype=torch.bool, device=device)
         return mask.scatter_(1, visible_ids, True)
+
+    def _blockwise_visible(self, batch_size, num_patches, device, rectangles=16, min_aspect=0.3):
+        """BEiT's block-wise masking, vectorised: ``rectangles`` masked rectangles per image, drawn in order.
+
+        Each rectangle has a random area in [min_area, masked count] and aspect ratio in [0.3, 1 / 0.3] (log-
+        uniform), at a random place. A patch's rank is the first rectangle that covers it (plus a random tie-
+        break); the ``T - keep`` lowest ranks are masked. So whole rectangles are added until the ratio is
+        reached, the last one is trimmed, and if the rectangles fall short, random patches top the count up.
+        """
+        side = math.isqrt(num_patches)
+        masked = num_patches - self.num_visible(num_patches)
+        min_area = max(1, min(masked, round(num_patches * 16 / 196)))  # BEiT: 16 patches of a 14 x 14 grid
+        shape = (batch_size, rectangles)
+        area = torch.empty(shape, device=device).uniform_(min_area, masked)
+        log_aspect = torch.empty(shape, device=device).uniform_(math.log(min_aspect), -math.log(min_aspect))
+        h = (area * log_aspect.exp()).sqrt().round().clamp(1, side).long()
+        w = (area / log_aspect.exp()).sqrt().round().clamp(1, side).long()
+        top = (torch.rand(shape, device=device) * (side - h + 1)).long()
+        left = (torch.rand(shape, device=device) * (side - w + 1)).long()
+        r = torch.arange(side, device=device).view(1, 1, side, 1)
+        c = torch.arange(side, device=device).view(1, 1, 1, side)
+        inside = ((r >= top[..., None, None]) & (r < (top + h)[..., None, None])
+                  & (c >= left[..., None, None]) & (c < (left + w)[..., None, None])).flatten(2)  # (B, K, T)
+        order = torch.arange(rectangles, device=device).view(1, -1, 1)
+        first_cover = torch.where(inside, order, rectangles).amin(dim=1).float()  # (B, T); K: never covered
+        rank = (first_cover + torch.rand(batch_size, num_patches, device=device)).argsort(dim=1).argsort(dim=1)
+        return rank >= masked
 
     def indexes(self, batch_size, num_patches, device):
         """forward_indexes, backward_indexes, both (B, T): visible patches first, then the masked ones."""
@@ -203,7 +278,9 @@ class MAE_Decoder(nn.Module):
         positions = self.pos_embedding.view(1, *self.pos_embedding.shape[::2])  # (T + 1, 1, C) -> (1, T + 1, C)
         tokens = torch.cat([features[:, :1], unshuffled], dim=1) + positions
         patches = self.head(self.transformer(tokens)[:, 1:])  # drop the cls token: (B, T, 3 * p * p)
-        masked = (backward_indexes >= keep).to(patches.dtype)  # a patch is masked if it came after the visible ones
+        # A patch is masked if it came after the visible ones. float32 whatever the autocast dtype: bf16 would count
+        # 48,960 masked patches as 48,896 in the loss's denominator.
+        masked = (backward_indexes >= keep).float()
         return self.patches_to_image(patches), self.patches_to_image(masked[..., None].expand_as(patches))
 
     def patches_to_image(self, patches):
@@ -237,6 +314,7 @@ def mae_loss(predicted_img, img, mask, patch_size, norm_pix_loss=False):
         mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
         target = (target - mean) / (var + 1e-6).sqrt()
     per_patch = ((pred.float() - target.float()) ** 2).mean(dim=-1)
+    patch_mask = patch_mask.float()  # counts in float32 (exact to 2^24), never in the autocast dtype
     return (per_patch * patch_mask).sum() / patch_mask.sum()
 
 

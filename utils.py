@@ -1,68 +1,135 @@
-"""What both training scripts share: seeding, devices and torchrun, run names, logging, checkpoints, the epoch loop."""
+"""What the scripts share: errors, argument checks, seeding, devices and torchrun, run names, locks and logging."""
+import argparse
 import csv
-import math
 import os
-import pickle
 import random
-import shutil
-import signal
 import sys
-import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
+
+try:
+    import fcntl  # advisory file locks, released by the OS when a process dies
+except ImportError:  # Windows: runs are not locked
+    fcntl = None
 
 
 class UserError(ValueError):
     """Bad input from the user: reported as one line on stderr and a non-zero exit, never a traceback."""
 
 
+def first_line(error):
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
 def run_cli(main, argv=None):
-    """Run ``main``; turn the errors a user can fix into one clear line and exit code 2."""
+    """Run ``main``; turn the errors a user can fix into one clear line and exit code 2.
+
+    ``main`` may return an exit code: 130 / 143 after a graceful stop on SIGINT / SIGTERM.
+    """
     try:
-        main(argv)
+        code = main(argv)
     except (ValueError, FileNotFoundError) as error:  # our UserError, DataError and model ValueErrors
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {first_line(error)}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as error:  # a full disk, a read-only folder: name the path and the cause
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"error: {where}{error.strerror or first_line(error)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted; the last saved checkpoint is intact (resume with --resume auto)", file=sys.stderr)
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
-# ----------------------------------------------------------------------------------------------------- seeding
+# ------------------------------------------------------------------------------------------ argument checks
 
 
-def setup_seed(seed):
-    """Seed every generator the code touches and ask PyTorch for deterministic kernels where it has them."""
+def ranged(kind, low=None, high=None, low_open=False, high_open=False):
+    """An argparse ``type`` that also checks a range, so a bad value is refused with the flag's name."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if value != value or value in (float("inf"), float("-inf")):  # nan and inf pass no range
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            if high is None:
+                allowed = f"{'greater than' if low_open else 'at least'} {low}"
+            else:
+                allowed = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"{text} is not allowed: it must be {allowed}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POSITIVE_INT = ranged(int, 1)
+NONNEGATIVE_INT = ranged(int, 0)
+POSITIVE_FLOAT = ranged(float, 0, low_open=True)
+NONNEGATIVE_FLOAT = ranged(float, 0)
+PROBABILITY = ranged(float, 0, 1)
+OPEN_UNIT = ranged(float, 0, 1, low_open=True, high_open=True)
+
+
+def check_writable_folder(parser, flag, folder):
+    """The folder exists and is writable, or can be made: its nearest existing ancestor is a writable folder."""
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        parser.error(f"argument {flag}: {folder} is a file, not a folder")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        parser.error(f"argument {flag}: {folder} cannot be made: {probe} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        parser.error(f"argument {flag}: {folder} is not writable ({probe} is read-only)")
+
+
+def check_output_file(parser, flag, path):
+    """A file the run will write: not a folder, and its folder writable."""
+    if Path(path).is_dir():
+        parser.error(f"argument {flag}: {path} is a folder; give a file name")
+    check_writable_folder(parser, flag, Path(path).parent if str(Path(path).parent) else ".")
+
+
+def check_device(parser, requested):
+    """--device: auto, cpu or cuda[:N] that exists here."""
+    if requested in (None, "auto", "cpu"):
+        return
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        parser.error(f"argument --device: {requested!r} is not a device; use auto, cpu, cuda or cuda:N")
+    if device.type != "cuda":
+        parser.error(f"argument --device: {requested!r} is not supported; use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        parser.error(f"argument --device: {requested} was asked for but no CUDA GPU is visible; use --device cpu")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        parser.error(f"argument --device: {requested} does not exist; this machine has "
+                     f"{torch.cuda.device_count()} GPU(s)")
+
+
+# ------------------------------------------------------------------------------------------------- seeding
+
+
+def setup_seed(seed, deterministic=False):
+    """Seed every generator the code touches; ``deterministic`` also asks for deterministic kernels (slower)."""
     torch.manual_seed(seed)  # also seeds CUDA
     np.random.seed(seed)
     random.seed(seed)
-    torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
-
-
-def rng_state():
-    """Every random stream a run draws from, in a form ``torch.load(weights_only=True)`` accepts."""
-    np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy(), *rest))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
 
 
 # ------------------------------------------------------------------------------------------ devices, torchrun
@@ -79,10 +146,12 @@ class Dist:
         return self.rank == 0
 
 
-def setup_device(requested=None):
+def setup_device(requested=None, threads=None):
     """The device, and the process group when launched by torchrun (RANK / WORLD_SIZE in the environment)."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if threads:
+        torch.set_num_threads(threads)
     if requested in (None, "auto"):
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(requested)
@@ -121,33 +190,7 @@ def split_batch(batch_size, max_device_batch_size, world_size):
     return micro, per_process // micro
 
 
-def autocast(device):
-    """bf16 autocast on CUDA; plain fp32 elsewhere (the CPU path is for tests and small trials)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def maybe_compile(fn, device, enabled=True):
-    return torch.compile(fn) if enabled and device.type == "cuda" else fn
-
-
-# ---------------------------------------------------------------------------------------------- run naming
-
-
-def add_run_arguments(p):
-    """Data, device and bookkeeping options, the same in both training scripts."""
-    p.add_argument("--dataset", choices=["cifar10", "cifar100"], default="cifar10")
-    p.add_argument("--data_dir", default=None, help="image folder with train/<class>/ and test/<class>/")
-    p.add_argument("--device", default="auto", help="cuda, cpu or auto")
-    p.add_argument("--log_dir", default="logs")
-    p.add_argument("--run_name", default=None, help="log folder name (default: built from the settings)")
-    p.add_argument("--resume", default=None, help="a checkpoint to continue from, or 'auto' for this run's own")
-    p.add_argument("--save_every", type=int, default=1, help="epochs between checkpoints")
-    p.add_argument("--no_compile", action="store_true", help="skip torch.compile on CUDA")
-    p.add_argument("--trust_checkpoint", action="store_true",
-                   help="allow loading a pickled whole-module checkpoint (the reference's released weights)")
-
+# ------------------------------------------------------------------------------------- run names and locks
 
 
 def run_name(prefix, args, defaults, abbreviations):
@@ -158,7 +201,7 @@ def run_name(prefix, args, defaults, abbreviations):
     parts = [prefix]
     for name, short in abbreviations.items():
         value = getattr(args, name)
-        if value != defaults.get(name):
+        if value is not None and value != defaults.get(name):
             if isinstance(value, bool):
                 parts.append(short)
             elif isinstance(value, str) and not short:
@@ -172,6 +215,28 @@ def parser_defaults(parser):
     return {action.dest: action.default for action in parser._actions}
 
 
+class RunLock:
+    """An exclusive lock on a run folder: a second live copy of the same run is refused. The OS releases it when
+    the process dies, so a crash never blocks a retry."""
+
+    def __init__(self, folder):
+        self.path = Path(folder) / ".lock"
+        self.file = None
+
+    def acquire(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a")
+        if fcntl is None:
+            return self
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.close()
+            raise UserError(f"{self.path.parent} is in use by another running copy of this run; wait for it to "
+                            f"finish, or stop it first") from None
+        return self
+
+
 # ------------------------------------------------------------------------------------------------- logging
 
 
@@ -179,7 +244,9 @@ class RunLogger:
     """TensorBoard scalars and a ``metrics.csv`` (header first, one row per epoch) in one run folder.
 
     On resume, rows from epochs at or after ``start_epoch`` are dropped and TensorBoard purges the same steps,
-    so a resumed run's logs read as if it had never stopped.
+    so a resumed run's logs read as if it had never stopped. The CSV is only appended to, or rewritten whole
+    through a temporary file; columns it already has are kept, so a resume with other monitors loses no rows.
+    The header is written with the first row: a first epoch that fails leaves no CSV that blocks the retry.
     """
 
     def __init__(self, log_dir, fields, start_epoch=0, enabled=True):
@@ -197,14 +264,19 @@ class RunLogger:
         self.writer = SummaryWriter(str(self.log_dir), purge_step=start_epoch if start_epoch else None)
 
     def _keep_rows_before(self, start_epoch):
-        rows = []
-        if start_epoch and self.csv_path.exists():
-            with open(self.csv_path, newline="") as f:
-                rows = [row for row in csv.DictReader(f) if int(row["epoch"]) < start_epoch]
-        with open(self.csv_path, "w", newline="") as f:
+        if not self.csv_path.exists():
+            return
+        with open(self.csv_path, newline="") as f:
+            reader = csv.DictReader(f)
+            old_fields = reader.fieldnames or []
+            rows = [row for row in reader if start_epoch and int(row["epoch"]) < start_epoch]
+        self.fields = old_fields + [f for f in self.fields if f not in old_fields]
+        tmp = self.csv_path.with_name(f".{self.csv_path.name}.tmp{os.getpid()}")
+        with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, self.fields)
             writer.writeheader()
             writer.writerows(rows)
+        os.replace(tmp, self.csv_path)
 
     def log(self, epoch, **values):
         if not self.enabled:
@@ -212,8 +284,12 @@ class RunLogger:
         for name, value in values.items():
             if value is not None:
                 self.writer.add_scalar(tensorboard_tag(name), value, epoch)
+        new_file = not self.csv_path.exists()
         with open(self.csv_path, "a", newline="") as f:
-            csv.DictWriter(f, self.fields).writerow({"epoch": epoch, **values})
+            writer = csv.DictWriter(f, self.fields, extrasaction="ignore")
+            if new_file:
+                writer.writeheader()
+            writer.writerow({"epoch": epoch, **values})
         self.writer.flush()
 
     def add_image(self, tag, image, epoch):
@@ -233,236 +309,9 @@ def tensorboard_tag(name):
     return name
 
 
-# --------------------------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(path, state):
-    """Write to a temporary file in the same folder, then rename: a reader never sees half a checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as error:  # a full disk, a lost mount: torch's writer raises RuntimeError
-        free = shutil.disk_usage(path.parent).free / 2 ** 20  # torch's own message rarely says "disk full"
-        raise UserError(f"could not write checkpoint {path} ({first_line(error)}; {free:.1f} MiB free there); "
-                        f"the one before it is intact, so fix the cause and continue with --resume auto") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-KIND_NAMES = {"mae": "an MAE pretraining checkpoint (from mae_pretrain.py)",
-              "classifier": "a classifier checkpoint (from train_classifier.py)"}
-
-
-def load_checkpoint(path, trust_pickle=False, kind=None, option=None):
-    """A checkpoint dict with at least ``model`` and ``kind`` ("mae" or "classifier").
-
-    Ours load with ``weights_only=True``. A whole pickled module (the reference's released weights) can run
-    code when unpickled, so it is loaded only with ``trust_pickle``. With ``kind``, a checkpoint of the other
-    kind is refused, naming the command-line ``option`` that took it.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        # Only a file that names a class ("Unsupported global", older torch: "class") is a pickled module;
-        # random bytes also fail the weights-only unpickler, with other messages.
-        if not any(f"Unsupported {what}" in str(error) for what in ("global", "class")):
-            raise UserError(f"checkpoint {path} is truncated or corrupt (not a PyTorch checkpoint)") from None
-        if not trust_pickle:
-            raise UserError(f"checkpoint {path} is a pickled Python object (like the reference's released "
-                            f"weights), which can run code when loaded; pass --trust_checkpoint if you trust "
-                            f"where it came from") from None
-        checkpoint = load_pickled_module(path)
-    except Exception as error:  # damaged bytes fail inside the unpickler in many ways (EOFError, IndexError, ...)
-        raise UserError(f"checkpoint {path} is truncated or corrupt ({first_line(error)})") from None
-    if isinstance(checkpoint, dict) and "model" not in checkpoint and all(
-            isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        checkpoint = {"model": checkpoint}  # a bare state dict
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
-        raise UserError(f"checkpoint {path} holds no model weights")
-    checkpoint.setdefault("kind", checkpoint_kind(checkpoint["model"]))
-    if kind and checkpoint["kind"] != kind:
-        raise UserError(f"{path} is a {checkpoint['kind']} checkpoint; {option} needs {KIND_NAMES[kind]}")
-    return checkpoint
-
-
-def load_pickled_module(path):
-    import model  # the reference pickles `model.MAE_ViT` / `model.ViT_Classifier`: ours have the same names
-
-    sys.modules.setdefault("model", model)
-    try:
-        module = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        raise UserError(f"checkpoint {path} could not be unpickled ({first_line(error)})") from None
-    state = module.state_dict() if isinstance(module, torch.nn.Module) else module
-    return {"model": state}
-
-
-def checkpoint_kind(state_dict):
-    if any(k.startswith("encoder.") for k in state_dict):
-        return "mae"
-    if "patchify.weight" in state_dict and ("head.weight" in state_dict or "head.1.weight" in state_dict):
-        return "classifier"
-    return "unknown"
-
-
-def first_line(error):
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-
-
-def load_weights(module, state_dict, source, strict=True):
-    """``load_state_dict`` with a one-line explanation when the checkpoint is another model's shape."""
-    own = module.state_dict()
-    for name, value in state_dict.items():
-        if name in own and own[name].shape != value.shape:
-            raise UserError(f"checkpoint {source} does not fit this model: {name} is {tuple(value.shape)} there "
-                            f"but {tuple(own[name].shape)} here (another --emb_dim, --patch_size or --image_size?)")
-    missing, unexpected = module.load_state_dict(state_dict, strict=False)
-    if strict and (missing or unexpected):
-        raise UserError(f"checkpoint {source} does not fit this model: missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]} (another depth or model kind?)")
-
-
-def resolve_resume(resume, checkpoint_path):
-    """``--resume auto`` means the run's own last checkpoint, if there is one yet."""
-    if resume == "auto":
-        return checkpoint_path if Path(checkpoint_path).is_file() else None
-    return resume
-
-
-# ------------------------------------------------------------------------------- schedule and epoch loop
-
-
-def warmup_cosine(warmup_epoch, total_epoch):
-    """The reference's per-epoch schedule: linear warm-up, then a half cosine to zero."""
-    return lambda epoch: min((epoch + 1) / (warmup_epoch + 1e-8), 0.5 * (math.cos(epoch / total_epoch * math.pi) + 1))
-
-
-class StopFlag:
-    """SIGINT / SIGTERM ask the run to finish its epoch, save and exit; a second signal quits at once."""
-
-    def __init__(self):
-        self.requested = False
-
-    def install(self):
-        signal.signal(signal.SIGINT, self._handle)
-        signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f"\n{signal.Signals(signum).name}: finishing this epoch, saving, then exiting "
-              f"(send it again to quit now)", file=sys.stderr)
-
-
-class NonFiniteLoss(UserError):
-    pass
-
-
-def train_epoch(step, batches, optimizer, accum_steps, model, progress=None, after_step=None):
-    """One pass over ``batches``; ``step(images, labels)`` returns (loss, *extra sums) for one micro-batch.
-
-    Gradients of ``accum_steps`` micro-batches are averaged before each optimizer step, so a large batch split
-    across micro-batches gives the same update as the whole batch. Sums stay on the device: no sync per step.
-    ``after_step()``, if given, runs after every optimizer step (e.g. to update an EMA of the weights).
-    Returns the per-micro-batch mean loss, the extra sums, and the number of images seen by this process.
-    """
-    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-    loss_sum, extra_sums, micro_batches, images_seen = 0.0, None, 0, 0
-    usable = len(batches) // accum_steps * accum_steps  # an incomplete optimizer step at the end is skipped
-    for i, (images, labels) in enumerate(batches):
-        if i >= usable:
-            break
-        sync = (i + 1) % accum_steps == 0
-        with nullcontext() if sync or not ddp else model.no_sync():
-            loss, *extras = step(images, labels)
-            (loss / accum_steps).backward()
-        if sync:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if after_step is not None:
-                after_step()
-        loss_sum = loss_sum + loss.detach().float()
-        extras = [e.detach().float() for e in extras]
-        extra_sums = extras if extra_sums is None else [a + b for a, b in zip(extra_sums, extras)]
-        micro_batches += 1
-        images_seen += len(labels)
-        if progress is not None:
-            progress.update(1)
-    if micro_batches == 0:
-        raise UserError(f"an epoch has fewer images than one optimizer step needs ({accum_steps} micro-batches)")
-    totals = all_reduce_sum(torch.stack([loss_sum, *(extra_sums or [])]).detach()).tolist()  # the one sync
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    mean_loss = totals[0] / (micro_batches * world)
-    if not math.isfinite(mean_loss):
-        raise NonFiniteLoss(f"the training loss became {mean_loss}; stopping. The last checkpoint (from before "
-                            f"this epoch) is kept; try a lower --base_learning_rate")
-    return mean_loss, totals[1:], images_seen * world
-
-
-def progress_bar(total_steps, initial, enabled):
-    return tqdm(total=total_steps, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
-                smoothing=0.05)
-
-
-class EpochTimer:
-    """Wall time of a block, synchronising the device first so GPU work is counted where it happened."""
-
-    def __init__(self, device):
-        self.device = device
-
-    def __enter__(self):
-        self._sync()
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self._sync()
-        self.seconds = time.perf_counter() - self.start
-
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-
-# ------------------------------------------------------------------------------------------ run bookkeeping
-
-
-def prepare_run_dir(log_dir, resuming, is_main):
-    """A new run refuses to mix its logs into an earlier run's folder; resuming continues that folder.
-
-    ``--resume auto`` before any checkpoint exists (killed during the first epoch) starts the folder afresh.
-    """
-    log_dir = Path(log_dir)
-    if is_main and not resuming and (log_dir / "metrics.csv").exists():
-        raise UserError(f"{log_dir} already holds a run: pass --resume auto to continue it, or --run_name NAME "
-                        f"for a new one")
-    return log_dir
-
-
-def training_state(kind, model, optimizer, scheduler, epoch, args, **extra):
-    """Everything a run needs to continue exactly where it stopped; loadable with ``weights_only=True``."""
-    return {"kind": kind, "model": model.state_dict(), "args": vars(args), "epoch": epoch,
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(), **extra}
-
-
-def restore_training_state(checkpoint, kind, model, optimizer, scheduler, source):
-    """Load a ``training_state`` checkpoint; returns the number of finished epochs."""
-    if checkpoint.get("kind") != kind or "optimizer" not in checkpoint:
-        raise UserError(f"cannot resume from {source}: it is a {checkpoint.get('kind')} checkpoint without "
-                        f"optimizer state, not a {kind} run's checkpoint")
-    load_weights(model, checkpoint["model"], source)
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scheduler.load_state_dict(checkpoint["scheduler"])
-    set_rng_state(checkpoint["rng"])
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank:  # only rank 0's streams are saved: the others get their own again, fixed by (rank, epoch)
-        torch.manual_seed(rank * 1_000_003 + checkpoint["epoch"])
-    return checkpoint["epoch"]
+def logged_rows(csv_path):
+    """Data rows in a metrics.csv (0 if there is none)."""
+    if not Path(csv_path).is_file():
+        return 0
+    with open(csv_path, newline="") as f:
+        return sum(1 for _ in csv.DictReader(f))

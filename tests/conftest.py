@@ -24,8 +24,9 @@ SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # as torchrun sets it; 
 IMAGE_SIZE, NUM_CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS = 16, 10, 8, 2
 TINY_ENCODER = ["--emb_dim", "32", "--encoder_heads", "2", "--encoder_depth", "1"]
 TINY_DECODER = ["--decoder_heads", "2", "--decoder_depth", "1"]
+# Tests pin fp32 eager: exact comparisons, and no compile time (the defaults pick bf16 / torch.compile where fast).
 TINY_SCHEDULE = ["--batch_size", "16", "--max_device_batch_size", "8", "--total_epoch", "2", "--warmup_epoch", "1",
-                 "--device", "cpu"]
+                 "--device", "cpu", "--precision", "fp32", "--no_compile"]
 
 
 def write_image_folder(root, train_classes, test_classes, train_per_class=TRAIN_PER_CLASS,
@@ -158,11 +159,14 @@ def run_script():
 
 
 def assert_one_line_error(stderr):
-    """The user-facing contract: exactly one line on stderr, ``error: ...``, and no traceback."""
+    """The user-facing contract: one error line on stderr, and no traceback. argparse's usage lines may come
+    first; the line returned is ``error: ...`` (ours) or ``<script>: error: ...`` (argparse's)."""
     assert "Traceback" not in stderr, stderr
     lines = [line for line in stderr.splitlines() if line.strip()]
+    if lines and lines[0].startswith("usage:"):
+        lines = [line for line in lines[1:] if not line.startswith(" ")]
     assert len(lines) == 1, stderr
-    assert lines[0].startswith("error: "), stderr
+    assert lines[0].startswith("error: ") or ": error: " in lines[0], stderr
     return lines[0]
 
 
@@ -198,18 +202,19 @@ def load_state(path):
 def stop_after_epoch(monkeypatch):
     """``with stop_after_epoch(n) as flags: main(argv)`` runs as if SIGTERM arrived during epoch ``n``.
 
-    ``main``'s utils.StopFlag is recorded, and once epoch ``n`` is logged its ``requested`` is set, which is what
+    ``main``'s engine.StopFlag is recorded, and once epoch ``n`` is logged its ``requested`` is set, which is what
     the signal handler does: the run finishes that epoch, saves and returns. (A real SIGTERM to a real process is
     tested in test_mae_pretrain.py.) ``flags`` lists the StopFlags that were installed.
     """
     from contextlib import contextmanager
 
+    import engine
     import utils
 
     @contextmanager
     def stop_after(last_epoch):
         flags = []
-        install, log = utils.StopFlag.install, utils.RunLogger.log
+        install, log = engine.StopFlag.install, utils.RunLogger.log
 
         def recording_install(self):
             flags.append(self)
@@ -222,7 +227,7 @@ def stop_after_epoch(monkeypatch):
                     flag.requested = True
 
         with monkeypatch.context() as m:
-            m.setattr(utils.StopFlag, "install", recording_install)
+            m.setattr(engine.StopFlag, "install", recording_install)
             m.setattr(utils.RunLogger, "log", log_then_stop)
             yield flags
 

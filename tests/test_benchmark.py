@@ -12,7 +12,9 @@ import benchmark
 # A tiny ViT: 32 x 32 images in 4 x 4 patches (64 patches), width 64, 2 encoder layers, 1 decoder layer.
 TINY = ["--image_size", "32", "--patch_size", "4", "--emb_dim", "64", "--encoder_depth", "2",
         "--encoder_heads", "2", "--decoder_depth", "1", "--decoder_heads", "2"]
-CPU_RUN = ["--device", "cpu", "--steps", "2", "--warmup", "1", "--batch_sizes", "2", "4", *TINY]
+# fp32 eager only: the chosen path equals the baseline, so one row per workload and batch (no compile time).
+CPU_RUN = ["--device", "cpu", "--steps", "2", "--warmup", "1", "--batch_sizes", "2", "4", "--precisions", "fp32",
+           "--compile_modes", "none", *TINY]
 
 
 def table_rows(text):
@@ -27,7 +29,8 @@ def test_cpu_run_prints_one_row_per_workload_and_batch_size(capsys):
     returned = benchmark.main(CPU_RUN)
     rows = table_rows(capsys.readouterr().out)
     assert [(r[0], int(r[1])) for r in rows] == [("pretrain", 2), ("pretrain", 4), ("finetune", 2), ("finetune", 4)]
-    for workload, _, images_per_s, tflops, percent, memory in rows:
+    for workload, _, precision, compile_mode, augment, images_per_s, ratio, tflops, percent, memory in rows:
+        assert (precision, compile_mode, augment, ratio) == ("fp32", "none", "none", "1.00")
         assert float(images_per_s) > 0 and float(tflops) > 0
         assert percent == "-" and memory == "-"  # no known peak and no CUDA memory stats on the CPU
     assert all(r["status"] == "ok" and r["images_per_s"] > 0 for r in returned)
@@ -58,16 +61,30 @@ def test_markdown_output_holds_the_printed_table(tmp_path, capsys):
 def test_profile_writes_a_trace_and_a_table_per_row(tmp_path, capsys):
     benchmark.main([*CPU_RUN, "--workloads", "pretrain", "--profile", str(tmp_path / "prof"), "--profile_steps", "1"])
     assert sorted(f.name for f in (tmp_path / "prof").iterdir()) == [
-        "pretrain_batch2.json", "pretrain_batch2.txt", "pretrain_batch4.json", "pretrain_batch4.txt"]
-    table = (tmp_path / "prof" / "pretrain_batch4.txt").read_text()
+        "pretrain_batch2_fp32_none.json", "pretrain_batch2_fp32_none.txt", "pretrain_batch4_fp32_none.json",
+        "pretrain_batch4_fp32_none.txt"]
+    table = (tmp_path / "prof" / "pretrain_batch4_fp32_none.txt").read_text()
     assert "Self CPU" in table and "aten::" in table  # the operators of the step, with their times
-    trace = json.loads((tmp_path / "prof" / "pretrain_batch4.json").read_text())
+    trace = json.loads((tmp_path / "prof" / "pretrain_batch4_fp32_none.json").read_text())
     assert any(event.get("name", "").startswith("aten::") for event in trace["traceEvents"])
 
 
-def test_bad_arguments_are_user_errors():
-    with pytest.raises(ValueError, match="--steps"):
-        benchmark.main([*CPU_RUN, "--steps", "0"])
+@pytest.mark.parametrize("extra", [["--steps", "0"], ["--batch_sizes", "-4"], ["--mask_ratio", "1"],
+                                   ["--warmup", "-1"], ["--device", "gpu"], ["--emb_dim", "33"]])
+def test_bad_arguments_exit_2_naming_the_flag(extra, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main([*CPU_RUN, *extra])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error:" in error and (extra[0] in error or "divisible" in error)
+
+
+def test_augmentation_rows_and_the_ratio_to_fp32_eager(capsys):
+    rows = benchmark.main([*CPU_RUN, "--batch_sizes", "4", "--workloads", "finetune", "--augments", "none",
+                           "crop_flip", "randaug"])
+    assert [(r["augment"], r["status"]) for r in rows] == [("none", "ok"), ("crop_flip", "ok"), ("randaug", "ok")]
+    assert rows[0]["vs_fp32_eager"] == 1.0 and all(r["vs_fp32_eager"] > 0 for r in rows)
+    assert "a large matmul measures" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("device_name, peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
@@ -89,7 +106,7 @@ def step_flops(workload, batch_size, args):
     cpu = torch.device("cpu")
     model = benchmark.build_model(workload, args)
     images, labels = benchmark.synthetic_batch(batch_size, args, cpu)
-    step = benchmark.make_step(workload, model, cpu, args.patch_size)
+    step = benchmark.make_step(workload, model, cpu, "fp32", args.patch_size)
     return benchmark.train_step_flops(model, step, images, labels)
 
 
@@ -101,7 +118,7 @@ def test_flops_scale_linearly_with_batch_size(workload):
 
 def test_flops_do_not_depend_on_the_mask_strategy():
     # Every strategy keeps the same number of patches, so the encoder does the same work.
-    counts = {s: step_flops("pretrain", 2, tiny_args("--mask_strategy", s)) for s in ("random", "block", "grid")}
+    counts = {s: step_flops("pretrain", 2, tiny_args("--mask_strategy", s)) for s in ("random", "block", "grid", "blockwise")}
     assert len(set(counts.values())) == 1, counts
 
 

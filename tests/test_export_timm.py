@@ -4,8 +4,9 @@ import timm
 import torch
 
 import export_timm
+import checkpoint as ckpt
 import utils
-from model import MAE_Encoder, MAE_ViT, ViT_Classifier, to_timm_state_dict
+from model import ModelConfig, MAE_Encoder, MAE_ViT, ViT_Classifier, to_timm_state_dict
 
 TIMM_ARGS = dict(pretrained=False, no_embed_class=True, qkv_bias=False)
 TINY = dict(image_size=16, patch_size=2, emb_dim=32, encoder_depth=2, encoder_heads=2)
@@ -103,7 +104,7 @@ def test_probe_head_classifier_exports_the_encoder_only():
 
 
 def save_tiny_checkpoint(path, kind, model):
-    utils.save_checkpoint(path, {"kind": kind, "model": model.state_dict(), "args": dict(TINY)})
+    ckpt.save_checkpoint(path, {"kind": kind, "model": model.state_dict(), "args": dict(TINY)})
     return path
 
 
@@ -116,7 +117,7 @@ def test_export_timm_writes_a_weights_only_file_that_timm_loads(tmp_path, capsys
     assert all(isinstance(v, torch.Tensor) for v in state.values())
     printed = capsys.readouterr().out
     assert "embed_dim=32" in printed and "depth=2" in printed and "img_size=16" in printed
-    kwargs = export_timm.timm_model_kwargs(dict(TINY))
+    kwargs = export_timm.timm_model_kwargs(ModelConfig.from_dict(TINY))
     assert kwargs == dict(tiny_timm_kwargs(), no_embed_class=True, qkv_bias=False)
     reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs).eval()
     missing, unexpected = reference.load_state_dict(state, strict=False)
@@ -133,7 +134,7 @@ def test_export_timm_of_a_classifier_checkpoint_keeps_the_head(tmp_path):
     out = tmp_path / "timm.pt"
     export_timm.main([str(checkpoint), str(out)])
     reference = timm.create_model("vit_tiny_patch16_224", pretrained=False,
-                                  **export_timm.timm_model_kwargs(dict(TINY), num_classes=7)).eval()
+                                  **export_timm.timm_model_kwargs(ModelConfig.from_dict(TINY), num_classes=7)).eval()
     reference.load_state_dict(torch.load(out, weights_only=True), strict=True)
     x = images(size=16)
     with torch.no_grad():
@@ -142,7 +143,7 @@ def test_export_timm_of_a_classifier_checkpoint_keeps_the_head(tmp_path):
 
 def test_export_timm_refuses_a_checkpoint_without_an_encoder(tmp_path):
     path = tmp_path / "other.pt"
-    utils.save_checkpoint(path, {"model": {"fc.weight": torch.zeros(2, 2)}})
+    ckpt.save_checkpoint(path, {"model": {"fc.weight": torch.zeros(2, 2)}})
     with pytest.raises(utils.UserError, match="neither an MAE nor a classifier"):
         export_timm.main([str(path), str(tmp_path / "out.pt")])
     assert not (tmp_path / "out.pt").exists()

@@ -68,28 +68,10 @@ def test_reconstruction_grid_is_logged_every_n_epochs_and_at_both_ends(tmp_path,
 # ------------------------------------------------------------------------------------------------ run names
 
 
-class Named(Exception):
-    """Raised by the stand-in for ``prepare_run_dir``: the name is chosen, nothing else needs to run."""
-
-
 def chosen_names(monkeypatch, argv):
     """The log folder and checkpoint path ``main`` picks for ``argv``, without training anything."""
-    seen = {}
-    resolve = utils.resolve_resume
-
-    def record_resume(resume, checkpoint_path):
-        seen["model_path"] = checkpoint_path
-        return resolve(resume, checkpoint_path)
-
-    def record_run_dir(log_dir, resuming, is_main):
-        seen["log_dir"] = str(log_dir)
-        raise Named
-
-    monkeypatch.setattr(utils, "resolve_resume", record_resume)
-    monkeypatch.setattr(utils, "prepare_run_dir", record_run_dir)
-    with pytest.raises(Named):
-        mae_pretrain.main(argv)
-    return seen
+    args = mae_pretrain.parse_args(argv)
+    return {"log_dir": f"{args.log_dir}/{args.dataset}/{args.run_name}", "model_path": args.model_path}
 
 
 def test_default_settings_name_the_run_mae(monkeypatch, tmp_path):
@@ -162,7 +144,7 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path, mae_
     assert losses(run_dir) == losses(full_dir)
 
 
-def test_sigterm_finishes_the_epoch_saves_and_exits_zero(tmp_path, mae_argv):
+def test_sigterm_finishes_the_epoch_saves_and_exits_143(tmp_path, mae_argv):
     # Long enough never to finish on its own; checkpoints only at the end, so a checkpoint proves the stop saved.
     argv = mae_argv(tmp_path, "--total_epoch", 1000, "--warmup_epoch", 1, "--save_every", 100000)
     process = subprocess.Popen([sys.executable, str(REPO / "mae_pretrain.py"), *argv], cwd=tmp_path,
@@ -183,7 +165,7 @@ def test_sigterm_finishes_the_epoch_saves_and_exits_zero(tmp_path, mae_argv):
         if process.poll() is None:
             process.kill()
             process.wait()
-    assert process.returncode == 0, stderr
+    assert process.returncode == 143, stderr  # stopping is not success
     assert "SIGTERM" in stderr
     checkpoint = load_state(tmp_path / "mae.pt")
     assert checkpoint["kind"] == "mae"
@@ -196,8 +178,8 @@ def test_sigterm_finishes_the_epoch_saves_and_exits_zero(tmp_path, mae_argv):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--mask_ratio", 1.5], "mask ratio must lie strictly between 0 and 1"),
-    (["--mask_ratio", 0], "mask ratio must lie strictly between 0 and 1"),
+    (["--mask_ratio", 1.5], "argument --mask_ratio: 1.5 is not allowed: it must be in (0, 1)"),
+    (["--mask_ratio", 0], "argument --mask_ratio: 0 is not allowed: it must be in (0, 1)"),
     (["--patch_size", 3], "image size 16 is not divisible by patch size 3"),
     # 8 x 8 patches, ratio 0.82 keeps int(64 * 0.18) = 11: a prime larger than the side, so no r x c rectangle.
     (["--mask_strategy", "block", "--mask_ratio", 0.82], "cannot keep 11 of 64 patches"),
@@ -219,7 +201,8 @@ def test_a_ratio_the_grid_can_make_trains(tmp_path, mae_argv):
 def test_bad_settings_from_the_command_line(tmp_path, mae_argv, run_script):
     result = run_script("mae_pretrain.py", *mae_argv(tmp_path, "--mask_ratio", 1.5), cwd=tmp_path)
     assert result.returncode == 2
-    assert "mask ratio" in assert_one_line_error(result.stderr)
+    assert "argument --mask_ratio: 1.5" in assert_one_line_error(result.stderr)
+    assert not list(tmp_path.glob("logs/*/*/*"))  # refused before any file
 
 
 @pytest.mark.parametrize("case", ["empty", "class-mismatch", "missing"])

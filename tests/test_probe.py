@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import mae_pretrain
-import utils
+import checkpoint as ckpt
 from conftest import write_coloured_image_folder
 from data import Split
 from probe import evaluate_encoder, extract_features, knn_accuracy, linear_probe_accuracy
@@ -188,7 +188,7 @@ def pretrain(image_folder, tmp_path, *extra):
     mae_pretrain.main(argv)
     with open(tmp_path / "logs" / "cifar10" / "run" / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    return rows, utils.load_checkpoint(tmp_path / "mae.pt")["model"]
+    return rows, ckpt.load_checkpoint(tmp_path / "mae.pt")["model"]
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import train_classifier
-from conftest import REPO, SUBPROCESS_ENV, assert_one_line_error, load_state, read_metrics, run_dirs
+from conftest import REPO, TINY_ENCODER, SUBPROCESS_ENV, assert_one_line_error, load_state, read_metrics, run_dirs
 from model import MAE_Encoder, MAE_ViT, ViT_Classifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -41,29 +41,37 @@ def test_finetuning_writes_best_and_last_checkpoints_and_csv(classifier_run, mae
     assert not torch.equal(last["model"]["patchify.weight"], pretrained)
 
 
-def test_pretrained_encoder_is_loaded_and_its_shape_wins(tmp_path, cls_argv, mae_run):
-    # lr 0: the weights stay where they started, so they show what was loaded. --emb_dim 64 --encoder_depth 2
-    # disagree with the checkpoint; the encoder's shape is the checkpoint's own (emb 32, depth 1).
-    train_classifier.main(cls_argv(tmp_path, "--pretrained_model_path", mae_run.checkpoint, "--total_epoch", 1,
-                                   "--base_learning_rate", 0, "--emb_dim", 64, "--encoder_depth", 2))
+def test_pretrained_encoder_is_loaded_without_size_flags(tmp_path, cls_argv, mae_run):
+    # lr 1e-30: an update below fp32's resolution, so the weights show what was loaded. No size flags: the
+    # encoder's shape is the checkpoint's own (emb 32, depth 1), recorded in the new checkpoint's config.
+    argv = cls_argv(tmp_path, "--pretrained_model_path", mae_run.checkpoint, "--total_epoch", 1,
+                    "--base_learning_rate", 1e-30)
+    start = argv.index(TINY_ENCODER[0])
+    del argv[start:start + len(TINY_ENCODER)]
+    train_classifier.main(argv)
     pretrained = load_state(mae_run.checkpoint)["model"]
     finetuned = load_state(tmp_path / "cls.pt")
-    assert (finetuned["args"]["emb_dim"], finetuned["args"]["encoder_depth"]) == (32, 1)
+    assert (finetuned["config"]["emb_dim"], finetuned["config"]["encoder_depth"]) == (32, 1)
     for name in ("cls_token", "pos_embedding", "patchify.weight", "transformer.0.attn.qkv.weight",
                  "layer_norm.weight"):
         assert torch.equal(finetuned["model"][name], pretrained[f"encoder.{name}"]), name
+
+
+def test_size_flags_that_contradict_the_pretrained_checkpoint_are_refused(tmp_path, cls_argv, cli_error, mae_run):
+    line = cli_error(train_classifier.main, cls_argv(tmp_path, "--pretrained_model_path", mae_run.checkpoint,
+                                                     "--emb_dim", 64, "--encoder_depth", 2))
+    assert "brings its own architecture" in line and "--emb_dim 64 (it has 32)" in line
+    assert "--encoder_depth 2 (it has 1)" in line
+    assert not list(tmp_path.glob("*.pt")) and not (tmp_path / "logs").exists()
 
 
 # ------------------------------------------------------------------------------------------------ run names
 
 
 def test_default_names_from_scratch_and_from_a_checkpoint():
-    args, parser = train_classifier.parse_args([])
-    assert train_classifier.name_run(args, parser) == "vit-t-cls_scratch_last.pt"
+    args, _, last = train_classifier.parse_args([])
+    assert last == "vit-t-cls_scratch_last.pt"
     assert (args.run_name, args.output_model_path) == ("cls_scratch", "vit-t-cls_scratch.pt")
-    args, parser = train_classifier.parse_args(["--pretrained_model_path", "vit-t-mae.pt"])
-    assert train_classifier.name_run(args, parser) == "vit-t-cls_from-vit-t-mae_last.pt"
-    assert args.run_name == "cls_from-vit-t-mae"
 
 
 def test_scratch_and_pretrained_runs_log_to_different_folders(tmp_path, cls_argv, mae_run):
@@ -152,15 +160,15 @@ def test_model_ema_is_evaluated_saved_as_best_and_resumed(tmp_path, cls_argv, st
 
 
 def test_resuming_with_model_ema_needs_a_run_that_had_it(tmp_path, cls_argv, cli_error):
-    train_classifier.main(cls_argv(tmp_path, "--total_epoch", 1))
+    train_classifier.main(cls_argv(tmp_path, "--total_epoch", 1, "--run_name", "cls"))
     line = cli_error(train_classifier.main, cls_argv(tmp_path, "--total_epoch", 2, "--model_ema", 0.9,
                                                      "--run_name", "cls", "--resume", str(tmp_path / "cls_last.pt")))
-    assert "trained without it" in line
+    assert "cannot resume" in line and "--model_ema: None -> 0.9" in line
 
 
 def test_patience_stops_when_val_accuracy_stops_improving(tmp_path, cls_argv, capsys):
     # lr 0: the weights never change, so val accuracy cannot beat epoch 1's.
-    train_classifier.main(cls_argv(tmp_path, "--total_epoch", 6, "--patience", 1, "--base_learning_rate", 0))
+    train_classifier.main(cls_argv(tmp_path, "--total_epoch", 6, "--patience", 1, "--base_learning_rate", 1e-30))
     (run_dir,) = run_dirs(tmp_path / "logs")
     rows = read_metrics(run_dir)[1]
     assert [int(row["epoch"]) for row in rows] == [1, 2]
@@ -172,7 +180,7 @@ def test_patience_stops_when_val_accuracy_stops_improving(tmp_path, cls_argv, ca
     assert last["stopped_early"]
 
     # Resuming a run that patience ended trains nothing more.
-    train_classifier.main(cls_argv(tmp_path, "--total_epoch", 6, "--patience", 1, "--base_learning_rate", 0,
+    train_classifier.main(cls_argv(tmp_path, "--total_epoch", 6, "--patience", 1, "--base_learning_rate", 1e-30,
                                    "--resume", "auto"))
     assert "nothing to resume" in capsys.readouterr().out
     assert [int(row["epoch"]) for row in read_metrics(run_dir)[1]] == [1, 2]
@@ -204,14 +212,14 @@ def bad_checkpoints(tmp_path_factory, mae_run, classifier_run):
 
 
 @pytest.mark.parametrize("case, extra, expected", [
-    ("missing", [], "does not exist"),
+    ("missing", [], "is not a checkpoint file"),
     ("truncated", [], "truncated or corrupt"),
     ("random-bytes", [], "truncated or corrupt"),
     ("random-bytes", ["--trust_checkpoint"], "truncated or corrupt"),
     ("text", [], "truncated or corrupt"),
     ("classifier", [], "is a classifier checkpoint; --pretrained_model_path needs an MAE"),
-    ("other-patch-size", [], "does not fit this model: pos_embedding is (16, 1, 32)"),
-    ("other-depth", [], "does not fit this model"),
+    ("other-patch-size", ["--patch_size", 2], "brings its own architecture; leave out --patch_size 2 (it has 4)"),
+    ("other-depth", [], "brings its own architecture; leave out --encoder_depth 1 (it has 2)"),
     ("pickled-module", [], "--trust_checkpoint"),
 ], ids=["missing", "truncated", "random-bytes", "random-bytes-trusted", "text", "classifier", "other-patch-size",
         "other-depth", "pickled-module"])
@@ -229,7 +237,7 @@ def test_bad_pretrained_checkpoints_fail_with_one_line(tmp_path, cls_argv, cli_e
 def test_pickled_module_loads_with_trust_checkpoint(tmp_path, cls_argv, bad_checkpoints):
     path = bad_checkpoints["pickled-module"]
     train_classifier.main(cls_argv(tmp_path, "--pretrained_model_path", path, "--trust_checkpoint",
-                                   "--total_epoch", 1, "--base_learning_rate", 0))
+                                   "--total_epoch", 1, "--base_learning_rate", 1e-30))
     module = torch.load(path, weights_only=False)
     finetuned = load_state(tmp_path / "cls.pt")["model"]
     assert torch.equal(finetuned["patchify.weight"], module.encoder.patchify.weight.detach())

@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+import figures
 import visualize_predictions
 from conftest import assert_one_line_error, load_state
 
@@ -56,21 +57,21 @@ def test_reconstruction_figure_alone(tmp_path, tiny_image_folder, mae_run, capsy
 def test_reconstruction_grid_leaves_the_training_random_stream_alone(mae_run):
     """Pretraining draws this figure every epoch: it must not shift the masks of the next epoch (resume relies
     on that), and it shows the same masks every time."""
-    model = visualize_predictions.load_mae(mae_run.checkpoint, 16, False)
+    model = visualize_predictions.load_model(mae_run.checkpoint, "mae", "--mae_model_path", 16, None, False)
     images = torch.rand(4, 3, 16, 16) * 2 - 1
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    first = visualize_predictions.reconstruction_grid(model, images)
+    first = figures.reconstruction_grid(model, images)
     assert torch.equal(torch.rand(3), expected)
-    assert torch.equal(visualize_predictions.reconstruction_grid(model, images), first)
+    assert torch.equal(figures.reconstruction_grid(model, images), first)
     assert first.shape == (3, 3 * 17 + 1, 4 * 17 + 1)  # 3 rows x 4 images of 16 px, 1 px padding
 
 
 @pytest.mark.parametrize("flag, checkpoint, expected", [
     ("--model_path", "mae", "is a mae checkpoint; --model_path needs a classifier"),
     ("--mae_model_path", "classifier", "is a classifier checkpoint; --mae_model_path needs an MAE"),
-    ("--model_path", "missing", "does not exist"),
+    ("--model_path", "missing", "is not a checkpoint file"),
 ], ids=["mae-as-classifier", "classifier-as-mae", "missing"])
 def test_wrong_checkpoints_fail_with_one_line(tmp_path, tiny_image_folder, mae_run, classifier_run, cli_error, flag,
                                               checkpoint, expected):

@@ -13,6 +13,7 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 
 import train_classifier
+import checkpoint as ckpt
 import utils
 from conftest import write_coloured_image_folder
 from data import normalize, rand_augment, random_crop_flip, random_erasing
@@ -197,7 +198,7 @@ def test_reprob_erases_images():
 
 def test_strong_recipe_regularizers_from_parsed_args():
     torch.manual_seed(0)
-    args, _ = train_classifier.parse_args(["--recipe", "strong"])
+    args, _, _ = train_classifier.parse_args(["--recipe", "strong"])
     prepare, criterion = train_classifier.batch_regularizers(args, NUM_CLASSES)
     assert isinstance(criterion, SoftTargetCrossEntropy)
     x, labels = float_batch(16), labels_for(16)
@@ -211,13 +212,13 @@ def test_strong_recipe_regularizers_from_parsed_args():
 
 
 def test_no_recipe_leaves_everything_off():
-    args, _ = train_classifier.parse_args([])
+    args, _, _ = train_classifier.parse_args([])
     assert (args.recipe, args.augment, args.mixup, args.cutmix, args.label_smoothing, args.layer_decay,
             args.drop_path, args.reprob, args.batch_size) == (None, "none", 0.0, 0.0, 0.0, None, 0.0, 0.0, 128)
 
 
 def test_strong_recipe_sets_its_presets():
-    args, _ = train_classifier.parse_args(["--recipe", "strong"])
+    args, _, _ = train_classifier.parse_args(["--recipe", "strong"])
     assert args.recipe == "strong"
     for name, value in train_classifier.RECIPES["strong"].items():
         assert getattr(args, name) == value, name
@@ -228,21 +229,20 @@ def test_strong_recipe_sets_its_presets():
 @pytest.mark.parametrize("argv", [["--recipe", "strong", "--mixup", "0.2"], ["--mixup", "0.2", "--recipe", "strong"],
                                   ["--recipe=strong", "--mixup=0.2"]])
 def test_explicit_options_override_the_recipe(argv):
-    args, _ = train_classifier.parse_args(argv)
+    args, _, _ = train_classifier.parse_args(argv)
     assert args.mixup == 0.2
     assert args.cutmix == 1.0 and args.augment == "randaug"  # the rest of the preset stays
 
 
 def test_an_explicit_default_value_still_overrides_the_recipe():
-    args, _ = train_classifier.parse_args(["--recipe", "strong", "--augment", "none", "--drop_path", "0"])
+    args, _, _ = train_classifier.parse_args(["--recipe", "strong", "--augment", "none", "--drop_path", "0"])
     assert args.augment == "none" and args.drop_path == 0.0
     assert args.reprob == 0.25
 
 
 def test_recipe_run_name_lists_only_deviations_from_the_recipe(tmp_path):
-    args, parser = train_classifier.parse_args(["--recipe", "strong", "--mixup", "0.2",
-                                                "--output_model_path", str(tmp_path / "m.pt")])
-    train_classifier.name_run(args, parser)
+    args, _, _ = train_classifier.parse_args(["--recipe", "strong", "--mixup", "0.2",
+                                              "--output_model_path", str(tmp_path / "m.pt")])
     parts = args.run_name.split("_")
     assert "strong" in parts and "mix0.2" in parts
     assert not any(p.startswith(("aug", "cut", "ls", "ld", "dp", "re", "bs")) for p in parts)
@@ -263,12 +263,12 @@ def mae_checkpoint(tmp_path_factory):
     mae = MAE_ViT(IMAGE_SIZE, TINY["patch_size"], TINY["emb_dim"], DEPTH, TINY["encoder_heads"], decoder_layer=1,
                   decoder_head=2)
     path = tmp_path_factory.mktemp("mae") / "mae.pt"
-    utils.save_checkpoint(path, {"kind": "mae", "model": mae.state_dict(), "args": dict(TINY)})
+    ckpt.save_checkpoint(path, {"kind": "mae", "model": mae.state_dict(), "args": dict(TINY)})
     return path
 
 
 def classifier_args(*argv):
-    args, _ = train_classifier.parse_args(list(argv))
+    args, _, _ = train_classifier.parse_args(list(argv))
     return args
 
 
@@ -279,8 +279,8 @@ def group_of(optimizer):
 
 def test_layer_decay_follows_timms_scheme(mae_checkpoint):
     args = classifier_args("--pretrained_model_path", str(mae_checkpoint), "--layer_decay", "0.65")
-    model = train_classifier.build_model(args, IMAGE_SIZE, NUM_CLASSES)
-    assert args.encoder_depth == DEPTH and args.emb_dim == 32  # the encoder's size came from the checkpoint
+    model, config = train_classifier.build_model(args, {}, IMAGE_SIZE, NUM_CLASSES)
+    assert config.encoder_depth == DEPTH and config.emb_dim == 32  # the encoder's size came from the checkpoint
     optimizer = train_classifier.build_optimizer(model, args, fused=False)
     base = args.base_learning_rate * args.batch_size / 256
     groups = group_of(optimizer)
@@ -323,7 +323,7 @@ def test_layer_decay_follows_timms_scheme(mae_checkpoint):
 def test_layer_decay_scales_match_timms_own_vit(mae_checkpoint):
     """The same depth in timm's VisionTransformer gets the same scale for every parameter (under timm names)."""
     args = classifier_args("--pretrained_model_path", str(mae_checkpoint), "--layer_decay", "0.65")
-    ours = train_classifier.build_model(args, IMAGE_SIZE, NUM_CLASSES)
+    ours = train_classifier.build_model(args, {}, IMAGE_SIZE, NUM_CLASSES)[0]
     reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=IMAGE_SIZE, patch_size=2,
                                   embed_dim=32, depth=DEPTH, num_heads=2, no_embed_class=True, qkv_bias=False,
                                   num_classes=NUM_CLASSES)
@@ -349,7 +349,7 @@ def test_layer_decay_scales_match_timms_own_vit(mae_checkpoint):
 def test_layer_decay_needs_a_pretrained_encoder(mae_checkpoint):
     scratch = classifier_args("--layer_decay", "0.65", "--emb_dim", "32", "--encoder_depth", "2",
                               "--encoder_heads", "2")
-    model = train_classifier.build_model(scratch, IMAGE_SIZE, NUM_CLASSES)
+    model = train_classifier.build_model(scratch, {}, IMAGE_SIZE, NUM_CLASSES)[0]
     optimizer = train_classifier.build_optimizer(model, scratch, fused=False)
     assert len(optimizer.param_groups) == 1
     assert optimizer.param_groups[0]["lr"] == pytest.approx(scratch.base_learning_rate * scratch.batch_size / 256)
@@ -368,7 +368,7 @@ def test_drop_path_grows_linearly_over_the_blocks(mae_checkpoint, pretrained):
     argv = ["--drop_path", "0.1", "--emb_dim", "32", "--encoder_depth", str(DEPTH), "--encoder_heads", "2"]
     if pretrained:
         argv += ["--pretrained_model_path", str(mae_checkpoint)]
-    model = train_classifier.build_model(classifier_args(*argv), IMAGE_SIZE, NUM_CLASSES)
+    model = train_classifier.build_model(classifier_args(*argv), {}, IMAGE_SIZE, NUM_CLASSES)[0]
     rates = drop_path_rates(model)
     expected = [0.1 * i / (DEPTH - 1) for i in range(DEPTH)]  # 0 ... 0.1, as timm's linspace(0, rate, depth)
     assert [r[0] for r in rates] == pytest.approx(expected) and [r[1] for r in rates] == pytest.approx(expected)
@@ -385,7 +385,7 @@ def test_drop_path_grows_linearly_over_the_blocks(mae_checkpoint, pretrained):
 
 def test_linear_probe_has_no_drop_path(mae_checkpoint):
     args = classifier_args("--pretrained_model_path", str(mae_checkpoint), "--linear_probe", "--drop_path", "0.1")
-    model = train_classifier.build_model(args, IMAGE_SIZE, NUM_CLASSES)
+    model = train_classifier.build_model(args, {}, IMAGE_SIZE, NUM_CLASSES)[0]
     assert all(rate == 0.0 for block in drop_path_rates(model) for rate in block)
 
 
@@ -408,19 +408,19 @@ def test_linear_probe_trains_the_head_only(image_folder, mae_checkpoint, tmp_pat
     build_model = train_classifier.build_model
 
     def recording_build_model(*args, **kwargs):
-        model = build_model(*args, **kwargs)
+        model, config = build_model(*args, **kwargs)
         built["initial"] = copy.deepcopy(model.state_dict())
-        return model
+        return model, config
 
     monkeypatch.setattr(train_classifier, "build_model", recording_build_model)
     train_classifier.main(classifier_argv(image_folder, tmp_path, "--pretrained_model_path", str(mae_checkpoint),
                                           "--linear_probe", "--base_learning_rate", "0.01"))
     initial = built["initial"]
-    final = utils.load_checkpoint(tmp_path / "cls_last.pt")
+    final = ckpt.load_checkpoint(tmp_path / "cls_last.pt")
     assert final["kind"] == "classifier" and final["epoch"] == 1
     state = final["model"]
     assert set(state) == set(initial)
-    pretrained = encoder_state_dict(utils.load_checkpoint(mae_checkpoint)["model"])
+    pretrained = encoder_state_dict(ckpt.load_checkpoint(mae_checkpoint)["model"])
     encoder_keys = [k for k in state if not k.startswith("head.")]
     assert len(encoder_keys) == len(pretrained) > 0
     for key in encoder_keys:
@@ -430,13 +430,11 @@ def test_linear_probe_trains_the_head_only(image_folder, mae_checkpoint, tmp_pat
     assert not torch.equal(state["head.1.weight"], initial["head.1.weight"])
     assert not torch.equal(state["head.1.bias"], initial["head.1.bias"])
     assert not torch.equal(state["head.0.running_mean"], initial["head.0.running_mean"])
-    best = utils.load_checkpoint(tmp_path / "cls.pt")
+    best = ckpt.load_checkpoint(tmp_path / "cls.pt")
     assert 0.0 <= best["val_acc"] <= 1.0
 
 
 def test_linear_probe_without_a_pretrained_encoder_is_refused(image_folder, tmp_path, capsys):
-    with pytest.raises(utils.UserError, match="--linear_probe needs --pretrained_model_path"):
-        train_classifier.build_model(classifier_args("--linear_probe"), IMAGE_SIZE, NUM_CLASSES)
     with pytest.raises(SystemExit) as error:
         utils.run_cli(train_classifier.main, classifier_argv(image_folder, tmp_path, "--linear_probe"))
     assert error.value.code == 2
@@ -449,8 +447,8 @@ def test_strong_recipe_fine_tunes_a_pretrained_encoder(image_folder, mae_checkpo
     train_classifier.main(classifier_argv(image_folder, tmp_path, "--recipe", "strong", "--batch_size", "16",
                                           "--max_device_batch_size", "16", "--pretrained_model_path",
                                           str(mae_checkpoint)))
-    state = utils.load_checkpoint(tmp_path / "cls_last.pt")["model"]
-    pretrained = encoder_state_dict(utils.load_checkpoint(mae_checkpoint)["model"])
+    state = ckpt.load_checkpoint(tmp_path / "cls_last.pt")["model"]
+    pretrained = encoder_state_dict(ckpt.load_checkpoint(mae_checkpoint)["model"])
     for key, value in pretrained.items():
         assert not torch.equal(state[key], value), key
     assert torch.isfinite(torch.cat([v.float().flatten() for v in state.values()])).all()

@@ -8,9 +8,7 @@ import torch
 import torch._dynamo.testing
 import torch.nn.functional as F
 
-import mae_pretrain
-import train_classifier
-import utils
+import engine
 from data import AUGMENTATIONS, GpuLoader, Split
 from model import MAE_Encoder, MAE_ViT, PatchShuffle, ViT_Classifier, mae_loss
 
@@ -65,7 +63,7 @@ def classifier_step(model):
 
 
 def one_optimizer_step(model, make_step, images, labels, accum_steps):
-    """Parameters after one ``utils.train_epoch`` optimizer step over ``images`` in ``accum_steps`` micro-batches.
+    """Parameters after one ``engine.train_epoch`` optimizer step over ``images`` in ``accum_steps`` micro-batches.
 
     Plain SGD: its update is proportional to the gradient, so a wrong accumulation scale shows. (AdamW's first
     update is about lr * sign(gradient), which would hide a factor of accum_steps.)
@@ -73,7 +71,7 @@ def one_optimizer_step(model, make_step, images, labels, accum_steps):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     micro = len(images) // accum_steps
     batches = [(images[i:i + micro], labels[i:i + micro]) for i in range(0, len(images), micro)]
-    loss, extras, seen = utils.train_epoch(make_step(model), batches, optimizer, accum_steps, model)
+    loss, extras, seen = engine.train_epoch(make_step(model), batches, optimizer, accum_steps, model)
     assert seen == len(images)
     return loss, extras, [p.detach().clone() for p in model.parameters()]
 
@@ -128,7 +126,7 @@ def compile_test_skipped():
 @pytest.mark.skipif(bool(compile_test_skipped()), reason=compile_test_skipped() or "-")
 def test_compiled_bf16_step_matches_the_fp32_step(monkeypatch):
     # What CUDA training runs (compiled, bf16 autocast) against the CPU path (eager fp32), on the same batch and
-    # masks. utils.autocast is a no-op on the CPU, so the test enters the CPU bf16 autocast itself.
+    # masks. The test enters the CPU bf16 autocast itself, whatever this CPU's --precision auto picks.
     model = tiny_mae(depth=1)
     images = torch.randn(4, 3, IMAGE, IMAGE)
     masks = fixed_masks(4)
@@ -165,18 +163,18 @@ def test_compiled_bf16_step_matches_the_fp32_step(monkeypatch):
 # ------------------------------------------------------------------------------- one graph, compiled once
 
 
-@pytest.mark.parametrize("strategy", ["random", "block", "grid"])
+@pytest.mark.parametrize("strategy", ["random", "block", "grid", "blockwise"])
 def test_pretraining_step_traces_to_one_graph(strategy):
     # A graph break would split the compiled step and hand the pieces back to Python between them: masking is
     # all tensor ops, so the whole forward and loss must trace as one graph for every strategy.
     model = MAE_ViT(IMAGE, PATCH, 32, 1, 2, 1, 2, mask_ratio=0.75, mask_strategy=strategy)
-    step = mae_pretrain.make_step(model, torch.device("cpu"), PATCH)
+    step = engine.make_pretrain_step(model, torch.device("cpu"), "fp32", PATCH)
     explained = torch._dynamo.explain(step)(torch.randn(4, 3, IMAGE, IMAGE), torch.zeros(4, dtype=torch.long))
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
 def test_classifier_step_traces_to_one_graph():
-    step = train_classifier.make_step(tiny_classifier(), torch.device("cpu"), torch.nn.CrossEntropyLoss())
+    step = engine.make_classifier_step(tiny_classifier(), torch.device("cpu"), "fp32", torch.nn.CrossEntropyLoss())
     explained = torch._dynamo.explain(step)(torch.randn(4, 3, IMAGE, IMAGE), torch.arange(4) % 5)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
@@ -192,11 +190,11 @@ def test_epochs_of_the_loader_compile_once():
     counter = torch._dynamo.testing.CompileCounter()
     torch.compiler.reset()
     try:
-        step = torch.compile(mae_pretrain.make_step(model, torch.device("cpu"), PATCH), backend=counter)
+        step = torch.compile(engine.make_pretrain_step(model, torch.device("cpu"), "fp32", PATCH), backend=counter)
         with torch._dynamo.config.patch(error_on_recompile=True):
             for epoch in (1, 2):
                 loader.set_epoch(epoch)
-                utils.train_epoch(step, loader, optimizer, 1, model)
+                engine.train_epoch(step, loader, optimizer, 1, model)
     finally:
         torch.compiler.reset()
     assert counter.frame_count == 1

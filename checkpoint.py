@@ -1,0 +1,309 @@
+"""Checkpoints: save atomically (in the background), load safely, rebuild the model they hold, resume a run.
+
+A checkpoint is a dict that ``torch.load(path, weights_only=True)`` reads:
+``{"kind": "mae" | "classifier", "model": state_dict, "config": ModelConfig as a dict, "args": vars(args),
+"epoch": ..., "optimizer": ..., "scheduler": ..., "rng": ...}``. Older checkpoints without ``config`` (and the
+reference's pickled modules, behind ``--trust_checkpoint``) are rebuilt from their weights' shapes.
+"""
+import math
+import os
+import pickle
+import random
+import re
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from model import ModelConfig, build_classifier, build_mae, encoder_state_dict
+from utils import UserError, first_line
+
+KIND_NAMES = {"mae": "an MAE pretraining checkpoint (from mae_pretrain.py)",
+              "classifier": "a classifier checkpoint (from train_classifier.py)"}
+
+
+# ------------------------------------------------------------------------------------------------- saving
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file in the same folder, then rename: a reader never sees half a checkpoint."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:  # a full disk, a lost mount: torch's writer raises RuntimeError
+        free = shutil.disk_usage(path.parent).free / 2 ** 20 if path.parent.is_dir() else 0.0
+        raise UserError(f"could not write checkpoint {path} ({first_line(error)}; {free:.1f} MiB free there); "
+                        f"the one before it is intact, so fix the cause and continue with --resume auto") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def to_host(value):
+    """A copy of ``value`` with every tensor on the CPU: what a background writer may hold while training goes on."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: to_host(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_host(v) for v in value)
+    return value
+
+
+class CheckpointWriter:
+    """Saves in a background thread from a host copy, so the training loop does not wait for the disk.
+
+    One write at a time; ``wait()`` (called before the next save and at the end of a run) re-raises a failed
+    write in the training thread.
+    """
+
+    def __init__(self):
+        self.thread, self.error = None, None
+
+    def save(self, path, state):
+        self.wait()
+        host_state = to_host(state)
+        self.thread = threading.Thread(target=self._write, args=(path, host_state), daemon=False)
+        self.thread.start()
+
+    def _write(self, path, state):
+        try:
+            save_checkpoint(path, state)
+        except UserError as error:
+            self.error = error
+
+    def wait(self):
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
+# ------------------------------------------------------------------------------------------------- loading
+
+
+def load_checkpoint(path, trust_pickle=False, kind=None, option=None):
+    """A checkpoint dict with at least ``model``, ``kind`` ("mae" or "classifier") and ``config``.
+
+    Ours load with ``weights_only=True``. A whole pickled module (the reference's released weights) can run
+    code when unpickled, so it is loaded only with ``trust_pickle``. With ``kind``, a checkpoint of the other
+    kind is refused, naming the command-line ``option`` that took it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # Only a file that names a class ("Unsupported global", older torch: "class") is a pickled module;
+        # random bytes also fail the weights-only unpickler, with other messages.
+        if not any(f"Unsupported {what}" in str(error) for what in ("global", "class")):
+            raise UserError(f"checkpoint {path} is truncated or corrupt (not a PyTorch checkpoint)") from None
+        if not trust_pickle:
+            raise UserError(f"checkpoint {path} is a pickled Python object (like the reference's released "
+                            f"weights), which can run code when loaded; pass --trust_checkpoint if you trust "
+                            f"where it came from") from None
+        checkpoint = load_pickled_module(path)
+    except PermissionError:
+        raise UserError(f"checkpoint {path} cannot be read (permission denied)") from None
+    except Exception as error:  # damaged bytes fail inside the unpickler in many ways (EOFError, IndexError, ...)
+        raise UserError(f"checkpoint {path} is truncated or corrupt ({first_line(error)})") from None
+    if isinstance(checkpoint, dict) and "model" not in checkpoint and checkpoint and all(
+            isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        checkpoint = {"model": checkpoint}  # a bare state dict
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
+        raise UserError(f"checkpoint {path} holds no model weights")
+    checkpoint.setdefault("kind", checkpoint_kind(checkpoint["model"]))
+    if kind and checkpoint["kind"] != kind:
+        raise UserError(f"{path} is a {checkpoint['kind']} checkpoint; {option} needs {KIND_NAMES[kind]}")
+    if checkpoint["kind"] in KIND_NAMES:
+        checkpoint["guessed"] = guessed_fields(checkpoint)
+        checkpoint["config"] = checkpoint_config(checkpoint, path)
+    return checkpoint
+
+
+def load_pickled_module(path):
+    import model  # the reference pickles `model.MAE_ViT` / `model.ViT_Classifier`: ours have the same names
+
+    sys.modules.setdefault("model", model)
+    try:
+        module = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise UserError(f"checkpoint {path} could not be unpickled ({first_line(error)})") from None
+    state = module.state_dict() if isinstance(module, torch.nn.Module) else module
+    return {"model": state}
+
+
+def checkpoint_kind(state_dict):
+    if any(k.startswith("encoder.") for k in state_dict):
+        return "mae"
+    if "patchify.weight" in state_dict and ("head.weight" in state_dict or "head.1.weight" in state_dict):
+        return "classifier"
+    return "unknown"
+
+
+# ---------------------------------------------------------------------------------- the model a file holds
+
+
+def count_blocks(state_dict, prefix):
+    ids = {int(m.group(1)) for k in state_dict for m in [re.match(re.escape(prefix) + r"(\d+)\.", k)] if m}
+    return max(ids) + 1 if ids else 0
+
+
+def infer_config(state_dict, hints=None):
+    """The architecture from the weights' shapes; what shapes cannot tell (heads, masking) comes from ``hints``
+    (an older checkpoint's saved arguments) or the reference's defaults."""
+    hints = hints or {}
+    encoder = encoder_state_dict(state_dict)
+    width, _, patch, _ = encoder["patchify.weight"].shape
+    values = {name: hints[name] for name in ("encoder_heads", "decoder_heads", "mask_ratio", "mask_strategy")
+              if hints.get(name) is not None}
+    values.update(image_size=math.isqrt(encoder["pos_embedding"].shape[0]) * patch, patch_size=patch,
+                  emb_dim=width, encoder_depth=count_blocks(encoder, "transformer."))
+    if "decoder.mask_token" in state_dict:
+        decoder_width = state_dict["decoder.mask_token"].shape[-1]
+        values.update(decoder_depth=count_blocks(state_dict, "decoder.transformer."),
+                      decoder_emb_dim=None if decoder_width == width else decoder_width)
+    head = state_dict.get("head.weight", state_dict.get("head.1.weight"))
+    if head is not None:
+        values.update(num_classes=head.shape[0], probe_head="head.1.weight" in state_dict)
+    return ModelConfig(**values)
+
+
+GUESSABLE = ("encoder_heads", "decoder_heads", "mask_ratio", "mask_strategy")
+
+
+def guessed_fields(checkpoint):
+    """The config fields an older checkpoint did not record and its weights cannot tell: the defaults stand in
+    for them, and a flag the user gives may set them."""
+    if isinstance(checkpoint.get("config"), dict):
+        return ()
+    hints = checkpoint.get("args") or {}
+    return tuple(name for name in GUESSABLE if hints.get(name) is None)
+
+
+def checkpoint_config(checkpoint, source):
+    """The ModelConfig of a checkpoint: its own ``config``, or (older files) inferred from its weights."""
+    if isinstance(checkpoint.get("config"), ModelConfig):
+        return checkpoint["config"]
+    try:
+        if isinstance(checkpoint.get("config"), dict):
+            return ModelConfig.from_dict(checkpoint["config"])
+        return infer_config(checkpoint["model"], checkpoint.get("args"))
+    except (KeyError, ValueError, IndexError, TypeError) as error:
+        raise UserError(f"checkpoint {source} does not describe a model this code can build "
+                        f"({first_line(error)})") from None
+
+
+def build_model(checkpoint, source, drop_path_rate=0.0):
+    """The model a loaded checkpoint holds, built from its config and loaded with its weights."""
+    config = checkpoint["config"]
+    try:
+        model = build_mae(config) if checkpoint["kind"] == "mae" else build_classifier(config, drop_path_rate)
+    except ValueError as error:
+        raise UserError(f"checkpoint {source} describes a model that cannot be built ({error})") from None
+    load_weights(model, checkpoint["model"], source)
+    return model
+
+
+def load_weights(module, state_dict, source, strict=True, optional_prefix=None):
+    """``load_state_dict`` with a one-line explanation when the checkpoint is another model's shape.
+
+    Weights under ``optional_prefix`` (a new classifier's head) may be missing from the checkpoint.
+    """
+    own = module.state_dict()
+    for name, value in state_dict.items():
+        if name in own and own[name].shape != value.shape:
+            raise UserError(f"checkpoint {source} does not fit this model: {name} is {tuple(value.shape)} there "
+                            f"but {tuple(own[name].shape)} here (another --emb_dim, --patch_size or --image_size?)")
+    missing, unexpected = module.load_state_dict(state_dict, strict=False)
+    if optional_prefix:
+        missing = [name for name in missing if not name.startswith(optional_prefix)]
+    if strict and (missing or unexpected):
+        raise UserError(f"checkpoint {source} does not fit this model: missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]} (another depth or model kind?)")
+
+
+# -------------------------------------------------------------------------------------------------- resume
+
+
+def rng_state():
+    """Every random stream a run draws from, in a form ``torch.load(weights_only=True)`` accepts."""
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resolve_resume(resume, checkpoint_path):
+    """``--resume auto`` means the run's own last checkpoint, if there is one yet."""
+    if resume == "auto":
+        return checkpoint_path if Path(checkpoint_path).is_file() else None
+    return resume
+
+
+def training_state(kind, model, config, optimizer, scheduler, epoch, args, **extra):
+    """Everything a run needs to continue exactly where it stopped; loadable with ``weights_only=True``."""
+    return {"kind": kind, "model": model.state_dict(), "config": config.to_dict(), "args": vars(args),
+            "epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "rng": rng_state(), **extra}
+
+
+def check_resume_settings(checkpoint, config, args, fixed, source):
+    """Refuse to resume with another model or another data set / objective; report harmless changes.
+
+    ``fixed`` names the arguments that define the run (the data, the objective); a change to the architecture
+    or to one of those is one error line with the differences. Other changes (more epochs, another eval batch
+    size) are allowed and printed.
+    """
+    saved_config, saved_args = checkpoint["config"].to_dict(), checkpoint.get("args", {})
+    changed = [f"{k}: {saved_config.get(k)!r} -> {v!r}" for k, v in config.to_dict().items()
+               if saved_config.get(k) != v]
+    changed += [f"--{k}: {saved_args.get(k)!r} -> {getattr(args, k)!r}" for k in fixed
+                if k in saved_args and saved_args.get(k) != getattr(args, k)]
+    if changed:
+        raise UserError(f"cannot resume {source} with other settings ({'; '.join(changed)}); use the run's own "
+                        f"settings, or start a new run with --run_name NAME")
+    ignore = {"resume", "run_name", "log_dir", "device", "image_size"}
+    harmless = [f"--{k} {saved_args[k]!r} -> {v!r}" for k, v in vars(args).items()
+                if k in saved_args and k not in ignore and saved_args[k] != v]
+    if harmless:
+        print(f"resuming {source} with changed settings: {', '.join(harmless)}")
+
+
+def restore_training_state(checkpoint, kind, model, optimizer, scheduler, source):
+    """Load a ``training_state`` checkpoint; returns the number of finished epochs."""
+    if checkpoint.get("kind") != kind or "optimizer" not in checkpoint:
+        raise UserError(f"cannot resume from {source}: it is a {checkpoint.get('kind')} checkpoint without "
+                        f"optimizer state, not a {kind} run's checkpoint")
+    load_weights(model, checkpoint["model"], source)
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+    except (ValueError, KeyError) as error:
+        raise UserError(f"cannot resume from {source}: its optimizer state does not fit this run "
+                        f"({first_line(error)})") from None
+    set_rng_state(checkpoint["rng"])
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank:  # only rank 0's streams are saved: the others get their own again, fixed by (rank, epoch)
+        torch.manual_seed(rank * 1_000_003 + checkpoint["epoch"])
+    return checkpoint["epoch"]

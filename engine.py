@@ -1,0 +1,227 @@
+"""The training engine both scripts share: precision, compilation, a step, an epoch, evaluation, the schedule."""
+import math
+import shutil
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from model import mae_loss
+from utils import UserError, all_reduce_sum
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ------------------------------------------------------------------------------------ precision and compile
+
+
+def cpu_has_native_bf16():
+    """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:  # not Linux: assume not, fp32 is always correct
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(requested, device):
+    """``--precision auto``: bf16 where the device has it natively, fp16 on older GPUs, fp32 on other CPUs."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def autocast(device, precision):
+    """Mixed precision for the forward pass; ``fp32`` is plain fp32."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
+def grad_scaler(device, precision):
+    """fp16 gradients underflow without loss scaling; bf16 and fp32 need none."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+def compiler_available(device):
+    """torch.compile needs Triton on a GPU (bundled with CUDA torch) and a C++ compiler on the CPU."""
+    return device.type == "cuda" or any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+def maybe_compile(fn, device, enabled=True, mode="default"):
+    if not enabled or not compiler_available(device):
+        return fn
+    return torch.compile(fn, mode=None if mode == "default" else mode)
+
+
+def describe_speed_path(device, precision, compiled):
+    """One line for the log: what the step will run as."""
+    compile_note = "torch.compile" if compiled and compiler_available(device) else (
+        "eager (no C++ compiler found)" if compiled else "eager")
+    return f"device {device}, precision {precision}, {compile_note}, {torch.get_num_threads()} CPU threads"
+
+
+# ------------------------------------------------------------------------------------------------- steps
+
+
+def make_pretrain_step(model, device, precision, patch_size, norm_pix_loss=False):
+    """One micro-batch: the masked forward under autocast and the loss on the masked patches -> (loss,)."""
+    def step(images, _labels):
+        with autocast(device, precision):
+            predicted, mask = model(images)
+        return (mae_loss(predicted, images, mask, patch_size, norm_pix_loss),)
+
+    return step
+
+
+def make_classifier_step(model, device, precision, criterion, prepare=None, compile=False, compile_mode="default"):
+    """One micro-batch -> (loss, number correct). ``prepare`` (mixup, erasing) runs eagerly before the compiled
+    forward: timm's Mixup draws its mixing weight on the host, which a compiled graph would bake in."""
+    def forward_loss(images, targets, labels):
+        with autocast(device, precision):
+            logits = model(images)
+        return criterion(logits.float(), targets), (logits.argmax(-1) == labels).sum()
+
+    forward_loss = maybe_compile(forward_loss, device, compile, compile_mode)
+
+    def step(images, labels):
+        return forward_loss(*(prepare(images, labels) if prepare else (images, labels)), labels)
+
+    return step
+
+
+# ------------------------------------------------------------------------------------------ epoch, evaluation
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+def train_epoch(step, batches, optimizer, accum_steps, model, progress=None, after_step=None, scaler=None):
+    """One pass over ``batches``; ``step(images, labels)`` returns (loss, *extra sums) for one micro-batch.
+
+    Gradients of ``accum_steps`` micro-batches are averaged before each optimizer step, so a large batch split
+    across micro-batches gives the same update as the whole batch. Sums stay on the device: no sync per step.
+    ``after_step()``, if given, runs after every optimizer step (e.g. to update an EMA of the weights);
+    ``scaler`` is the fp16 gradient scaler. Returns the per-micro-batch mean loss, the extra sums, and the
+    number of images seen by this process.
+    """
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    loss_sum, extra_sums, micro_batches, images_seen = 0.0, None, 0, 0
+    usable = len(batches) // accum_steps * accum_steps  # an incomplete optimizer step at the end is skipped
+    for i, (images, labels) in enumerate(batches):
+        if i >= usable:
+            break
+        sync = (i + 1) % accum_steps == 0
+        with nullcontext() if sync or not ddp else model.no_sync():
+            loss, *extras = step(images, labels)
+            scaled = loss / accum_steps
+            (scaler.scale(scaled) if scaler else scaled).backward()
+        if sync:
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if after_step is not None:
+                after_step()
+        loss_sum = loss_sum + loss.detach().float()
+        extras = [e.detach().float() for e in extras]
+        extra_sums = extras if extra_sums is None else [a + b for a, b in zip(extra_sums, extras)]
+        micro_batches += 1
+        images_seen += len(labels)
+        if progress is not None:
+            progress.update(1)
+    if micro_batches == 0:
+        raise UserError(f"an epoch has fewer images than one optimizer step needs ({accum_steps} micro-batches)")
+    totals = all_reduce_sum(torch.stack([loss_sum, *(extra_sums or [])]).detach()).tolist()  # the one sync
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    mean_loss = totals[0] / (micro_batches * world)
+    if not math.isfinite(mean_loss):
+        raise NonFiniteLoss(f"the training loss became {mean_loss}; stopping. The last checkpoint (from before "
+                            f"this epoch) is kept; try a lower --base_learning_rate")
+    return mean_loss, totals[1:], images_seen * world
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, precision, forward=None):
+    """Mean loss and accuracy over the whole split, summed on the device and synced once."""
+    model.eval()
+    forward = forward if forward is not None else model
+    totals = torch.zeros(3, device=device)
+    for images, labels in loader:
+        with autocast(device, precision):
+            logits = forward(images)
+        totals += torch.stack([F.cross_entropy(logits.float(), labels, reduction="sum"),
+                               (logits.argmax(-1) == labels).sum().float(), (labels >= 0).sum().float()])
+    loss_sum, correct, count = all_reduce_sum(totals).tolist()
+    return loss_sum / count, correct / count
+
+
+# ----------------------------------------------------------------------------------- schedule, timing, stop
+
+
+def warmup_cosine(warmup_epoch, total_epoch):
+    """The reference's per-epoch schedule: linear warm-up, then a half cosine to zero."""
+    return lambda epoch: min((epoch + 1) / (warmup_epoch + 1e-8), 0.5 * (math.cos(epoch / total_epoch * math.pi) + 1))
+
+
+def progress_bar(total_steps, initial, enabled):
+    return tqdm(total=total_steps, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
+                smoothing=0.05)
+
+
+class EpochTimer:
+    """Wall time of a block, synchronising the device first so GPU work is counted where it happened."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        self._sync()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self._sync()
+        self.seconds = time.perf_counter() - self.start
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+class StopFlag:
+    """SIGINT / SIGTERM ask the run to finish its epoch, save and exit; a second signal quits at once.
+
+    ``exit_code`` is what the script then exits with (130 for SIGINT, 143 for SIGTERM, as shells report them),
+    so that ``pretrain && finetune`` does not go on with a half-trained encoder.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self.exit_code = 0
+
+    def install(self):
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.exit_code = 128 + signum
+        print(f"\n{signal.Signals(signum).name}: finishing this epoch, saving, then exiting "
+              f"(send it again to quit now)", file=sys.stderr)

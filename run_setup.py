@@ -1,0 +1,134 @@
+"""How a training run starts, the same for both training scripts: the shared options and their checks, then
+seed, device, run folder and lock, the data and its loader, and the rules that keep other runs' files safe."""
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import utils
+from data import AUGMENTATIONS, GpuLoader, load_dataset
+from engine import COMPILE_MODES, PRECISIONS, describe_speed_path, resolve_precision
+from model import ModelConfig
+
+# Model-size flags: left out, they come from the checkpoint being resumed or fine-tuned, else the defaults.
+SIZE_FLAGS = ("patch_size", "emb_dim", "encoder_depth", "encoder_heads")
+
+
+def add_size_arguments(p, decoder=False):
+    """The architecture flags, defaulting to None so that a checkpoint's own sizes are never silently overridden."""
+    for name in SIZE_FLAGS + (("decoder_depth", "decoder_heads", "decoder_emb_dim") if decoder else ()):
+        p.add_argument(f"--{name}", type=utils.POSITIVE_INT, default=None,
+                       help=f"default {getattr(ModelConfig, name)} (or the checkpoint's)")
+
+
+def add_run_arguments(p):
+    """Data, device, precision and bookkeeping options, the same in both training scripts."""
+    p.add_argument("--dataset", choices=["cifar10", "cifar100"], default="cifar10")
+    p.add_argument("--data_dir", default=None, help="image folder with train/<class>/ and test/<class>/")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto: bf16 where the device has it natively, fp16 (with loss scaling) on GPUs without "
+                        "bf16, else fp32")
+    p.add_argument("--no_compile", action="store_true", help="skip torch.compile (GPU, or CPU with a C++ compiler)")
+    p.add_argument("--compile_mode", choices=COMPILE_MODES, default="default")
+    p.add_argument("--threads", type=utils.POSITIVE_INT, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--deterministic", action="store_true", help="deterministic kernels, for exact reruns (slower)")
+    p.add_argument("--log_dir", default="logs")
+    p.add_argument("--run_name", default=None, help="log folder name (default: built from the settings)")
+    p.add_argument("--resume", default=None, help="a checkpoint to continue from, or 'auto' for this run's own")
+    p.add_argument("--save_every", type=utils.POSITIVE_INT, default=1, help="epochs between checkpoints")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let a new run replace an existing checkpoint at its output path")
+    p.add_argument("--trust_checkpoint", action="store_true",
+                   help="allow loading a pickled whole-module checkpoint (the reference's released weights)")
+
+
+def check_run_arguments(parser, args, outputs):
+    """Everything that can be checked before a file is written: the device, the log folder, the output files."""
+    utils.check_device(parser, args.device)
+    utils.check_writable_folder(parser, "--log_dir", args.log_dir)
+    for flag, path in outputs.items():
+        utils.check_output_file(parser, flag, path)
+    if args.resume not in (None, "auto") and not Path(args.resume).is_file():
+        parser.error(f"argument --resume: {args.resume} is not a checkpoint file; pass a file or 'auto'")
+    if args.run_name is not None and (not args.run_name.strip() or ".." in Path(args.run_name).parts):
+        parser.error(f"argument --run_name: {args.run_name!r} is not a usable folder name")
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        parser.error(f"argument --data_dir: {args.data_dir} is not a folder (it needs train/<class>/ and "
+                     f"test/<class>/ inside)")
+
+
+def explicit_sizes(args):
+    """The size flags the user gave, as a dict."""
+    return {name: getattr(args, name) for name in vars(args) if name in ModelConfig.__dataclass_fields__
+            and getattr(args, name, None) is not None}
+
+
+@dataclass
+class Run:
+    env: utils.Dist
+    precision: str
+    log_dir: Path
+    resume_path: str
+    train_set: object
+    test_set: object
+    loader: GpuLoader
+    accum_steps: int
+    lock: utils.RunLock = None
+
+    def lock_folder(self):
+        """Lock the run folder (the first file the run writes); held until the process ends."""
+        if self.env.is_main and self.lock is None:
+            self.lock = utils.RunLock(self.log_dir).acquire()
+
+
+def start_run(args, checkpoint_paths, augment="none"):
+    """Seed, device, the data, the run folder (locked) and the training loader.
+
+    ``checkpoint_paths`` are the files this run writes; the first is the one ``--resume auto`` continues from.
+    A new run refuses to replace any of them (another run's work) without ``--overwrite``.
+    """
+    env = utils.setup_device(args.device, args.threads)
+    utils.setup_seed(args.seed + env.rank, args.deterministic)  # each process draws its own masks and augmentations
+    resume_path = args.resume if args.resume != "auto" else (
+        checkpoint_paths[0] if Path(checkpoint_paths[0]).is_file() else None)
+    log_dir = Path(args.log_dir) / args.dataset / args.run_name
+    if env.is_main and not resume_path:
+        refuse_to_replace(log_dir, checkpoint_paths, args.overwrite)
+    train_set, test_set = load_dataset(args.dataset, args.data_dir)
+    args.image_size = train_set.images.shape[-1]
+    micro_batch, accum_steps = utils.split_batch(args.batch_size, args.max_device_batch_size, env.world_size)
+    loader = GpuLoader(train_set, micro_batch, env.device, augment=AUGMENTATIONS[augment], seed=args.seed,
+                       rank=env.rank, world_size=env.world_size)
+    if len(loader) < accum_steps:
+        raise utils.UserError(f"--batch_size {args.batch_size} is larger than the {len(train_set.labels)} training "
+                              f"images: not one optimizer step would run")
+    precision = resolve_precision(args.precision, env.device)
+    if env.is_main:
+        print(describe_speed_path(env.device, precision, not args.no_compile))
+    return Run(env, precision, log_dir, resume_path, train_set, test_set, loader, accum_steps)
+
+
+def refuse_to_replace(log_dir, checkpoint_paths, overwrite):
+    """A new run must not mix into a folder that holds another run's epochs, nor replace its checkpoints."""
+    if utils.logged_rows(log_dir / "metrics.csv") and not overwrite:
+        raise utils.UserError(f"{log_dir} already holds a run: pass --resume auto to continue it, --run_name NAME "
+                              f"for a new one, or --overwrite to start it again")
+    taken = [str(p) for p in checkpoint_paths if Path(p).exists()]
+    if taken and not overwrite:
+        raise utils.UserError(f"{taken[0]} already exists (another run's checkpoint?): pass --resume auto to "
+                              f"continue that run, another output path, or --overwrite to replace it")
+
+
+def check_resume_owner(checkpoint, log_dir, source):
+    """A checkpoint records its run folder: resuming it into another run's folder would mix two runs."""
+    owner = checkpoint.get("run_dir")
+    if owner is not None and Path(owner).resolve() != Path(log_dir).resolve():
+        raise utils.UserError(f"{source} belongs to the run in {owner}, not {log_dir}: resume it with that run's "
+                              f"--log_dir / --run_name, or give this run another checkpoint path")
+
+
+def release(env):
+    utils.cleanup_distributed()
+    if env.device.type == "cuda":
+        torch.cuda.synchronize(env.device)

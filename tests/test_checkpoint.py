@@ -1,0 +1,224 @@
+"""checkpoint.py: atomic saves, safe loading, the model a checkpoint holds, resume state and its checks."""
+import argparse
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoint as ckpt
+import engine
+import utils
+from model import MAE_Encoder, MAE_ViT, ModelConfig, ViT_Classifier
+from utils import UserError
+
+TINY = dict(image_size=16, patch_size=2, emb_dim=32, encoder_layer=1, encoder_head=2, decoder_layer=1,
+            decoder_head=2)
+
+
+def tiny_training(seed=0):
+    """A model, optimizer and scheduler that have taken one step, so the optimizer holds state."""
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, engine.warmup_cosine(2, 10))
+    model(torch.randn(4, 3)).pow(2).sum().backward()
+    optimizer.step()
+    scheduler.step()
+    return model, optimizer, scheduler
+
+
+ARGS = argparse.Namespace(seed=1, mask_strategy="block", decoder_emb_dim=None, norm_pix_loss=True, lr=1.5e-4)
+
+
+def files_in(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+# -------------------------------------------------------------------------------------------- save_checkpoint
+
+
+def test_save_checkpoint_writes_elsewhere_then_renames(tmp_path, monkeypatch):
+    path = tmp_path / "run" / "ckpt.pt"
+    real_save, targets = torch.save, []
+
+    def watching_save(obj, target):
+        targets.append(target)
+        assert not path.exists(), "the final name appeared before the file was complete"
+        real_save(obj, target)
+
+    monkeypatch.setattr(torch, "save", watching_save)
+    ckpt.save_checkpoint(path, {"model": {"w": torch.ones(2)}, "epoch": 1})
+    assert len(targets) == 1 and targets[0] != path and targets[0].parent == path.parent
+    assert files_in(path.parent) == ["ckpt.pt"]  # no temporary file left behind
+    assert torch.equal(torch.load(path, weights_only=True)["model"]["w"], torch.ones(2))
+
+
+def test_a_failed_save_leaves_the_old_checkpoint_intact(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    ckpt.save_checkpoint(path, {"epoch": 1})
+
+    def failing_save(obj, target):
+        with open(target, "wb") as f:
+            f.write(b"half a checkp")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(ckpt.UserError, match="No space left on device.*intact"):  # one line, not a traceback
+        ckpt.save_checkpoint(path, {"epoch": 2})
+    assert files_in(tmp_path) == ["ckpt.pt"]
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+
+
+def test_save_checkpoint_replaces_an_older_one(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    ckpt.save_checkpoint(path, {"epoch": 1})
+    ckpt.save_checkpoint(path, {"epoch": 2})
+    assert torch.load(path, weights_only=True) == {"epoch": 2}
+    assert files_in(tmp_path) == ["ckpt.pt"]
+
+
+# -------------------------------------------------------------------------------------------- load_checkpoint
+
+
+def test_training_state_round_trips_with_weights_only(tmp_path):
+    model, optimizer, scheduler = tiny_training()
+    path = tmp_path / "ckpt.pt"
+    ckpt.save_checkpoint(path, ckpt.training_state("mae", model, ModelConfig(), optimizer, scheduler, 5, ARGS, best_acc=0.5))
+    expected_draw = torch.rand(3)  # drawn right after the state was captured
+    assert torch.load(path, map_location="cpu", weights_only=True)["epoch"] == 5  # no pickled objects inside
+
+    checkpoint = ckpt.load_checkpoint(path)
+    assert checkpoint["kind"] == "mae" and checkpoint["epoch"] == 5 and checkpoint["best_acc"] == 0.5
+    assert checkpoint["args"] == vars(ARGS)
+    assert torch.equal(checkpoint["model"]["weight"], model.weight)
+
+    fresh_model, fresh_optimizer, fresh_scheduler = tiny_training(seed=1)
+    torch.rand(10)  # move the generator on
+    epoch = ckpt.restore_training_state(checkpoint, "mae", fresh_model, fresh_optimizer, fresh_scheduler, path)
+    assert epoch == 5
+    assert torch.equal(fresh_model.weight, model.weight)
+    assert torch.equal(fresh_optimizer.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    assert fresh_scheduler.last_epoch == scheduler.last_epoch
+    assert torch.equal(torch.rand(3), expected_draw)  # the random streams continue where the run stopped
+
+
+def test_resuming_from_another_kind_of_checkpoint_raises(tmp_path):
+    model, optimizer, scheduler = tiny_training()
+    checkpoint = {"kind": "classifier", "model": model.state_dict()}
+    with pytest.raises(UserError, match="cannot resume"):
+        ckpt.restore_training_state(checkpoint, "mae", model, optimizer, scheduler, "x.pt")
+
+
+@pytest.mark.parametrize("content", ["truncated", b"this is not a checkpoint at all" * 4,
+                                     random.Random(0).randbytes(1000), b""],
+                         ids=["truncated", "text", "random_bytes", "empty"])
+def test_damaged_files_are_reported_as_truncated_or_corrupt(tmp_path, content):
+    path = tmp_path / "ckpt.pt"
+    if content == "truncated":
+        ckpt.save_checkpoint(path, {"model": MAE_ViT(**TINY).state_dict(), "epoch": 3})
+        whole = path.read_bytes()
+        content = whole[:len(whole) // 2]
+    path.write_bytes(content)
+    for trust in (False, True):
+        with pytest.raises(UserError, match="truncated or corrupt"):
+            ckpt.load_checkpoint(path, trust_pickle=trust)
+
+
+def test_a_missing_checkpoint_raises(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        ckpt.load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_a_pickled_module_needs_trust(tmp_path):
+    model = MAE_ViT(**TINY)
+    path = tmp_path / "vit-t-mae.pt"
+    torch.save(model, path)  # how the reference released its weights
+    with pytest.raises(UserError, match="--trust_checkpoint"):
+        ckpt.load_checkpoint(path)
+    checkpoint = ckpt.load_checkpoint(path, trust_pickle=True)
+    assert checkpoint["kind"] == "mae"
+    assert checkpoint["model"].keys() == model.state_dict().keys()
+    assert torch.equal(checkpoint["model"]["decoder.head.weight"], model.decoder.head.weight)
+
+
+def test_bare_state_dicts_are_accepted_and_their_kind_recognised(tmp_path):
+    mae = MAE_ViT(**TINY)
+    torch.save(mae.state_dict(), tmp_path / "mae.pt")
+    checkpoint = ckpt.load_checkpoint(tmp_path / "mae.pt")
+    assert checkpoint["kind"] == "mae"
+    assert torch.equal(checkpoint["model"]["encoder.cls_token"], mae.encoder.cls_token)
+
+    classifier = ViT_Classifier(MAE_Encoder(16, 2, 32, 1, 2))
+    torch.save(classifier.state_dict(), tmp_path / "cls.pt")
+    assert ckpt.load_checkpoint(tmp_path / "cls.pt")["kind"] == "classifier"
+
+
+def test_a_checkpoint_without_weights_raises(tmp_path):
+    torch.save({"epoch": 3, "args": {}}, tmp_path / "ckpt.pt")
+    with pytest.raises(UserError, match="holds no model weights"):
+        ckpt.load_checkpoint(tmp_path / "ckpt.pt")
+
+
+# ------------------------------------------------------------------------------------------------ load_weights
+
+
+def test_load_weights_copies_matching_weights():
+    source, target = MAE_Encoder(16, 2, 32, 1, 2), MAE_Encoder(16, 2, 32, 1, 2)
+    ckpt.load_weights(target, source.state_dict(), "src.pt")
+    assert torch.equal(target.pos_embedding, source.pos_embedding)
+
+
+def test_load_weights_explains_a_shape_mismatch():
+    with pytest.raises(UserError, match=r"does not fit this model: cls_token is \(1, 1, 16\).*--emb_dim"):
+        ckpt.load_weights(MAE_Encoder(16, 2, 32, 1, 2), MAE_Encoder(16, 2, 16, 1, 2).state_dict(), "src.pt")
+
+
+def test_load_weights_explains_a_depth_mismatch():
+    deeper = MAE_Encoder(16, 2, 32, 2, 2).state_dict()
+    with pytest.raises(UserError, match="unexpected.*transformer.1"):
+        ckpt.load_weights(MAE_Encoder(16, 2, 32, 1, 2), deeper, "src.pt")
+    with pytest.raises(UserError, match="missing.*transformer.1"):
+        ckpt.load_weights(MAE_Encoder(16, 2, 32, 2, 2), MAE_Encoder(16, 2, 32, 1, 2).state_dict(), "src.pt")
+
+
+# ----------------------------------------------------------------------------------------------------- seeding
+
+
+def draws():
+    return torch.rand(4).tolist(), random.random(), np.random.rand(3).tolist()
+
+
+def test_rng_state_round_trip(tmp_path):
+    state = ckpt.rng_state()
+    first = draws()
+    assert draws() != first
+    ckpt.set_rng_state(state)
+    assert draws() == first
+    # It survives a weights-only checkpoint too.
+    ckpt.save_checkpoint(tmp_path / "rng.pt", {"rng": state})
+    ckpt.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
+    assert draws() == first
+
+
+def test_setup_seed_makes_model_init_repeatable():
+    def init(seed):
+        utils.setup_seed(seed)
+        return MAE_ViT(**TINY).state_dict(), draws()
+
+    (first, first_draws), (again, again_draws), (other, _) = init(0), init(0), init(1)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert first_draws == again_draws
+    assert not torch.equal(first["encoder.pos_embedding"], other["encoder.pos_embedding"])
+
+
+
+
+def test_resolve_resume(tmp_path):
+    own = tmp_path / "own.pt"
+    assert ckpt.resolve_resume("auto", own) is None
+    own.write_bytes(b"x")
+    assert ckpt.resolve_resume("auto", own) == own
+    assert ckpt.resolve_resume("other.pt", own) == "other.pt"
+    assert ckpt.resolve_resume(None, own) is None
+
+

@@ -5,6 +5,7 @@ A checkpoint is a dict that ``torch.load(path, weights_only=True)`` reads:
 "epoch": ..., "optimizer": ..., "scheduler": ..., "rng": ...}``. Older checkpoints without ``config`` (and the
 reference's pickled modules, behind ``--trust_checkpoint``) are rebuilt from their weights' shapes.
 """
+import contextlib
 import math
 import os
 import pickle
@@ -42,7 +43,8 @@ def save_checkpoint(path, state):
         raise UserError(f"could not write checkpoint {path} ({first_line(error)}; {free:.1f} MiB free there); "
                         f"the one before it is intact, so fix the cause and continue with --resume auto") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a temporary file that could not even be made is no error of its own
+            tmp.unlink(missing_ok=True)
 
 
 def to_host(value):
@@ -75,8 +77,9 @@ class CheckpointWriter:
     def _write(self, path, state):
         try:
             save_checkpoint(path, state)
-        except UserError as error:
-            self.error = error
+        except Exception as error:  # reported in the training thread by wait()
+            self.error = error if isinstance(error, UserError) else UserError(
+                f"could not write checkpoint {path} ({first_line(error)})")
 
     def wait(self):
         if self.thread is not None:

@@ -58,6 +58,26 @@ def compiler_available(device):
     return device.type == "cuda" or any(shutil.which(c) for c in ("g++", "c++", "clang++"))
 
 
+def largest_fitting_micro_batch(trial, per_process_batch, device, cpu_cap=256):
+    """``--max_device_batch_size auto``: the largest power of two that divides the batch and fits in memory.
+
+    ``trial(size)`` runs one forward and backward at that micro-batch size; on a GPU each size is tried from the
+    largest down until one runs without running out of memory. The CPU has no such limit worth a trial:
+    ``cpu_cap`` (cache-friendly, and fast on few cores) or the batch, whichever is smaller.
+    """
+    sizes = [1 << k for k in range(per_process_batch.bit_length() - 1, -1, -1) if per_process_batch % (1 << k) == 0]
+    if device.type != "cuda":
+        return next(size for size in sizes if size <= cpu_cap)
+    for size in sizes:
+        try:
+            trial(size)
+            return size
+        except torch.cuda.OutOfMemoryError:
+            pass
+        torch.cuda.empty_cache()  # outside the except block, so the failed step's tensors are freed
+    raise UserError("not even a micro-batch of 1 image fits in GPU memory")
+
+
 def maybe_compile(fn, device, enabled=True, mode="default"):
     if not enabled or not compiler_available(device):
         return fn
@@ -183,10 +203,16 @@ def progress_bar(total_steps, initial, enabled):
 
 
 class EpochTimer:
-    """Wall time of a block, synchronising the device first so GPU work is counted where it happened."""
+    """Wall time of a block, synchronising the device first so GPU work is counted where it happened.
+
+    ``after_step(then)`` wraps an epoch's after-step hook so that the first optimizer step's time is recorded
+    too (one extra sync): in a process's first epoch that step holds the compilation, which
+    ``steady_rate`` leaves out of the images per second.
+    """
 
     def __init__(self, device):
         self.device = device
+        self.first_step_seconds = None
 
     def __enter__(self):
         self._sync()
@@ -196,6 +222,22 @@ class EpochTimer:
     def __exit__(self, *exc):
         self._sync()
         self.seconds = time.perf_counter() - self.start
+
+    def after_step(self, then=None):
+        def hook():
+            if self.first_step_seconds is None:
+                self._sync()
+                self.first_step_seconds = time.perf_counter() - self.start
+            if then is not None:
+                then()
+
+        return hook
+
+    def steady_rate(self, images_seen, images_per_step):
+        """Images per second without the first optimizer step (compilation, warm-up), when it was timed."""
+        if self.first_step_seconds is None or images_seen <= images_per_step:
+            return images_seen / self.seconds
+        return (images_seen - images_per_step) / max(self.seconds - self.first_step_seconds, 1e-9)
 
     def _sync(self):
         if self.device.type == "cuda":

@@ -35,8 +35,8 @@ def build_parser():
     # The reference's arguments and defaults.
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--batch_size", type=utils.POSITIVE_INT, default=4096)
-    p.add_argument("--max_device_batch_size", type=utils.POSITIVE_INT, default=512,
-                   help="micro-batch; gradients accumulate")
+    p.add_argument("--max_device_batch_size", type=run_setup.micro_batch_size, default=512,
+                   help="micro-batch, or auto (the largest that fits); gradients accumulate")
     p.add_argument("--base_learning_rate", type=utils.POSITIVE_FLOAT, default=1.5e-4,
                    help="lr = base * batch_size / 256")
     p.add_argument("--weight_decay", type=utils.NONNEGATIVE_FLOAT, default=0.05)
@@ -92,7 +92,7 @@ def model_config(args, image_size, resumed=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    run = run_setup.start_run(args, [args.model_path], args.augment)
+    run = run_setup.start_run(args, [args.model_path])
     env, device = run.env, run.env.device
     resumed = ckpt.load_checkpoint(run.resume_path, kind="mae", option="--resume") if run.resume_path else None
     config = model_config(args, args.image_size, resumed and resumed["config"])
@@ -107,23 +107,25 @@ def main(argv=None):
         ckpt.check_resume_settings(resumed, config, args, ("dataset", "data_dir", "norm_pix_loss"), run.resume_path)
         done = ckpt.restore_training_state(resumed, "mae", model, optimizer, scheduler, run.resume_path)
     train_model = DistributedDataParallel(model) if env.world_size > 1 else model
-    step = engine.maybe_compile(engine.make_pretrain_step(train_model, device, run.precision, config.patch_size,
-                                                          args.norm_pix_loss),
-                                device, not args.no_compile, args.compile_mode)
+    eager_step = engine.make_pretrain_step(train_model, device, run.precision, config.patch_size, args.norm_pix_loss)
+    step = engine.maybe_compile(eager_step, device, not args.no_compile, args.compile_mode)
+    run_setup.make_loader(run, args, args.augment, run_setup.trial_step(
+        eager_step, model, run.train_set.images.shape[1:], 1, device))
     scaler = engine.grad_scaler(device, run.precision)
     fixed_images = normalize(run.test_set.images[:16].to(device))  # the reference's 16 validation images
     run.lock_folder()
-    logger = utils.RunLogger(run.log_dir, ["loss", "lr", "seconds", "images_per_s", "knn_acc", "probe_acc"],
-                             done + 1, env.is_main)
-    writer, stop = ckpt.CheckpointWriter(), engine.StopFlag().install()
+    logger = utils.RunLogger(run.log_dir, ["loss", "lr", "seconds", "images_per_s", "compile_seconds", "knn_acc",
+                                           "probe_acc"], done + 1, env.is_main)
+    writer, saves, stop = ckpt.CheckpointWriter(), run_setup.SaveSchedule(args), engine.StopFlag().install()
     steps_per_epoch = len(run.loader) // run.accum_steps * run.accum_steps
     bar = engine.progress_bar(args.total_epoch * steps_per_epoch, done * steps_per_epoch, env.is_main)
     for epoch in range(done + 1, args.total_epoch + 1):
         run.loader.set_epoch(epoch)
         model.train()
+        first = epoch == done + 1  # this process's first epoch holds the compilation: timed apart
         with engine.EpochTimer(device) as timer:
             loss, _, images_seen = engine.train_epoch(step, run.loader, optimizer, run.accum_steps, train_model, bar,
-                                                      scaler=scaler)
+                                                      timer.after_step() if first else None, scaler)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}")
@@ -131,11 +133,12 @@ def main(argv=None):
         if env.is_main and args.knn_every and (epoch % args.knn_every == 0 or epoch == args.total_epoch):
             monitor = evaluate_encoder(model.encoder, run.train_set, run.test_set, device, args.knn_k,
                                        args.knn_pool, args.probe_epochs, run.precision)
-        logger.log(epoch, loss=loss, lr=lr, seconds=timer.seconds, images_per_s=images_seen / timer.seconds,
-                   **monitor)
+        logger.log(epoch, loss=loss, lr=lr, seconds=timer.seconds, **monitor,
+                   images_per_s=timer.steady_rate(images_seen, args.batch_size),
+                   compile_seconds=timer.first_step_seconds if first and not args.no_compile else None)
         if env.is_main and (epoch % args.image_every == 0 or epoch in (1, args.total_epoch)):
             logger.add_image("mae_image", reconstruction_grid(model, fixed_images), epoch)
-        if env.is_main and (epoch % args.save_every == 0 or epoch == args.total_epoch or stop.requested):
+        if saves.due(epoch, args.total_epoch, stop.requested) and env.is_main:
             writer.save(args.model_path, ckpt.training_state("mae", model, config, optimizer, scheduler, epoch, args,
                                                              run_dir=str(run.log_dir)))
         if stop.requested:

@@ -7,7 +7,7 @@ import torch
 
 import utils
 from data import AUGMENTATIONS, GpuLoader, load_dataset
-from engine import COMPILE_MODES, PRECISIONS, describe_speed_path, resolve_precision
+from engine import COMPILE_MODES, PRECISIONS, describe_speed_path, largest_fitting_micro_batch, resolve_precision
 from model import ModelConfig
 
 # Model-size flags: left out, they come from the checkpoint being resumed or fine-tuned, else the defaults.
@@ -36,11 +36,20 @@ def add_run_arguments(p):
     p.add_argument("--log_dir", default="logs")
     p.add_argument("--run_name", default=None, help="log folder name (default: built from the settings)")
     p.add_argument("--resume", default=None, help="a checkpoint to continue from, or 'auto' for this run's own")
-    p.add_argument("--save_every", type=utils.POSITIVE_INT, default=1, help="epochs between checkpoints")
+    p.add_argument("--save_every", type=utils.POSITIVE_INT, default=None,
+                   help="also save every N epochs (default: by time only)")
+    p.add_argument("--save_minutes", type=utils.POSITIVE_FLOAT, default=10.0,
+                   help="save when this many minutes have passed since the last save (and always at the end); "
+                        "each save is written in the background from a copy")
     p.add_argument("--overwrite", action="store_true",
                    help="let a new run replace an existing checkpoint at its output path")
     p.add_argument("--trust_checkpoint", action="store_true",
                    help="allow loading a pickled whole-module checkpoint (the reference's released weights)")
+
+
+def micro_batch_size(text):
+    """``--max_device_batch_size``: a positive integer, or ``auto``."""
+    return text if text == "auto" else utils.POSITIVE_INT(text)
 
 
 def check_run_arguments(parser, args, outputs):
@@ -64,6 +73,35 @@ def explicit_sizes(args):
             and getattr(args, name, None) is not None}
 
 
+def trial_step(step, model, batch_shape, num_classes, device):
+    """One forward and backward at a micro-batch size, for ``--max_device_batch_size auto``; leaves no gradients."""
+    def trial(size):
+        images = torch.randn(size, *batch_shape, device=device)
+        labels = torch.randint(0, num_classes, (size,), device=device)
+        step(images, labels)[0].backward()
+        model.zero_grad(set_to_none=True)
+
+    return trial
+
+
+class SaveSchedule:
+    """When to checkpoint: every ``--save_every`` epochs if given, when ``--save_minutes`` have passed since the
+    last save, at the last epoch, and on a graceful stop."""
+
+    def __init__(self, args):
+        import time
+
+        self.clock, self.every, self.seconds = time.monotonic, args.save_every, args.save_minutes * 60
+        self.last = self.clock()
+
+    def due(self, epoch, last_epoch, stopping=False):
+        if (stopping or epoch == last_epoch or (self.every and epoch % self.every == 0)
+                or self.clock() - self.last >= self.seconds):
+            self.last = self.clock()
+            return True
+        return False
+
+
 @dataclass
 class Run:
     env: utils.Dist
@@ -72,8 +110,8 @@ class Run:
     resume_path: str
     train_set: object
     test_set: object
-    loader: GpuLoader
-    accum_steps: int
+    loader: GpuLoader = None
+    accum_steps: int = None
     lock: utils.RunLock = None
 
     def lock_folder(self):
@@ -82,8 +120,8 @@ class Run:
             self.lock = utils.RunLock(self.log_dir).acquire()
 
 
-def start_run(args, checkpoint_paths, augment="none"):
-    """Seed, device, the data, the run folder (locked) and the training loader.
+def start_run(args, checkpoint_paths):
+    """Seed, device, the data and the run folder (see ``make_loader`` and ``Run.lock_folder`` for the rest).
 
     ``checkpoint_paths`` are the files this run writes; the first is the one ``--resume auto`` continues from.
     A new run refuses to replace any of them (another run's work) without ``--overwrite``.
@@ -97,16 +135,31 @@ def start_run(args, checkpoint_paths, augment="none"):
         refuse_to_replace(log_dir, checkpoint_paths, args.overwrite)
     train_set, test_set = load_dataset(args.dataset, args.data_dir)
     args.image_size = train_set.images.shape[-1]
-    micro_batch, accum_steps = utils.split_batch(args.batch_size, args.max_device_batch_size, env.world_size)
-    loader = GpuLoader(train_set, micro_batch, env.device, augment=AUGMENTATIONS[augment], seed=args.seed,
-                       rank=env.rank, world_size=env.world_size)
-    if len(loader) < accum_steps:
+    if args.batch_size // env.world_size > len(train_set.labels) // env.world_size:
         raise utils.UserError(f"--batch_size {args.batch_size} is larger than the {len(train_set.labels)} training "
                               f"images: not one optimizer step would run")
+    if args.max_device_batch_size != "auto":
+        utils.split_batch(args.batch_size, args.max_device_batch_size, env.world_size)  # refuse a bad split now
     precision = resolve_precision(args.precision, env.device)
     if env.is_main:
         print(describe_speed_path(env.device, precision, not args.no_compile))
-    return Run(env, precision, log_dir, resume_path, train_set, test_set, loader, accum_steps)
+    return Run(env, precision, log_dir, resume_path, train_set, test_set)
+
+
+def make_loader(run, args, augment, trial=None):
+    """The training loader, once the micro-batch is known: ``--max_device_batch_size auto`` finds it with
+    ``trial(size)`` (one forward and backward, see engine.largest_fitting_micro_batch) and prints it."""
+    requested = args.max_device_batch_size
+    if requested == "auto":
+        per_process = args.batch_size // run.env.world_size
+        with torch.random.fork_rng(devices=[run.env.device] if run.env.device.type == "cuda" else []):
+            requested = largest_fitting_micro_batch(trial, per_process, run.env.device)
+        if run.env.is_main:
+            print(f"--max_device_batch_size auto: {requested}")
+    micro_batch, run.accum_steps = utils.split_batch(args.batch_size, requested, run.env.world_size)
+    run.loader = GpuLoader(run.train_set, micro_batch, run.env.device, augment=AUGMENTATIONS[augment],
+                           seed=args.seed, rank=run.env.rank, world_size=run.env.world_size)
+    return run.loader
 
 
 def refuse_to_replace(log_dir, checkpoint_paths, overwrite):

@@ -41,8 +41,8 @@ def build_parser():
     # The reference's arguments and defaults.
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--batch_size", type=utils.POSITIVE_INT, default=128)
-    p.add_argument("--max_device_batch_size", type=utils.POSITIVE_INT, default=256,
-                   help="micro-batch; gradients accumulate")
+    p.add_argument("--max_device_batch_size", type=run_setup.micro_batch_size, default=256,
+                   help="micro-batch, or auto (the largest that fits); gradients accumulate")
     p.add_argument("--base_learning_rate", type=utils.POSITIVE_FLOAT, default=1e-3,
                    help="lr = base * batch_size / 256")
     p.add_argument("--weight_decay", type=utils.NONNEGATIVE_FLOAT, default=0.05)
@@ -191,7 +191,7 @@ def resume(run, config, args, model, optimizer, scheduler, ema):
 
 def main(argv=None):
     args, typed_sizes, last_path = parse_args(argv)
-    run = run_setup.start_run(args, [last_path, args.output_model_path], args.augment)
+    run = run_setup.start_run(args, [last_path, args.output_model_path])
     env, device, classes = run.env, run.env.device, run.train_set.classes
     test_loader = GpuLoader(run.test_set, args.eval_batch_size, device, train=False, rank=env.rank,
                             world_size=env.world_size)
@@ -211,24 +211,29 @@ def main(argv=None):
     prepare, criterion = batch_regularizers(args, len(classes))
     step = engine.make_classifier_step(train_model, device, run.precision, criterion, prepare,
                                        not args.no_compile, args.compile_mode)
+    run_setup.make_loader(run, args, args.augment, run_setup.trial_step(
+        engine.make_classifier_step(train_model, device, run.precision, torch.nn.CrossEntropyLoss()), model,
+        run.train_set.images.shape[1:], len(classes), device))
     scaler = engine.grad_scaler(device, run.precision)
     forward = engine.maybe_compile(model, device, not args.no_compile, args.compile_mode)
     ema_forward = engine.maybe_compile(ema.module, device, not args.no_compile, args.compile_mode) if ema else None
     kept = ema.module if ema else model  # what the best checkpoint holds, chosen by its own accuracy
     run.lock_folder()
     logger = utils.RunLogger(run.log_dir, ["train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
-                                           "images_per_s", *(["val_loss_ema", "val_acc_ema"] if ema else [])],
-                             done + 1, env.is_main)
-    writer, stop = ckpt.CheckpointWriter(), engine.StopFlag().install()
+                                           "images_per_s", "compile_seconds",
+                                           *(["val_loss_ema", "val_acc_ema"] if ema else [])], done + 1, env.is_main)
+    writer, saves, stop = ckpt.CheckpointWriter(), run_setup.SaveSchedule(args), engine.StopFlag().install()
     steps_per_epoch = len(run.loader) // run.accum_steps * run.accum_steps
     bar = engine.progress_bar(args.total_epoch * steps_per_epoch, done * steps_per_epoch, env.is_main)
     for epoch in range(done + 1, args.total_epoch + 1):
         run.loader.set_epoch(epoch)
         model.train()
+        first = epoch == done + 1  # this process's first epoch holds the compilation: timed apart
         with engine.EpochTimer(device) as timer:
+            update_ema = (lambda: ema.update(model)) if ema else None
             train_loss, (correct,), images_seen = engine.train_epoch(
                 step, run.loader, optimizer, run.accum_steps, train_model, bar,
-                (lambda: ema.update(model)) if ema else None, scaler)
+                timer.after_step(update_ema) if first else update_ema, scaler)
         lr = max(group["lr"] for group in optimizer.param_groups)  # with layer decay: the head's, the largest
         scheduler.step()
         scores = dict(zip(("val_loss", "val_acc"), engine.evaluate(model, test_loader, device, run.precision,
@@ -238,7 +243,8 @@ def main(argv=None):
                                                                                run.precision, ema_forward)))
         bar.set_postfix(epoch=epoch, loss=f"{train_loss:.4f}", val_acc=f"{scores['val_acc']:.4f}")
         logger.log(epoch, train_loss=train_loss, train_acc=correct / images_seen, lr=lr, seconds=timer.seconds,
-                   images_per_s=images_seen / timer.seconds, **scores)
+                   images_per_s=timer.steady_rate(images_seen, args.batch_size), **scores,
+                   compile_seconds=timer.first_step_seconds if first and not args.no_compile else None)
         kept_acc = scores["val_acc_ema" if ema else "val_acc"]
         if kept_acc > best["val_acc"]:
             best = {"val_acc": kept_acc, "epoch": epoch}
@@ -247,8 +253,7 @@ def main(argv=None):
                                                      "config": config.to_dict(), "args": vars(args), "epoch": epoch,
                                                      "val_acc": kept_acc, "classes": classes})
         patience_over = args.patience is not None and epoch - best["epoch"] >= args.patience
-        if env.is_main and (epoch % args.save_every == 0 or epoch == args.total_epoch or stop.requested
-                            or patience_over):
+        if saves.due(epoch, args.total_epoch, stop.requested or patience_over) and env.is_main:
             writer.save(last_path, ckpt.training_state(
                 "classifier", model, config, optimizer, scheduler, epoch, args, best=best, classes=classes,
                 stopped_early=patience_over, ema=ema.module.state_dict() if ema else None,

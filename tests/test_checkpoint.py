@@ -222,3 +222,46 @@ def test_resolve_resume(tmp_path):
     assert ckpt.resolve_resume(None, own) is None
 
 
+
+
+def test_background_writer_saves_a_copy_taken_at_save_time(tmp_path):
+    weights = {"w": torch.zeros(3)}
+    writer = ckpt.CheckpointWriter()
+    writer.save(tmp_path / "a.pt", {"model": weights})
+    weights["w"] += 1  # training goes on while the file is written
+    writer.wait()
+    assert torch.equal(torch.load(tmp_path / "a.pt", weights_only=True)["model"]["w"], torch.zeros(3))
+
+
+def test_background_writer_reports_a_failed_write_in_the_training_thread(tmp_path):
+    (tmp_path / "file").write_text("x")
+    writer = ckpt.CheckpointWriter()
+    writer.save(tmp_path / "file" / "below.pt", {"model": {"w": torch.zeros(1)}})  # its folder is a file
+    with pytest.raises(UserError, match="could not write checkpoint"):
+        writer.wait()
+    writer.wait()  # reported once
+
+
+def test_config_is_inferred_from_an_older_checkpoints_weights():
+    state = MAE_ViT(16, 4, 32, 3, 2, 2, 2, decoder_emb_dim=16).state_dict()
+    config = ckpt.infer_config(state, {"encoder_heads": 2, "decoder_heads": 2})
+    assert (config.image_size, config.patch_size, config.emb_dim, config.encoder_depth) == (16, 4, 32, 3)
+    assert (config.decoder_depth, config.decoder_emb_dim, config.encoder_heads) == (2, 16, 2)
+    model = ckpt.build_model({"kind": "mae", "config": config, "model": state}, "old.pt")
+    assert model.encoder.pos_embedding.shape == (16, 1, 32)
+
+
+def test_resume_refuses_another_model_and_allows_more_epochs(tmp_path, capsys):
+    from model import ModelConfig
+
+    saved = {"config": ModelConfig(emb_dim=32), "args": {"dataset": "cifar10", "total_epoch": 10}}
+    ckpt.check_resume_settings(saved, ModelConfig(emb_dim=32), argparse.Namespace(dataset="cifar10", total_epoch=20),
+                               ("dataset",), "run.pt")
+    assert "--total_epoch 10 -> 20" in capsys.readouterr().out
+    with pytest.raises(UserError, match=r"mask_strategy: 'random' -> 'block'"):
+        ckpt.check_resume_settings(saved, ModelConfig(emb_dim=32, mask_strategy="block"),
+                                   argparse.Namespace(dataset="cifar10", total_epoch=10), ("dataset",), "run.pt")
+    with pytest.raises(UserError, match=r"--dataset: 'cifar10' -> 'cifar100'"):
+        ckpt.check_resume_settings(saved, ModelConfig(emb_dim=32), argparse.Namespace(dataset="cifar100",
+                                                                                      total_epoch=10),
+                                   ("dataset",), "run.pt")

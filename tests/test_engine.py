@@ -73,3 +73,154 @@ def test_a_nan_loss_raises_non_finite_loss():
     with pytest.raises(NonFiniteLoss, match="became nan"):
         engine.train_epoch(step, batches, optimizer, 1, model)
 
+
+
+# ------------------------------------------------------------------------------------- the GPU path, on the CPU
+
+
+def tiny_mae_model(strategy="random"):
+    from model import MAE_ViT
+
+    torch.manual_seed(0)
+    return MAE_ViT(16, 2, 32, 1, 2, 1, 2, mask_ratio=0.75, mask_strategy=strategy)
+
+
+def tiny_classifier_model():
+    from model import ModelConfig, build_classifier
+
+    torch.manual_seed(0)
+    return build_classifier(ModelConfig(image_size=16, patch_size=2, emb_dim=32, encoder_depth=1, encoder_heads=2,
+                                        num_classes=5))
+
+
+class HostSync(RuntimeError):
+    pass
+
+
+@pytest.fixture
+def no_host_syncs(monkeypatch):
+    """Every way a tensor reaches the host raises, except the one read per epoch (after ``all_reduce_sum``)."""
+    def forbidden(*args, **kwargs):
+        raise HostSync("a host sync inside the step")
+
+    names = ("item", "tolist", "cpu", "__bool__")
+    saved = {name: getattr(torch.Tensor, name) for name in names}
+    for name in names:
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+
+    def reduce_then_allow(tensor):
+        for name, original in saved.items():
+            setattr(torch.Tensor, name, original)  # the epoch's one read comes next
+        return tensor
+
+    monkeypatch.setattr(engine, "all_reduce_sum", reduce_then_allow)
+
+
+def test_training_steps_and_evaluation_never_sync_with_the_host(no_host_syncs):
+    cpu = torch.device("cpu")
+    images, labels = torch.randn(4, 3, 16, 16), torch.arange(4) % 5
+    mae = tiny_mae_model()
+    optimizer = torch.optim.AdamW(mae.parameters(), fused=True)  # as on CUDA: the unfused one reads its step count
+    engine.train_epoch(engine.make_pretrain_step(mae, cpu, "fp32", 2), [(images, labels)] * 2, optimizer, 2, mae)
+    classifier = tiny_classifier_model()
+    engine.evaluate(classifier, [(images, labels)] * 3, cpu, "fp32")
+
+
+def test_the_no_sync_guard_catches_a_sync(no_host_syncs):
+    with pytest.raises(HostSync):
+        torch.ones(2).sum().item()
+
+
+@pytest.mark.parametrize("strategy", ["random", "block", "grid", "blockwise"])
+def test_pretraining_step_compiles_to_one_graph_with_accumulation(strategy):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model = tiny_mae_model(strategy)
+    counter = CompileCounterWithBackend("aot_eager")
+    torch.compiler.reset()
+    try:
+        step = torch.compile(engine.make_pretrain_step(model, torch.device("cpu"), "fp32", 2), backend=counter,
+                             fullgraph=True)  # a graph break is an error
+        batches = [(torch.randn(4, 3, 16, 16), torch.zeros(4, dtype=torch.long))] * 4
+        engine.train_epoch(step, batches, torch.optim.AdamW(model.parameters()), 2, model)  # 2 micro-batches a step
+    finally:
+        torch.compiler.reset()
+    assert counter.frame_count == 1
+
+
+def test_classifier_step_and_probe_feature_pass_compile_to_one_graph():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model = tiny_classifier_model()
+    counter = CompileCounterWithBackend("aot_eager")
+    torch.compiler.reset()
+    try:
+        step = engine.make_classifier_step(model, torch.device("cpu"), "fp32", torch.nn.CrossEntropyLoss())
+        compiled = torch.compile(step, backend=counter, fullgraph=True)
+        engine.train_epoch(compiled, [(torch.randn(4, 3, 16, 16), torch.arange(4) % 5)] * 4,
+                           torch.optim.AdamW(model.parameters()), 2, model)
+        features = torch.compile(model.forward_features, backend=counter, fullgraph=True)
+        with torch.no_grad():
+            assert features(torch.randn(3, 3, 16, 16)).shape == (3, 1 + 64, 32)
+    finally:
+        torch.compiler.reset()
+    assert counter.frame_count == 2
+
+
+def test_forced_fp16_path_scales_the_loss_and_lowers_it():
+    cpu = torch.device("cpu")
+    model = tiny_classifier_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    scaler = engine.grad_scaler(cpu, "fp16")
+    assert scaler is not None and engine.grad_scaler(cpu, "bf16") is None
+    step = engine.make_classifier_step(model, cpu, "fp16", torch.nn.CrossEntropyLoss())
+    torch.manual_seed(1)
+    batch = [(torch.randn(8, 3, 16, 16), torch.arange(8) % 5)]
+    first, _, _ = engine.train_epoch(step, batch, optimizer, 1, model, scaler=scaler)
+    for _ in range(10):
+        last, _, _ = engine.train_epoch(step, batch, optimizer, 1, model, scaler=scaler)
+    assert scaler.get_scale() > 1  # the loss really was scaled
+    assert last < first
+
+
+@pytest.mark.parametrize("device, requested, expected", [("cpu", "auto", "fp32"), ("cpu", "bf16", "bf16"),
+                                                         ("cpu", "fp16", "fp16"), ("cpu", "fp32", "fp32")])
+def test_precision_choice(monkeypatch, device, requested, expected):
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)
+    assert engine.resolve_precision(requested, torch.device(device)) == expected
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: True)
+    assert engine.resolve_precision("auto", torch.device("cpu")) == "bf16"
+
+
+def test_gpus_without_bf16_get_fp16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert engine.resolve_precision("auto", torch.device("cuda")) == "fp16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert engine.resolve_precision("auto", torch.device("cuda")) == "bf16"
+
+
+def test_auto_micro_batch_is_the_largest_power_of_two_that_fits(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    tried = []
+
+    def trial(size):
+        tried.append(size)
+        if size > 256:
+            raise torch.cuda.OutOfMemoryError("out of memory")
+
+    assert engine.largest_fitting_micro_batch(trial, 4096, torch.device("cuda")) == 256
+    assert tried == [4096, 2048, 1024, 512, 256]
+    assert engine.largest_fitting_micro_batch(trial, 384, torch.device("cuda")) == 128  # must divide the batch
+    assert engine.largest_fitting_micro_batch(None, 4096, torch.device("cpu")) == 256  # no trial on the CPU
+    with pytest.raises(UserError, match="not even a micro-batch of 1"):
+        engine.largest_fitting_micro_batch(lambda size: trial(size * 1000), 4, torch.device("cuda"))
+
+
+def test_first_step_is_timed_apart_for_the_steady_rate(monkeypatch):
+    clock = iter([0.0, 5.0, 7.0])  # start, after the first step (compilation), end
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: next(clock))
+    with engine.EpochTimer(torch.device("cpu")) as timer:
+        timer.after_step()()
+        timer.after_step()  # a hook that is never called changes nothing
+    assert (timer.first_step_seconds, timer.seconds) == (5.0, 7.0)
+    assert timer.steady_rate(300, 100) == pytest.approx(200 / 2.0)

@@ -248,3 +248,34 @@ def test_two_process_pretraining_completes(tmp_path, mae_argv):
     assert len(csvs) == 1  # only rank 0 logs
     assert [int(row["epoch"]) for row in read_metrics(csvs[0].parent)[1]] == [1, 2]
     assert len(list(csvs[0].parent.glob("events.out.tfevents.*"))) == 1
+
+
+def test_auto_micro_batch_prints_its_choice_and_trains(tmp_path, mae_argv, capsys):
+    argv = mae_argv(tmp_path, "--total_epoch", 1, "--max_device_batch_size", "auto")
+    assert mae_pretrain.main(argv) == 0
+    assert "--max_device_batch_size auto: 16" in capsys.readouterr().out  # the CPU takes the whole batch of 16
+    assert len(read_metrics(run_dirs(tmp_path / "logs")[0])[1]) == 1
+
+
+def test_resume_with_another_mask_strategy_is_refused(tmp_path, mae_argv, cli_error):
+    mae_pretrain.main(mae_argv(tmp_path, "--total_epoch", 1, "--run_name", "r"))
+    line = cli_error(mae_pretrain.main, mae_argv(tmp_path, "--total_epoch", 2, "--run_name", "r",
+                                                 "--mask_strategy", "grid", "--resume", "auto"))
+    assert "cannot resume" in line and "mask_strategy: 'random' -> 'grid'" in line
+
+
+def test_a_finished_checkpoint_is_not_replaced_by_a_new_run(tmp_path, mae_argv, cli_error):
+    mae_pretrain.main(mae_argv(tmp_path, "--total_epoch", 1))
+    before = (tmp_path / "mae.pt").read_bytes()
+    other_logs = ["--log_dir", str(tmp_path / "other_logs")]  # same name, another --log_dir
+    line = cli_error(mae_pretrain.main, mae_argv(tmp_path, "--total_epoch", 1, *other_logs))
+    assert "already exists" in line and "--overwrite" in line
+    assert (tmp_path / "mae.pt").read_bytes() == before
+    assert mae_pretrain.main(mae_argv(tmp_path, "--total_epoch", 1, *other_logs, "--overwrite")) == 0
+
+
+def test_resuming_another_runs_checkpoint_is_refused(tmp_path, mae_argv, cli_error):
+    mae_pretrain.main(mae_argv(tmp_path, "--total_epoch", 1))
+    line = cli_error(mae_pretrain.main, mae_argv(tmp_path, "--total_epoch", 2, "--resume", "auto",
+                                                 "--log_dir", str(tmp_path / "other_logs")))
+    assert "belongs to the run in" in line

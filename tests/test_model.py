@@ -328,3 +328,22 @@ def test_encoder_state_dict_from_an_mae_and_from_a_classifier():
     assert set(from_classifier) == expected_keys
     encoder.load_state_dict(from_classifier, strict=True)
     assert torch.equal(encoder.transformer[0].attn.qkv.weight, classifier.transformer[0].attn.qkv.weight)
+
+
+def test_mae_loss_counts_masked_patches_exactly_under_bf16_autocast():
+    # 255 images x 192 masked patches = 48,960: bf16 (8 significant bits) would count 48,896.
+    from model import MAE_ViT, mae_loss
+
+    torch.manual_seed(0)
+    model = MAE_ViT(32, 2, 32, 1, 2, 1, 2)
+    images = torch.randn(255, 3, 32, 32)
+    torch.manual_seed(1)
+    predicted, mask = model(images)
+    exact = mae_loss(predicted, images, mask, 2)
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        predicted_bf16, mask_bf16 = model(images)
+    assert mask_bf16.dtype == torch.float32 and mask_bf16[:, 0].sum() == 255 * 192 * 2 * 2  # 2 x 2 pixels a patch
+    fast = mae_loss(predicted_bf16, images, mask_bf16, 2)
+    assert fast.dtype == torch.float32
+    torch.testing.assert_close(fast, exact, rtol=1e-2, atol=0)

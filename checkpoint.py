@@ -118,7 +118,8 @@ def load_checkpoint(path, trust_pickle=False, kind=None, option=None):
     except PermissionError:
         raise UserError(f"checkpoint {path} cannot be read (permission denied)") from None
     except Exception as error:  # damaged bytes fail inside the unpickler in many ways (EOFError, IndexError, ...)
-        raise UserError(f"checkpoint {path} is truncated or corrupt ({first_line(error)})") from None
+        raise UserError(f"checkpoint {path} is truncated or corrupt ({type(error).__name__}: "
+                        f"{first_line(error)})") from None
     if isinstance(checkpoint, dict) and "model" not in checkpoint and checkpoint and all(
             isinstance(v, torch.Tensor) for v in checkpoint.values()):
         checkpoint = {"model": checkpoint}  # a bare state dict
@@ -126,7 +127,8 @@ def load_checkpoint(path, trust_pickle=False, kind=None, option=None):
         raise UserError(f"checkpoint {path} holds no model weights")
     checkpoint.setdefault("kind", checkpoint_kind(checkpoint["model"]))
     if kind and checkpoint["kind"] != kind:
-        raise UserError(f"{path} is a {checkpoint['kind']} checkpoint; {option} needs {KIND_NAMES[kind]}")
+        what = {"mae": "an MAE", "classifier": "a classifier"}.get(checkpoint["kind"], "an unrecognised")
+        raise UserError(f"{path} is {what} checkpoint; {option} needs {KIND_NAMES[kind]}")
     if checkpoint["kind"] in KIND_NAMES:
         checkpoint["guessed"] = guessed_fields(checkpoint)
         checkpoint["config"] = checkpoint_config(checkpoint, path)

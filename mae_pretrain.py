@@ -83,8 +83,9 @@ def model_config(args, image_size, resumed=None):
     """The architecture: the defaults, under a resumed checkpoint's, under the flags given."""
     base = resumed.to_dict() if resumed else ModelConfig().to_dict()
     config = ModelConfig.from_dict({**base, "image_size": image_size, **run_setup.explicit_sizes(args)})
+    run_setup.check_shapes(config, decoder=True)
     try:
-        build_mae(config)  # impossible combinations (heads, ratio and strategy) fail here, before any file
+        build_mae(config)  # what is left (a mask ratio the strategy cannot make) fails here, before any file
     except ValueError as error:
         raise utils.UserError(str(error)) from None
     return config
@@ -119,6 +120,7 @@ def main(argv=None):
     writer, saves, stop = ckpt.CheckpointWriter(), run_setup.SaveSchedule(args), engine.StopFlag().install()
     steps_per_epoch = len(run.loader) // run.accum_steps * run.accum_steps
     bar = engine.progress_bar(args.total_epoch * steps_per_epoch, done * steps_per_epoch, env.is_main)
+    stopping = False
     for epoch in range(done + 1, args.total_epoch + 1):
         run.loader.set_epoch(epoch)
         model.train()
@@ -138,16 +140,17 @@ def main(argv=None):
                    compile_seconds=timer.first_step_seconds if first and not args.no_compile else None)
         if env.is_main and (epoch % args.image_every == 0 or epoch in (1, args.total_epoch)):
             logger.add_image("mae_image", reconstruction_grid(model, fixed_images), epoch)
-        if saves.due(epoch, args.total_epoch, stop.requested) and env.is_main:
+        stopping = stop.requested  # read once: a signal arriving after this is handled at the next epoch's end
+        if saves.due(epoch, args.total_epoch, stopping) and env.is_main:
             writer.save(args.model_path, ckpt.training_state("mae", model, config, optimizer, scheduler, epoch, args,
                                                              run_dir=str(run.log_dir)))
-        if stop.requested:
+        if stopping:
             break
     writer.wait()
     bar.close()
     logger.close()
     utils.cleanup_distributed()
-    return stop.exit_code
+    return stop.exit_code if stopping else 0  # 130 / 143 after a graceful stop: stopping is not success
 
 
 if __name__ == "__main__":

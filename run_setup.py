@@ -102,6 +102,21 @@ class SaveSchedule:
         return False
 
 
+def check_shapes(config, decoder=False):
+    """Sizes that cannot make a model, refused naming the flags (the data's image size is known by now)."""
+    problems = []
+    if config.image_size % config.patch_size:
+        problems.append(f"--patch_size {config.patch_size} does not divide the {config.image_size} px images")
+    if config.emb_dim % config.encoder_heads:
+        problems.append(f"--emb_dim {config.emb_dim} is not divisible by --encoder_heads {config.encoder_heads}")
+    width = config.decoder_emb_dim or config.emb_dim
+    if decoder and width % config.decoder_heads:
+        flag = "--decoder_emb_dim" if config.decoder_emb_dim else "--emb_dim"
+        problems.append(f"{flag} {width} is not divisible by --decoder_heads {config.decoder_heads}")
+    if problems:
+        raise utils.UserError("; ".join(problems))
+
+
 @dataclass
 class Run:
     env: utils.Dist

@@ -90,6 +90,9 @@ def parse_args(argv=None):
         parser.error("--linear_probe needs --pretrained_model_path (a frozen random encoder says little)")
     if args.pretrained_model_path and not Path(args.pretrained_model_path).is_file():
         parser.error(f"argument --pretrained_model_path: {args.pretrained_model_path} is not a checkpoint file")
+    if args.output_model_path is not None and (Path(args.output_model_path).is_dir() or
+                                                not Path(args.output_model_path).name.strip(".")):
+        parser.error(f"argument --output_model_path: {args.output_model_path} is a folder; give a file name")
     last_path = name_run(args, parser)
     if Path(args.output_model_path).resolve() == Path(last_path).resolve() or (
             args.pretrained_model_path and Path(args.pretrained_model_path).resolve() in
@@ -114,10 +117,8 @@ def build_model(args, typed_sizes, image_size, num_classes):
     if not args.pretrained_model_path:
         sizes = {k: v for k, v in run_setup.explicit_sizes(args).items() if k in ModelConfig.ENCODER_FIELDS}
         config = ModelConfig.from_dict({**sizes, "image_size": image_size, "num_classes": num_classes})
-        try:
-            return build_classifier(config, args.drop_path), config
-        except ValueError as error:
-            raise utils.UserError(str(error)) from None
+        run_setup.check_shapes(config)
+        return build_classifier(config, args.drop_path), config
     path = args.pretrained_model_path
     checkpoint = ckpt.load_checkpoint(path, args.trust_checkpoint, "mae", "--pretrained_model_path")
     guessed = {k: v for k, v in typed_sizes.items() if k in checkpoint["guessed"]}  # an older file's unknowns
@@ -225,6 +226,7 @@ def main(argv=None):
     writer, saves, stop = ckpt.CheckpointWriter(), run_setup.SaveSchedule(args), engine.StopFlag().install()
     steps_per_epoch = len(run.loader) // run.accum_steps * run.accum_steps
     bar = engine.progress_bar(args.total_epoch * steps_per_epoch, done * steps_per_epoch, env.is_main)
+    stopping = False
     for epoch in range(done + 1, args.total_epoch + 1):
         run.loader.set_epoch(epoch)
         model.train()
@@ -252,8 +254,9 @@ def main(argv=None):
                 writer.save(args.output_model_path, {"kind": "classifier", "model": kept.state_dict(),
                                                      "config": config.to_dict(), "args": vars(args), "epoch": epoch,
                                                      "val_acc": kept_acc, "classes": classes})
+        stopping = stop.requested  # read once: a signal arriving after this is handled at the next epoch's end
         patience_over = args.patience is not None and epoch - best["epoch"] >= args.patience
-        if saves.due(epoch, args.total_epoch, stop.requested or patience_over) and env.is_main:
+        if saves.due(epoch, args.total_epoch, stopping or patience_over) and env.is_main:
             writer.save(last_path, ckpt.training_state(
                 "classifier", model, config, optimizer, scheduler, epoch, args, best=best, classes=classes,
                 stopped_early=patience_over, ema=ema.module.state_dict() if ema else None,
@@ -261,13 +264,13 @@ def main(argv=None):
         if patience_over:
             print(f"\nval accuracy has not improved for {args.patience} epochs (best {best['val_acc']:.4f} at "
                   f"epoch {best['epoch']}); stopping early")
-        if stop.requested or patience_over:
+        if stopping or patience_over:
             break
     writer.wait()
     bar.close()
     logger.close()
     utils.cleanup_distributed()
-    return stop.exit_code
+    return stop.exit_code if stopping else 0  # 130 / 143 after a graceful stop: stopping is not success
 
 
 if __name__ == "__main__":

@@ -180,12 +180,14 @@ def test_sigterm_finishes_the_epoch_saves_and_exits_143(tmp_path, mae_argv):
 @pytest.mark.parametrize("extra, message", [
     (["--mask_ratio", 1.5], "argument --mask_ratio: 1.5 is not allowed: it must be in (0, 1)"),
     (["--mask_ratio", 0], "argument --mask_ratio: 0 is not allowed: it must be in (0, 1)"),
-    (["--patch_size", 3], "image size 16 is not divisible by patch size 3"),
+    (["--patch_size", 3], "--patch_size 3 does not divide the 16 px images"),
+    (["--emb_dim", 33], "--emb_dim 33 is not divisible by --encoder_heads 2"),
+    (["--decoder_emb_dim", 7], "--decoder_emb_dim 7 is not divisible by --decoder_heads 2"),
     # 8 x 8 patches, ratio 0.82 keeps int(64 * 0.18) = 11: a prime larger than the side, so no r x c rectangle.
     (["--mask_strategy", "block", "--mask_ratio", 0.82], "cannot keep 11 of 64 patches"),
     (["--mask_strategy", "grid", "--mask_ratio", 0.82], "cannot keep 11 of 64 patches"),
     (["--batch_size", 16, "--max_device_batch_size", 6], "not divisible by --max_device_batch_size 6"),
-], ids=["ratio-above-1", "ratio-0", "patch-size", "block-ratio", "grid-ratio", "micro-batch"])
+], ids=["ratio-above-1", "ratio-0", "patch-size", "width-heads", "decoder-width-heads", "block-ratio", "grid-ratio", "micro-batch"])
 def test_bad_settings_fail_with_one_line(tmp_path, mae_argv, cli_error, extra, message):
     line = cli_error(mae_pretrain.main, mae_argv(tmp_path, *extra))
     assert message in line

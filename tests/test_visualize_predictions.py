@@ -69,7 +69,7 @@ def test_reconstruction_grid_leaves_the_training_random_stream_alone(mae_run):
 
 
 @pytest.mark.parametrize("flag, checkpoint, expected", [
-    ("--model_path", "mae", "is a mae checkpoint; --model_path needs a classifier"),
+    ("--model_path", "mae", "is an MAE checkpoint; --model_path needs a classifier"),
     ("--mae_model_path", "classifier", "is a classifier checkpoint; --mae_model_path needs an MAE"),
     ("--model_path", "missing", "is not a checkpoint file"),
 ], ids=["mae-as-classifier", "classifier-as-mae", "missing"])

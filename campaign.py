@@ -1,0 +1,564 @@
+"""The GPU measurement campaign: the numbers the README and the ablation tables need, measured in parts that each
+end within --time_limit minutes (start-up and compilation included), appended to small CSV files in results/.
+
+    python campaign.py --dry_run                  # the plan: the units still to run, packed into parts, with times
+    python campaign.py --data_dir DATA            # one part; run the same command again for the next one
+    python campaign.py --only bench               # one step: bench, epochs, tta, ablation or report
+    python campaign.py --tiny --data_dir DATA --time_limit 0.5    # the whole campaign on the CPU, tiny model
+
+Steps: bench (benchmark.py: workloads x micro-batch sizes x compile modes, and the fine-tuning augmentations),
+epochs (real epoch times of the design card's commands, from each run's metrics.csv), tta (pretraining sized to
+fill a part, then fine-tuning from its encoder, which travels as a bf16 state dict in results/, and the same
+fine-tuning from scratch), ablation (decoder depth 2/4/8, mask strategy random/block/grid, 2 seeds; each run is
+pretraining + k-NN and linear probe + fine-tuning within one part), report (results/REPORT.md, rebuilt after
+every part). A unit (one benchmark configuration, one run) with a row in its CSV for this GPU is skipped. Every
+script runs in its own process and gets SIGTERM before the part ends: it finishes its epoch, saves and exits 143,
+and the next part continues it with --resume auto while the work folder (--work_dir, git-ignored) is still there.
+"""
+import argparse
+import csv
+import os
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+
+STARTED = time.monotonic()  # a part's time counts from here, the import of torch included
+import torch  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+STEPS = ("bench", "epochs", "tta", "ablation", "report")
+REFERENCE = {"pretrain": 3760.0, "finetune": 2080.0}  # IcarusWizard/MAE on one H100, images/s (see the README)
+ENCODER_LIMIT = 16 * 2 ** 20
+SAFETY = 1.1  # a unit starts when 1.1 times its estimated time is left in the part
+META = ["gpu", "torch", "commit", "date", "key", "command", "wall_s"]
+COLUMNS = {"bench": META + ["workload", "batch", "precision", "compile", "augment", "images_per_s", "tflops",
+                            "percent_of_peak", "peak_memory_gib", "gflop_per_image", "status"],
+           "epochs": META + ["epochs", "seconds_per_epoch", "images_per_s", "first_epoch_s", "compile_s"],
+           "tta": META + ["epochs", "train_s", "final_loss", "val_acc", "best_val_acc", "encoder_mb"],
+           "ablation": META + ["decoder_depth", "mask_strategy", "seed", "pretrain_epochs", "finetune_epochs",
+                               "pretrain_loss", "knn_acc", "probe_acc", "val_acc", "pretrain_s", "finetune_s"]}
+SPEED_RUNS = {"pretrain_dd2": ["--decoder_depth", "2"], "pretrain_dd4": [], "pretrain_dd8": ["--decoder_depth", "8"],
+              **{f"pretrain_{s}": ["--mask_strategy", s] for s in ("block", "grid", "blockwise")},
+              "finetune": [], "finetune_strong": ["--recipe", "strong"]}
+ABLATIONS = [(2, "random"), (4, "random"), (8, "random"), (4, "block"), (4, "grid")]
+SEEDS = (0, 1)
+DEPTH_COST = {"pretrain_dd2": 3.93 / 5.65, "pretrain_dd8": 9.09 / 5.65}  # GFLOP per image vs depth 4 (README)
+# "gpu": the real campaign; "tiny": a CPU-sized model and schedule that runs every step in seconds (the tests).
+# guess: seconds until this GPU has measured them: start-up + compile, an epoch at the reference's speed, and a
+# benchmark unit per compile mode.
+PROFILES = {
+    "gpu": dict(model=[], decoder=[], batch=[], speed=[], bench=[], precision="auto",
+                compile_modes=["default", "max-autotune-no-cudagraphs"],
+                batches={"pretrain": [256, 512, 1024], "finetune": [128, 256, 512]}, speed_epochs=3,
+                caps=dict(tta_pretrain=300, tta_finetune=40, abl_pretrain=200, abl_finetune=30), probe_epochs=10,
+                guess={"overhead": 120, "pretrain": 13.3, "finetune": 25, "none": 45, "default": 90,
+                       "max-autotune-no-cudagraphs": 240}),
+    "tiny": dict(model=["--emb_dim", "32", "--encoder_depth", "1", "--encoder_heads", "2"],
+                 decoder=["--decoder_heads", "2"], batch=["--batch_size", "16", "--max_device_batch_size", "8"],
+                 speed=["--precision", "fp32", "--no_compile", "--threads", "1"],
+                 bench=["--steps", "2", "--warmup", "1", "--threads", "1"], precision="fp32", compile_modes=["none"],
+                 batches={"pretrain": [8], "finetune": [8]}, speed_epochs=2,
+                 caps=dict(tta_pretrain=3, tta_finetune=2, abl_pretrain=2, abl_finetune=1), probe_epochs=2,
+                 guess={"overhead": 5, "pretrain": 0.5, "finetune": 0.5, "none": 10})}
+say = partial(print, flush=True)
+
+
+@dataclass
+class Run:
+    """One script invocation; a training run (``epochs`` > 0) continues from its checkpoint when it has one."""
+    script: str
+    options: list
+    name: str = None
+    epochs: int = 0
+    kind: str = None  # the SPEED_RUNS measurement that predicts its time
+
+
+@dataclass
+class Unit:
+    step: str
+    key: str
+    runs: list
+    record: callable  # unit -> the rows it adds to its step's CSV
+    needs: Path = None  # a file that an earlier unit writes
+    info: dict = field(default_factory=dict)
+
+
+def parse_args(argv=None):
+    def minutes(text):
+        try:
+            if float(text) > 0:
+                return float(text)
+        except ValueError:
+            pass
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a number of minutes > 0")
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--time_limit", type=minutes, default=9.0, help="minutes per part, start-up included (9)")
+    p.add_argument("--only", choices=STEPS, default=None, help="run this step only")
+    p.add_argument("--dry_run", action="store_true", help="print the plan with estimated times; write nothing")
+    p.add_argument("--data_dir", default=None, help="image folder with train/ and test/ (default: torchvision's)")
+    p.add_argument("--device", default=None, help="auto, cpu or cuda[:N] (default auto; cpu with --tiny)")
+    p.add_argument("--tiny", action="store_true", help="a tiny model and schedule in fp32 eager (tests, CPU)")
+    p.add_argument("--results_dir", default=str(HERE / "results"), help="the committed CSVs and REPORT.md")
+    p.add_argument("--work_dir", default=str(HERE / "campaign_runs"), help="logs and checkpoints (git-ignored)")
+    args = p.parse_args(argv)
+    args.device = args.device or ("cpu" if args.tiny else "auto")
+    if not (args.device in ("auto", "cpu") or args.device.startswith("cuda") and torch.cuda.is_available()):
+        p.error(f"argument --device: {args.device!r} is not usable here: expected auto, cpu, or cuda[:N] with a GPU")
+    if args.data_dir and not all((Path(args.data_dir) / split).is_dir() for split in ("train", "test")):
+        p.error(f"argument --data_dir: {args.data_dir} has no train/ and test/ folders")
+    for flag in ("results_dir", "work_dir"):
+        if any(q.exists() and not q.is_dir() for q in (Path(getattr(args, flag)), *Path(getattr(args, flag)).parents)):
+            p.error(f"argument --{flag}: {getattr(args, flag)} is not a folder")
+    for flag in ("data_dir", "results_dir", "work_dir"):  # absolute: the scripts run in the repository folder
+        setattr(args, flag, getattr(args, flag) and str(Path(getattr(args, flag)).resolve()))
+    return args
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                              check=True).stdout.strip() or "unknown"
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def read_csv(path):
+    if not Path(path).is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def number(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def fmt(value, spec=".1f", scale=1.0):
+    return "-" if number(value) is None else format(number(value) * scale, spec)
+
+
+def mean_std(values, scale=1.0):
+    values = [v * scale for v in values if v is not None]
+    return " ± ".join(format(v, ".2f") for v in ([statistics.mean(values), statistics.stdev(values)]
+                                                  if len(values) > 1 else values)) or "-"
+
+
+def table(head, rows):
+    if not rows:
+        return ["(no rows yet)", ""]
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+            *("| " + " | ".join(map(str, row)) + " |" for row in rows), ""]
+
+
+def execute(command, output, stop_at, kill_at):
+    """Run ``command`` in the repository folder, its output appended to ``output``; SIGTERM at ``stop_at`` (it
+    saves and exits), SIGKILL at ``kill_at`` (time.monotonic() seconds). Returns its exit code (-N: signal N)."""
+    with open(output, "a") as log:
+        child = execute.child = subprocess.Popen(command, cwd=HERE, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            for deadline, then in ((stop_at, child.terminate), (kill_at, child.kill), (None, None)):
+                try:
+                    return child.wait(None if deadline is None else max(deadline - time.monotonic(), 0))
+                except subprocess.TimeoutExpired:
+                    then()
+        finally:
+            execute.child = None
+
+
+class Campaign:
+    def __init__(self, args):
+        self.args, self.p = args, PROFILES["tiny" if args.tiny else "gpu"]
+        self.results, self.work = Path(args.results_dir), Path(args.work_dir)
+        device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else
+                              "cpu")
+        self.gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+        self.slug = "".join(c if c.isalnum() else "-" for c in self.gpu.lower())
+        self.limit = args.time_limit * 60
+        self.margin = min(30.0, 0.1 * self.limit)  # for the start-up of this script and the report at the end
+        self.encoder = self.results / f"tta_mae_{self.slug}.pt"  # what travels from pretraining to fine-tuning
+        self.commit, self.stopping = "unknown", 0
+
+    # ------------------------------------------------------------------------------------------ bookkeeping
+
+    def rows(self, step, everywhere=False):
+        return [r for r in read_csv(self.results / f"{step}.csv") if everywhere or r.get("gpu") == self.gpu]
+
+    def done(self, unit):
+        return any(r["key"] == unit.key for r in self.rows(unit.step))
+
+    def append(self, step, rows):
+        """Append only; a CSV written by an older version keeps its own columns."""
+        path = self.results / f"{step}.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a+", newline="") as f:
+            f.seek(0)
+            header = next(csv.reader(f), None)
+            writer = csv.DictWriter(f, header or COLUMNS[step], extrasaction="ignore")
+            if not header:
+                writer.writeheader()
+            writer.writerows(rows)
+
+    def paths(self, run):
+        """(the run's log folder, the checkpoint --resume auto continues from, the flags for its checkpoints)."""
+        checkpoint = self.work / "checkpoints" / f"{run.name}.pt"
+        log_dir = self.work / "logs" / "cifar10" / run.name
+        if run.script == "mae_pretrain.py":
+            return log_dir, checkpoint, ["--model_path", str(checkpoint)]
+        return log_dir, checkpoint.with_name(f"{run.name}_last.pt"), ["--output_model_path", str(checkpoint)]
+
+    def metrics(self, run):
+        return read_csv(self.paths(run)[0] / "metrics.csv")
+
+    def finished(self, run):
+        return bool(run.epochs) and self.paths(run)[1].is_file() and len(self.metrics(run)) >= run.epochs
+
+    def command(self, run, bookkeeping=True):
+        words = [sys.executable, run.script, *run.options, "--device", self.args.device]
+        if run.epochs:
+            resume = self.paths(run)[1].is_file()
+            words += [*(["--data_dir", self.args.data_dir] if self.args.data_dir else []), *self.paths(run)[2],
+                      "--run_name", run.name, "--log_dir", str(self.work / "logs"),
+                      *(["--resume", "auto"] if resume else ["--overwrite"]) * bookkeeping]
+        return words
+
+    def display(self, run):
+        """The command as a reader types it: python, DATA, paths inside the repository relative to it."""
+        shown = {sys.executable: "python", self.args.data_dir: "DATA"}
+        return shlex.join(shown.get(w, os.path.relpath(w, HERE) if w.startswith(str(HERE) + os.sep) else w)
+                          for w in self.command(run, bookkeeping=False))
+
+    # ------------------------------------------------------------------------------------ time estimates
+
+    def speed(self, kind):
+        """(start-up + compile seconds, seconds per epoch) of a run like ``kind``: step 2's measurement on this
+        GPU, else a guess from the reference's speed."""
+        row = next((r for r in reversed(self.rows("epochs")) if r["key"] == kind), None)
+        if row and number(row["seconds_per_epoch"]):
+            per_epoch = 1.2 * number(row["seconds_per_epoch"])  # + evaluation, logging and the checkpoint
+            return max(number(row["wall_s"]) - int(row["epochs"]) * per_epoch, 0), per_epoch
+        guess = self.p["guess"]
+        return guess["overhead"], guess[kind.split("_")[0]] * DEPTH_COST.get(kind, 1.0)
+
+    def estimate(self, unit):
+        if unit.step == "bench":  # compilation dominates; each augmentation compiles again
+            seen = [number(r["wall_s"]) for r in self.rows("bench") if r["key"].endswith("_aug") == unit.info["aug"]
+                    and r["key"].split("_")[3] == unit.info["compile"]]
+            return statistics.median(seen) if seen else self.p["guess"][unit.info["compile"]] * (
+                3 if unit.info["aug"] else 1)
+        return sum(self.speed(run.kind)[0] + (run.epochs - len(self.metrics(run))) * self.speed(run.kind)[1]
+                   for run in unit.runs if not self.finished(run))
+
+    def fit(self, kind, budget, cap):
+        """Epochs of a run like ``kind`` that end within ``budget`` seconds, also when a part starts with it."""
+        overhead, per_epoch = self.speed(kind)
+        return max(1, min(cap, int((budget - overhead - self.margin) / per_epoch) - 1))
+
+    # ------------------------------------------------------------------------------------------ the plan
+
+    def train(self, name, script, epochs, kind, *options):
+        warmup = max(1, round(epochs * (0.1 if script == "mae_pretrain.py" else 0.05)))
+        return Run(script, [*options, *self.p["batch"], *self.p["speed"], "--total_epoch", str(epochs),
+                            "--warmup_epoch", str(warmup)], name, epochs, kind)
+
+    def plan(self, step):
+        return getattr(self, f"plan_{step}", lambda: [])()
+
+    def plan_bench(self):
+        p, units = self.p, {}
+        for workload, batches in p["batches"].items():
+            for batch in batches:
+                for precision, mode in [("fp32", "none")] + [(p["precision"], m) for m in p["compile_modes"]]:
+                    aug = workload == "finetune" and mode == p["compile_modes"][0]
+                    key = f"{workload}_b{batch}_{precision}_{mode}" + "_aug" * aug
+                    options = [*p["model"], *p["decoder"], *p["bench"], "--workloads", workload, "--batch_sizes",
+                               str(batch), "--precisions", precision, "--compile_modes", mode, "--augments",
+                               *(["none", "crop_flip", "randaug"] if aug else ["none"]), "--no_baseline",
+                               "--output", str(self.work / "bench" / f"{key}.csv")]
+                    units[key] = Unit("bench", key, [Run("benchmark.py", options)], self.record_bench, info=dict(
+                        workload=workload, batch=batch, precision=precision, compile=mode, aug=aug))
+        return list(units.values())  # the baseline is the chosen path on a CPU without a compiler: once
+
+    def plan_epochs(self):
+        mae = [*self.p["model"], *self.p["decoder"]]
+        return [Unit("epochs", key, [self.train(f"speed_{key}", "mae_pretrain.py" if key.startswith("pretrain") else
+                                                "train_classifier.py", self.p["speed_epochs"], key,
+                                                *(mae if key.startswith("pretrain") else self.p["model"]), *extra)],
+                     self.record_epochs) for key, extra in SPEED_RUNS.items()]
+
+    def plan_tta(self):
+        done, caps, budget = {r["key"]: r for r in self.rows("tta")}, self.p["caps"], self.limit - 2 * self.margin
+        pe = int(done["tta_pretrain"]["epochs"]) if "tta_pretrain" in done else \
+            self.fit("pretrain_dd2", budget, caps["tta_pretrain"])
+        fe = next((int(done[k]["epochs"]) for k in ("tta_finetune", "tta_scratch") if k in done), None) or \
+            self.fit("finetune_strong", budget, caps["tta_finetune"])
+        pretrain = self.train(f"tta_mae_dd2_ep{pe}", "mae_pretrain.py", pe, "pretrain_dd2", *self.p["model"],
+                              *self.p["decoder"], "--decoder_depth", "2")
+        finetune = self.train(f"tta_ft_ep{fe}_{self.slug}", "train_classifier.py", fe, "finetune_strong", "--recipe",
+                              "strong", "--pretrained_model_path", str(self.encoder))
+        scratch = self.train(f"tta_scratch_ep{fe}", "train_classifier.py", fe, "finetune_strong", "--recipe",
+                             "strong", *self.p["model"])
+        return [Unit("tta", "tta_pretrain", [pretrain], self.record_tta),
+                Unit("tta", "tta_finetune", [finetune], self.record_tta, needs=self.encoder),
+                Unit("tta", "tta_scratch", [scratch], self.record_tta)]
+
+    def plan_ablation(self):
+        """One schedule for every setting and seed: the slowest (decoder depth 8) with its fine-tuning fits a part."""
+        old, caps = self.rows("ablation"), self.p["caps"]
+        if old:
+            pe, fe = int(old[0]["pretrain_epochs"]), int(old[0]["finetune_epochs"])
+        else:
+            pe = self.fit("pretrain_dd8", 0.6 * (self.limit - 2 * self.margin), caps["abl_pretrain"])
+            overhead, per_epoch = self.speed("pretrain_dd8")
+            fe = self.fit("finetune_strong", self.limit - 3 * self.margin - overhead - pe * per_epoch,
+                          caps["abl_finetune"])
+        units = []
+        for seed in SEEDS:
+            for depth, strategy in ABLATIONS:
+                key = f"dd{depth}_{strategy}_s{seed}"
+                kind = f"pretrain_dd{depth}" if strategy == "random" else f"pretrain_{strategy}"
+                pretrain = self.train(f"abl_{key}_ep{pe}", "mae_pretrain.py", pe, kind, *self.p["model"],
+                                      *self.p["decoder"], "--decoder_depth", str(depth), "--mask_strategy", strategy,
+                                      "--seed", str(seed), "--knn_every", str(pe), "--probe_epochs",
+                                      str(self.p["probe_epochs"]))
+                finetune = self.train(f"abl_{key}_ep{pe}_ft{fe}", "train_classifier.py", fe, "finetune_strong",
+                                      "--recipe", "strong", "--seed", str(seed), "--pretrained_model_path",
+                                      str(self.paths(pretrain)[1]))
+                units.append(Unit("ablation", key, [pretrain, finetune], self.record_ablation,
+                                  info=dict(decoder_depth=depth, mask_strategy=strategy, seed=seed,
+                                            pretrain_epochs=pe, finetune_epochs=fe)))
+        return units
+
+    # ------------------------------------------------------------------------------------ recording rows
+
+    def record_bench(self, unit):
+        return read_csv(self.work / "bench" / f"{unit.key}.csv")
+
+    def summary(self, run):
+        """What metrics.csv says of a run: the median epoch after the first (which includes the compilation)."""
+        rows = self.metrics(run)
+        median = lambda column: statistics.median(number(r[column]) for r in rows[1:] or rows)
+        return dict(epochs=len(rows), seconds_per_epoch=median("seconds"), images_per_s=median("images_per_s"),
+                    first_epoch_s=rows[0]["seconds"], compile_s=rows[0].get("compile_seconds"),
+                    train_s=sum(number(r["seconds"]) for r in rows),
+                    final_loss=rows[-1].get("loss"), val_acc=rows[-1].get("val_acc"),
+                    best_val_acc=max((number(r.get("val_acc")) for r in rows), default=None, key=lambda v: v or 0),
+                    knn_acc=rows[-1].get("knn_acc"), probe_acc=rows[-1].get("probe_acc"))
+
+    def record_epochs(self, unit):
+        return [self.summary(unit.runs[0])]
+
+    def record_tta(self, unit):
+        row = self.summary(unit.runs[0])
+        if unit.key == "tta_pretrain":
+            row["encoder_mb"] = self.export_encoder(self.paths(unit.runs[0])[1], self.encoder)
+        return [row]
+
+    def record_ablation(self, unit):
+        pretrain, finetune = (self.summary(run) for run in unit.runs)
+        return [dict(unit.info, pretrain_loss=pretrain["final_loss"], knn_acc=pretrain["knn_acc"],
+                     probe_acc=pretrain["probe_acc"], val_acc=finetune["val_acc"], pretrain_s=pretrain["train_s"],
+                     finetune_s=finetune["train_s"])]
+
+    def export_encoder(self, source, target):
+        """The pretrained weights in bf16 (the encoder alone if with the decoder they pass 16 MB), for
+        train_classifier.py --pretrained_model_path on another machine; returns the file's size in MB."""
+        state = torch.load(source, map_location="cpu", weights_only=True)
+        weights = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state["model"].items()}
+        tmp = target.with_name(f".{target.name}.tmp")
+        for keep in ("", "encoder."):
+            torch.save({"kind": "mae", "model": {k: v for k, v in weights.items() if k.startswith(keep)},
+                        "config": state["config"], "epoch": state["epoch"]}, tmp)
+            if tmp.stat().st_size < ENCODER_LIMIT:
+                break
+        os.replace(tmp, target)
+        return round(target.stat().st_size / 2 ** 20, 2)
+
+    # ----------------------------------------------------------------------------------------- a part
+
+    def run_unit(self, unit, part_end):
+        """Run what is left of the unit, then append its rows; returns 0, or the first non-zero exit code."""
+        start, output = time.monotonic(), self.work / "output" / f"{unit.step}_{unit.key}.txt"
+        output.parent.mkdir(parents=True, exist_ok=True)
+        for run in unit.runs:
+            if self.finished(run):
+                continue
+            if run.epochs and not self.paths(run)[1].is_file():  # new, or stopped before its first checkpoint
+                shutil.rmtree(self.paths(run)[0], ignore_errors=True)
+            grace = self.margin + (self.speed(run.kind)[1] if run.kind else 0)  # its last epoch ends in time
+            code = execute(self.command(run), output, part_end - grace, part_end)
+            if code:
+                return code
+        rows = unit.record(unit)
+        self.append(unit.step, [{**row, **self.meta(unit, start)} for row in rows])
+        return 0 if rows else 1
+
+    def meta(self, unit, start):
+        return dict(gpu=self.gpu, torch=torch.__version__, commit=self.commit, key=unit.key,
+                    date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    command=" && ".join(map(self.display, unit.runs)), wall_s=round(time.monotonic() - start, 1))
+
+    def run_part(self, steps, part_end):
+        """Units in order until one would not fit (the first always runs); returns (failures, stopped early)."""
+        ran, failures = False, 0
+        for step in steps:
+            for unit in self.plan(step):  # planned step by step: later steps are sized from earlier rows
+                if self.done(unit):
+                    continue
+                if unit.needs and not unit.needs.is_file():
+                    say(f"{step} {unit.key}: waits for {unit.needs.name}")
+                    continue
+                estimate, left = self.estimate(unit), part_end - self.margin - time.monotonic()
+                if self.stopping or ran and SAFETY * estimate > left:
+                    say(f"{step} {unit.key}: ~{estimate:.0f} s does not fit in the {left:.0f} s left")
+                    return failures, True
+                first, ran, start = not ran, True, time.monotonic()
+                say(f"{step} {unit.key}: running (~{estimate:.0f} s)")
+                code = self.run_unit(unit, part_end)
+                if code in (130, 143, -signal.SIGTERM, -signal.SIGKILL) or self.stopping:
+                    if step == "bench" and first and not self.stopping:  # a whole part was not enough: recorded
+                        self.append(step, [dict(unit.info, **self.meta(unit, start), augment="none",
+                                                status="timeout")])
+                    say(f"{step} {unit.key}: stopped at the end of the part; the next part continues it")
+                    return failures, True
+                if code:
+                    failures += 1
+                    tail = (self.work / "output" / f"{step}_{unit.key}.txt").read_text().splitlines()[-15:]
+                    say(f"{step} {unit.key}: FAILED (exit code {code}); its output ends with\n" + "\n".join(tail))
+                else:
+                    say(f"{step} {unit.key}: done in {time.monotonic() - start:.0f} s")
+        return failures, False
+
+    def dry_run(self, steps):
+        """The plan packed into parts as run_part would go through it, if every estimate held."""
+        parts, load = [[]], 0.0
+        for step in steps:
+            for unit in self.plan(step):
+                if self.done(unit):
+                    say(f"{step} {unit.key}: done")
+                    continue
+                estimate = self.estimate(unit)
+                if parts[-1] and load + SAFETY * estimate > self.limit - 2 * self.margin:
+                    parts.append([])
+                    load = 0.0
+                parts[-1].append(unit)
+                load += estimate
+        parts = [part for part in parts if part]
+        for i, part in enumerate(parts, 1):
+            say(f"part {i}: ~{sum(map(self.estimate, part)) / 60:.1f} min")
+            for unit in part:
+                say(f"  {unit.step} {unit.key} (~{self.estimate(unit):.0f} s): "
+                    + " && ".join(map(self.display, unit.runs)))
+        say(f"{sum(map(len, parts))} units still to run on {self.gpu}: about {len(parts)} parts of "
+            f"{self.args.time_limit:g} min")
+
+    def missing(self):
+        return [unit for step in STEPS for unit in self.plan(step) if not self.done(unit)]
+
+    # ------------------------------------------------------------------------------------------ the report
+
+    def report(self):
+        notes = {}
+
+        def cite(row):  # a row's number in the list of runs
+            note = (f"{row['gpu']}, torch {row['torch']}, commit {row['commit']}, {row['date']}, {row['wall_s']} s: "
+                    f"`{row['command']}`")
+            return f"[{notes.setdefault(note, len(notes) + 1)}]"
+
+        vs_ref = lambda row, name: fmt(row["images_per_s"], ".2f", 1 / REFERENCE[name.split("_")[0]])
+        out = ["# GPU measurement campaign", "", "Rebuilt by `python campaign.py` after every part from the CSV files "
+               "beside it. Every number is a row there; its command, machine, torch, commit and date are listed "
+               "under Runs. The reference (IcarusWizard/MAE, its code unchanged) does 3,760 img/s pretraining and "
+               "2,080 img/s fine-tuning (batch 128) on one H100.", "",
+               "## Training-step throughput (benchmark.py, synthetic data on the device)", ""]
+        bench = self.rows("bench", everywhere=True)
+        base = {(r["gpu"], r["workload"], r["batch"]): number(r["images_per_s"]) for r in bench
+                if (r["precision"], r["compile"], r["augment"]) == ("fp32", "none", "none")}
+        out += table(["machine", "workload", "batch", "precision", "compile", "augment", "img/s", "vs fp32 eager",
+                      "vs reference", "TFLOP/s", "% of peak", "memory GiB", "run"],
+                     [[r["gpu"], r["workload"], r["batch"], r["precision"], r["compile"], r["augment"],
+                       fmt(r["images_per_s"]) if r["status"] == "ok" else r["status"],
+                       fmt(r["images_per_s"], ".2f", 1 / base[(r["gpu"], r["workload"], r["batch"])])
+                       if base.get((r["gpu"], r["workload"], r["batch"])) else "-", vs_ref(r, r["workload"]),
+                       fmt(r["tflops"], ".3g"), fmt(r["percent_of_peak"]), fmt(r["peak_memory_gib"], ".2f"),
+                       cite(r)] for r in bench])
+        out += ["## Epoch times on CIFAR-10 (the design card's commands)", "", "From each run's metrics.csv: the "
+                "median epoch after the first, which includes the compilation; data loading, masking and "
+                "augmentation included. Full schedule: 2000 pretraining or 100 fine-tuning epochs at that speed.", ""]
+        out += table(["machine", "run", "epochs", "s/epoch", "img/s", "vs reference", "first epoch s",
+                      "compile s", "full schedule h", "run"],
+                     [[r["gpu"], r["key"], r["epochs"], fmt(r["seconds_per_epoch"], ".2f"), fmt(r["images_per_s"]),
+                       vs_ref(r, r["key"]), fmt(r["first_epoch_s"]), fmt(r.get("compile_s")),
+                       fmt(r["seconds_per_epoch"], ".2f", (2000 if r["key"].startswith("pretrain") else 100) / 3600),
+                       cite(r)]
+                      for r in self.rows("epochs", everywhere=True)])
+        out += ["## Time to accuracy", "", "Pretraining (decoder depth 2) sized to fill one part, then the strong "
+                "recipe from its encoder, and the same fine-tuning from scratch. Training s: the epochs' own time; "
+                "wall s: the processes of the part that ended it, start-up and compilation included.", ""]
+        out += table(["machine", "run", "epochs", "training s", "wall s", "final loss", "test acc %", "best %",
+                      "run"], [[r["gpu"], r["key"], r["epochs"], fmt(r["train_s"]), fmt(r["wall_s"]),
+                                fmt(r["final_loss"], ".4f"), fmt(r["val_acc"], ".2f", 100),
+                                fmt(r["best_val_acc"], ".2f", 100), cite(r)] for r in self.rows("tta", True)])
+        ablation = self.rows("ablation", everywhere=True)
+        for title, axis, keep in (("decoder depth", "decoder_depth", ("mask_strategy", "random")),
+                                  ("mask strategy", "mask_strategy", ("decoder_depth", "4"))):
+            groups = {}
+            for r in ablation:
+                if r[keep[0]] == keep[1]:
+                    groups.setdefault((r["gpu"], r[axis], r["pretrain_epochs"], r["finetune_epochs"]), []).append(r)
+            stat = lambda rs, column, scale=100: mean_std([number(r[column]) for r in rs], scale)
+            out += [f"## Ablation: {title} (mean ± std over seeds; final epoch)", ""]
+            out += table(["machine", title, "seeds", "fine-tune acc %", "linear probe acc %", "k-NN acc %",
+                          "pretrain loss", "epochs (pretrain + fine-tune)", "runs"],
+                         [[*key[:2], len(rs), stat(rs, "val_acc"), stat(rs, "probe_acc"), stat(rs, "knn_acc"),
+                           stat(rs, "pretrain_loss", 1), f"{key[2]} + {key[3]}", " ".join(map(cite, rs))]
+                          for key, rs in groups.items()])
+        missing = self.missing()
+        steps = dict.fromkeys(unit.step for unit in missing)
+        out += [f"## Still to be measured on {self.gpu}", ""]
+        out += [f"- {step}: " + ", ".join(u.key for u in missing if u.step == step) for step in steps] or [
+            "Nothing: every unit has its row."]
+        out += ["", "## Runs", "", *(f"[{i}] {note}" for note, i in notes.items())]
+        self.results.mkdir(parents=True, exist_ok=True)
+        (self.results / "REPORT.md").write_text("\n".join(out) + "\n")
+        return missing
+
+    def stop(self, signum, frame):
+        """SIGTERM / SIGINT: the running script saves (SIGINT from a terminal reaches it by itself), then we stop."""
+        self.stopping = self.stopping or 128 + signum
+        child = getattr(execute, "child", None)
+        if signum == signal.SIGTERM and child is not None:
+            child.terminate()
+
+
+def main(argv=None, start=None):
+    start = start or time.monotonic()
+    args = parse_args(argv)
+    campaign = Campaign(args)
+    steps = [args.only] if args.only else list(STEPS)
+    if args.dry_run:
+        campaign.dry_run(steps)
+        return 0
+    campaign.commit = git_commit()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, campaign.stop)
+    failures, more = campaign.run_part(steps, start + campaign.limit - campaign.margin)
+    missing = campaign.report()
+    say(f"{campaign.results / 'REPORT.md'} rebuilt; {len(missing)} units still to be measured on {campaign.gpu}" +
+        ("; run the same command again for the next part" if more else ""))
+    return campaign.stopping or (1 if failures else 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main(start=STARTED))

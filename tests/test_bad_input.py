@@ -1,0 +1,100 @@
+"""Bad input to every script: refused with one error line naming the flag, exit code 2, and no file written.
+
+A catalogue of the mistakes people make (ranges, impossible combinations, paths that are files or folders,
+devices that are not there). Each case runs the script's ``main`` in-process through ``utils.run_cli``.
+"""
+import pytest
+
+import benchmark
+import export_timm
+import mae_pretrain
+import train_classifier
+import visualize_predictions
+from conftest import TINY_DECODER, TINY_ENCODER
+
+SCRIPTS = {"mae": mae_pretrain.main, "cls": train_classifier.main, "vis": visualize_predictions.main,
+           "export": export_timm.main, "bench": benchmark.main}
+RUN = ["--device", "cpu", "--precision", "fp32", "--no_compile", "--batch_size", "16", "--max_device_batch_size",
+       "8", "--total_epoch", "1", "--warmup_epoch", "0"]
+
+CASES = [  # (script, argv after the common ones, what the error line must contain)
+    ("mae", ["--total_epoch", "0"], "argument --total_epoch: 0 is not allowed"),
+    ("mae", ["--warmup_epoch", "-1"], "argument --warmup_epoch: -1"),
+    ("mae", ["--decoder_depth", "0"], "argument --decoder_depth: 0"),
+    ("mae", ["--encoder_depth", "-3"], "argument --encoder_depth: -3"),
+    ("mae", ["--batch_size", "0"], "argument --batch_size: 0"),
+    ("mae", ["--max_device_batch_size", "lots"], "argument --max_device_batch_size: 'lots' is not an integer"),
+    ("mae", ["--mask_ratio", "nan"], "argument --mask_ratio: nan is not a finite number"),
+    ("mae", ["--mask_ratio", "1"], "argument --mask_ratio: 1 is not allowed"),
+    ("mae", ["--base_learning_rate", "-1e-3"], "argument --base_learning_rate"),
+    ("mae", ["--weight_decay", "-1"], "argument --weight_decay"),
+    ("mae", ["--image_every", "0"], "argument --image_every"),
+    ("mae", ["--knn_every", "-1"], "argument --knn_every"),
+    ("mae", ["--knn_k", "0"], "argument --knn_k"),
+    ("mae", ["--probe_epochs", "-2"], "argument --probe_epochs"),
+    ("mae", ["--threads", "0"], "argument --threads"),
+    ("mae", ["--save_every", "0"], "argument --save_every"),
+    ("mae", ["--save_minutes", "-5"], "argument --save_minutes"),
+    ("mae", ["--device", "gpu"], "argument --device: 'gpu' is not a device"),
+    ("mae", ["--device", "cuda:3"], "argument --device: cuda:3"),
+    ("mae", ["--log_dir", "{file}"], "argument --log_dir: {file} is a file"),
+    ("mae", ["--log_dir", "{file}/below"], "argument --log_dir"),
+    ("mae", ["--model_path", "{tmp}"], "argument --model_path: {tmp} is a folder"),
+    ("mae", ["--resume", "{tmp}/none.pt"], "argument --resume"),
+    ("mae", ["--run_name", "../escape"], "argument --run_name"),
+    ("mae", ["--data_dir", "{file}"], "argument --data_dir"),
+    ("mae", ["--batch_size", "1024", "--max_device_batch_size", "1024"], "larger than the 80 training images"),
+    ("cls", ["--label_smoothing", "1"], "argument --label_smoothing: 1"),
+    ("cls", ["--reprob", "1.5"], "argument --reprob"),
+    ("cls", ["--model_ema", "1"], "argument --model_ema: 1 is not allowed: it must be in [0, 1)"),
+    ("cls", ["--mixup", "-0.2"], "argument --mixup"),
+    ("cls", ["--layer_decay", "0"], "argument --layer_decay"),
+    ("cls", ["--drop_path", "1"], "argument --drop_path"),
+    ("cls", ["--patience", "0"], "argument --patience"),
+    ("cls", ["--eval_batch_size", "0"], "argument --eval_batch_size"),
+    ("cls", ["--linear_probe"], "--linear_probe needs --pretrained_model_path"),
+    ("cls", ["--pretrained_model_path", "{tmp}"], "argument --pretrained_model_path"),
+    ("cls", ["--output_model_path", "{tmp}"], "argument --output_model_path"),
+    ("cls", ["--emb_dim", "30", "--encoder_heads", "4"], "--emb_dim 30 is not divisible by --encoder_heads 4"),
+    ("vis", ["--num_images", "0"], "argument --num_images"),
+    ("vis", ["--mask_ratios", "0.5", "1.0"], "argument --mask_ratios"),
+    ("vis", [], "nothing to draw"),
+    ("vis", ["--model_path", "{tmp}/none.pt"], "argument --model_path"),
+    ("vis", ["--mae_model_path", "{file}", "--reconstruction_output", "{tmp}"], "argument --reconstruction_output"),
+    ("export", ["{tmp}/none.pt", "{tmp}/out.pt"], "argument checkpoint"),
+    ("export", ["{file}", "{file}"], "is the input checkpoint"),
+    ("export", ["{file}", "{tmp}"], "argument output"),
+    ("bench", ["--steps", "0"], "argument --steps"),
+    ("bench", ["--batch_sizes", "8", "-8"], "argument --batch_sizes"),
+    ("bench", ["--emb_dim", "32"], "divisible"),
+    ("bench", ["--output", "{tmp}"], "argument --output"),
+]
+
+
+def argv_for(script, extra, folder, data):
+    if script == "mae":
+        return ["--data_dir", str(data), "--log_dir", str(folder / "logs"), "--model_path", str(folder / "m.pt"),
+                *TINY_ENCODER, *TINY_DECODER, *RUN, *extra]
+    if script == "cls":
+        return ["--data_dir", str(data), "--log_dir", str(folder / "logs"),
+                "--output_model_path", str(folder / "c.pt"), *TINY_ENCODER, *RUN, *extra]
+    if script == "vis":
+        return ["--data_dir", str(data), "--device", "cpu", "--output", str(folder / "p.png"), *extra]
+    if script == "bench":
+        return ["--device", "cpu", "--steps", "1", "--warmup", "0", "--batch_sizes", "2", "--compile_modes", "none",
+                *extra]
+    return extra
+
+
+@pytest.mark.parametrize("script, extra, expected", CASES,
+                         ids=[f"{s}{'_'.join(e)[:40]}".replace("{", "").replace("}", "") for s, e, _ in CASES])
+def test_bad_input_is_one_error_line_and_exit_2_before_any_file(tmp_path, cli_error, tiny_image_folder, script,
+                                                                extra, expected):
+    folder = tmp_path / "work"
+    folder.mkdir()
+    (folder / "a_file").write_text("not a folder, not a checkpoint")
+    fill = lambda text: text.format(tmp=folder, file=folder / "a_file")
+    before = sorted(p.name for p in folder.rglob("*"))
+    line = cli_error(SCRIPTS[script], argv_for(script, [fill(e) for e in extra], folder, tiny_image_folder))
+    assert fill(expected) in line
+    assert sorted(p.name for p in folder.rglob("*")) == before  # nothing written, nothing replaced

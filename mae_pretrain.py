@@ -11,6 +11,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import checkpoint as ckpt
+import checks
 import engine
 import run_setup
 import utils
@@ -32,17 +33,9 @@ PRESETS = {"small": dict(patch_size=4, emb_dim=96, encoder_depth=4, encoder_head
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # The reference's arguments and defaults.
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--batch_size", type=utils.POSITIVE_INT, default=4096)
-    p.add_argument("--max_device_batch_size", type=run_setup.micro_batch_size, default=512,
-                   help="micro-batch, or auto (the largest that fits); gradients accumulate")
-    p.add_argument("--base_learning_rate", type=utils.POSITIVE_FLOAT, default=1.5e-4,
-                   help="lr = base * batch_size / 256")
-    p.add_argument("--weight_decay", type=utils.NONNEGATIVE_FLOAT, default=0.05)
-    p.add_argument("--mask_ratio", type=utils.OPEN_UNIT, default=None, help="default 0.75")
-    p.add_argument("--total_epoch", type=utils.POSITIVE_INT, default=2000)
-    p.add_argument("--warmup_epoch", type=utils.NONNEGATIVE_INT, default=200)
+    run_setup.add_schedule_arguments(p, batch_size=4096, max_device_batch_size=512, base_learning_rate=1.5e-4,
+                                     total_epoch=2000, warmup_epoch=200)  # the reference's
+    p.add_argument("--mask_ratio", type=checks.OPEN_UNIT, default=None, help="default 0.75")
     p.add_argument("--model_path", default=None, help="checkpoint; default vit-t-mae.pt, or vit-t-<run>.pt")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="a named model size and schedule; options given explicitly still win")
@@ -52,13 +45,13 @@ def build_parser():
     p.add_argument("--norm_pix_loss", action="store_true", help="per-patch normalised targets (the paper's)")
     p.add_argument("--augment", choices=sorted(AUGMENTATIONS), default="none")
     # Monitoring the representation while it trains.
-    p.add_argument("--image_every", type=utils.POSITIVE_INT, default=10,
+    p.add_argument("--image_every", type=checks.POSITIVE_INT, default=10,
                    help="log the reconstruction grid every N epochs (and at the first and last); each is ~75 KB")
-    p.add_argument("--knn_every", type=utils.NONNEGATIVE_INT, default=0,
+    p.add_argument("--knn_every", type=checks.NONNEGATIVE_INT, default=0,
                    help="log k-NN test accuracy every K epochs (0: off)")
-    p.add_argument("--knn_k", type=utils.POSITIVE_INT, default=20)
+    p.add_argument("--knn_k", type=checks.POSITIVE_INT, default=20)
     p.add_argument("--knn_pool", choices=["cls", "mean"], default="cls", help="cls token or mean patch feature")
-    p.add_argument("--probe_epochs", type=utils.NONNEGATIVE_INT, default=0,
+    p.add_argument("--probe_epochs", type=checks.NONNEGATIVE_INT, default=0,
                    help="with --knn_every: also train a linear probe on the frozen features for N epochs")
     run_setup.add_run_arguments(p)
     return p
@@ -67,10 +60,7 @@ def build_parser():
 def parse_args(argv=None):
     """Parse, apply a ``--preset`` under what the user typed, name the run, and check every value."""
     parser = build_parser()
-    preset = parser.parse_known_args(argv)[0].preset
-    if preset:
-        parser.set_defaults(**PRESETS[preset])
-    args = parser.parse_args(argv)
+    args, _ = run_setup.parse_with_presets(parser, argv, preset=PRESETS)
     defaults = utils.parser_defaults(parser)
     defaults.update({k: v for k, v in ModelConfig().to_dict().items() if defaults.get(k) is None})
     args.run_name = args.run_name or utils.run_name("mae", args, defaults, RUN_NAME_KEYS)
@@ -114,43 +104,34 @@ def main(argv=None):
         eager_step, model, run.train_set.images.shape[1:], 1, device))
     scaler = engine.grad_scaler(device, run.precision)
     fixed_images = normalize(run.test_set.images[:16].to(device))  # the reference's 16 validation images
-    run.lock_folder()
-    logger = utils.RunLogger(run.log_dir, ["loss", "lr", "seconds", "images_per_s", "compile_seconds", "knn_acc",
-                                           "probe_acc"], done + 1, env.is_main)
-    writer, saves, stop = ckpt.CheckpointWriter(), run_setup.SaveSchedule(args), engine.StopFlag().install()
     steps_per_epoch = len(run.loader) // run.accum_steps * run.accum_steps
-    bar = engine.progress_bar(args.total_epoch * steps_per_epoch, done * steps_per_epoch, env.is_main)
-    stopping = False
+    book = run_setup.Bookkeeping(run, args, ["loss", "lr", "seconds", "images_per_s", "compile_seconds", "knn_acc",
+                                             "probe_acc"], done, steps_per_epoch)
     for epoch in range(done + 1, args.total_epoch + 1):
         run.loader.set_epoch(epoch)
         model.train()
         first = epoch == done + 1  # this process's first epoch holds the compilation: timed apart
         with engine.EpochTimer(device) as timer:
-            loss, _, images_seen = engine.train_epoch(step, run.loader, optimizer, run.accum_steps, train_model, bar,
-                                                      timer.after_step() if first else None, scaler)
+            loss, _, images_seen = engine.train_epoch(step, run.loader, optimizer, run.accum_steps, train_model,
+                                                      book.bar, timer.after_step() if first else None, scaler)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}")
+        book.bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}")
         monitor = {}
         if env.is_main and args.knn_every and (epoch % args.knn_every == 0 or epoch == args.total_epoch):
             monitor = evaluate_encoder(model.encoder, run.train_set, run.test_set, device, args.knn_k,
                                        args.knn_pool, args.probe_epochs, run.precision)
-        logger.log(epoch, loss=loss, lr=lr, seconds=timer.seconds, **monitor,
-                   images_per_s=timer.steady_rate(images_seen, args.batch_size),
-                   compile_seconds=timer.first_step_seconds if first and not args.no_compile else None)
+        book.logger.log(epoch, loss=loss, lr=lr, seconds=timer.seconds, **monitor,
+                        images_per_s=timer.steady_rate(images_seen, args.batch_size),
+                        compile_seconds=timer.first_step_seconds if first and not args.no_compile else None)
         if env.is_main and (epoch % args.image_every == 0 or epoch in (1, args.total_epoch)):
-            logger.add_image("mae_image", reconstruction_grid(model, fixed_images), epoch)
-        stopping = stop.requested  # read once: a signal arriving after this is handled at the next epoch's end
-        if saves.due(epoch, args.total_epoch, stopping) and env.is_main:
-            writer.save(args.model_path, ckpt.training_state("mae", model, config, optimizer, scheduler, epoch, args,
-                                                             run_dir=str(run.log_dir)))
-        if stopping:
+            book.logger.add_image("mae_image", reconstruction_grid(model, fixed_images), epoch)
+        if book.save_due(epoch):
+            book.writer.save(args.model_path, ckpt.training_state("mae", model, config, optimizer, scheduler, epoch,
+                                                                  args, run_dir=str(run.log_dir)))
+        if book.stopping:
             break
-    writer.wait()
-    bar.close()
-    logger.close()
-    utils.cleanup_distributed()
-    return stop.exit_code if stopping else 0  # 130 / 143 after a graceful stop: stopping is not success
+    return book.finish()
 
 
 if __name__ == "__main__":

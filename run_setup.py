@@ -5,6 +5,9 @@ from pathlib import Path
 
 import torch
 
+import checkpoint as ckpt
+import checks
+import engine
 import utils
 from data import AUGMENTATIONS, GpuLoader, load_dataset
 from engine import COMPILE_MODES, PRECISIONS, describe_speed_path, largest_fitting_micro_batch, resolve_precision
@@ -17,8 +20,30 @@ SIZE_FLAGS = ("patch_size", "emb_dim", "encoder_depth", "encoder_heads")
 def add_size_arguments(p, decoder=False):
     """The architecture flags, defaulting to None so that a checkpoint's own sizes are never silently overridden."""
     for name in SIZE_FLAGS + (("decoder_depth", "decoder_heads", "decoder_emb_dim") if decoder else ()):
-        p.add_argument(f"--{name}", type=utils.POSITIVE_INT, default=None,
+        p.add_argument(f"--{name}", type=checks.POSITIVE_INT, default=None,
                        help=f"default {getattr(ModelConfig, name)} (or the checkpoint's)")
+
+
+def add_schedule_arguments(p, batch_size, max_device_batch_size, base_learning_rate, total_epoch, warmup_epoch):
+    """The reference's optimisation flags, with each script's own defaults."""
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--batch_size", type=checks.POSITIVE_INT, default=batch_size)
+    p.add_argument("--max_device_batch_size", type=micro_batch_size, default=max_device_batch_size,
+                   help="micro-batch, or auto (the largest that fits); gradients accumulate")
+    p.add_argument("--base_learning_rate", type=checks.POSITIVE_FLOAT, default=base_learning_rate,
+                   help="lr = base * batch_size / 256")
+    p.add_argument("--weight_decay", type=checks.NONNEGATIVE_FLOAT, default=0.05)
+    p.add_argument("--total_epoch", type=checks.POSITIVE_INT, default=total_epoch)
+    p.add_argument("--warmup_epoch", type=checks.NONNEGATIVE_INT, default=warmup_epoch)
+
+
+def parse_with_presets(parser, argv, **presets):
+    """Parse twice: a named preset (``preset=PRESETS`` for ``--preset``) replaces the defaults, and what the user
+    typed still wins. Returns the final arguments and the first parse (the flags as typed, no preset)."""
+    typed = parser.parse_known_args(argv)[0]
+    for option, table in presets.items():
+        parser.set_defaults(**table.get(getattr(typed, option), {}))
+    return parser.parse_args(argv), typed
 
 
 def add_run_arguments(p):
@@ -31,14 +56,14 @@ def add_run_arguments(p):
                         "bf16, else fp32")
     p.add_argument("--no_compile", action="store_true", help="skip torch.compile (GPU, or CPU with a C++ compiler)")
     p.add_argument("--compile_mode", choices=COMPILE_MODES, default="default")
-    p.add_argument("--threads", type=utils.POSITIVE_INT, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--threads", type=checks.POSITIVE_INT, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--deterministic", action="store_true", help="deterministic kernels, for exact reruns (slower)")
     p.add_argument("--log_dir", default="logs")
     p.add_argument("--run_name", default=None, help="log folder name (default: built from the settings)")
     p.add_argument("--resume", default=None, help="a checkpoint to continue from, or 'auto' for this run's own")
-    p.add_argument("--save_every", type=utils.POSITIVE_INT, default=None,
+    p.add_argument("--save_every", type=checks.POSITIVE_INT, default=None,
                    help="also save every N epochs (default: by time only)")
-    p.add_argument("--save_minutes", type=utils.POSITIVE_FLOAT, default=10.0,
+    p.add_argument("--save_minutes", type=checks.POSITIVE_FLOAT, default=10.0,
                    help="save when this many minutes have passed since the last save (and always at the end); "
                         "each save is written in the background from a copy")
     p.add_argument("--overwrite", action="store_true",
@@ -49,15 +74,15 @@ def add_run_arguments(p):
 
 def micro_batch_size(text):
     """``--max_device_batch_size``: a positive integer, or ``auto``."""
-    return text if text == "auto" else utils.POSITIVE_INT(text)
+    return text if text == "auto" else checks.POSITIVE_INT(text)
 
 
 def check_run_arguments(parser, args, outputs):
     """Everything that can be checked before a file is written: the device, the log folder, the output files."""
-    utils.check_device(parser, args.device)
-    utils.check_writable_folder(parser, "--log_dir", args.log_dir)
+    checks.check_device(parser, args.device)
+    checks.check_writable_folder(parser, "--log_dir", args.log_dir)
     for flag, path in outputs.items():
-        utils.check_output_file(parser, flag, path)
+        checks.check_output_file(parser, flag, path)
     if args.resume not in (None, "auto") and not Path(args.resume).is_file():
         parser.error(f"argument --resume: {args.resume} is not a checkpoint file; pass a file or 'auto'")
     if args.run_name is not None and (not args.run_name.strip() or ".." in Path(args.run_name).parts):
@@ -115,6 +140,32 @@ def check_shapes(config, decoder=False):
         problems.append(f"{flag} {width} is not divisible by --decoder_heads {config.decoder_heads}")
     if problems:
         raise utils.UserError("; ".join(problems))
+
+
+class Bookkeeping:
+    """What a training loop keeps beside the model: the locked run folder, logger, progress bar, background
+    checkpoint writer, save schedule and graceful stop."""
+
+    def __init__(self, run, args, fields, done, steps_per_epoch):
+        run.lock_folder()  # before the first file this run writes
+        self.is_main, self.total_epoch, self.stopping = run.env.is_main, args.total_epoch, False
+        self.logger = utils.RunLogger(run.log_dir, fields, done + 1, run.env.is_main)
+        self.writer, self.saves, self.stop = ckpt.CheckpointWriter(), SaveSchedule(args), engine.StopFlag().install()
+        self.bar = engine.progress_bar(args.total_epoch * steps_per_epoch, done * steps_per_epoch, run.env.is_main)
+
+    def save_due(self, epoch, ended_early=False):
+        """Whether to save after this epoch (rank 0). A stop signal is read once here, so the save and the exit
+        agree; one that arrives later is handled at the next epoch's end."""
+        self.stopping = self.stop.requested
+        return self.saves.due(epoch, self.total_epoch, self.stopping or ended_early) and self.is_main
+
+    def finish(self):
+        """Wait for the last write, close the logs; the exit code: 130 / 143 after a graceful stop, else 0."""
+        self.writer.wait()
+        self.bar.close()
+        self.logger.close()
+        utils.cleanup_distributed()
+        return self.stop.exit_code if self.stopping else 0
 
 
 @dataclass

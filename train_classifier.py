@@ -15,6 +15,7 @@ from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 
 import checkpoint as ckpt
+import checks
 import engine
 import run_setup
 import utils
@@ -38,16 +39,8 @@ FIXED_ON_RESUME = ("dataset", "data_dir", "pretrained_model_path", "linear_probe
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # The reference's arguments and defaults.
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--batch_size", type=utils.POSITIVE_INT, default=128)
-    p.add_argument("--max_device_batch_size", type=run_setup.micro_batch_size, default=256,
-                   help="micro-batch, or auto (the largest that fits); gradients accumulate")
-    p.add_argument("--base_learning_rate", type=utils.POSITIVE_FLOAT, default=1e-3,
-                   help="lr = base * batch_size / 256")
-    p.add_argument("--weight_decay", type=utils.NONNEGATIVE_FLOAT, default=0.05)
-    p.add_argument("--total_epoch", type=utils.POSITIVE_INT, default=100)
-    p.add_argument("--warmup_epoch", type=utils.NONNEGATIVE_INT, default=5)
+    run_setup.add_schedule_arguments(p, batch_size=128, max_device_batch_size=256, base_learning_rate=1e-3,
+                                     total_epoch=100, warmup_epoch=5)  # the reference's
     p.add_argument("--pretrained_model_path", default=None, help="an MAE pretraining checkpoint (default: scratch)")
     p.add_argument("--output_model_path", default=None, help="best checkpoint; default vit-t-<run>.pt")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
@@ -58,22 +51,22 @@ def build_parser():
     p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
                    help="a preset of the options below; options given explicitly still win")
     p.add_argument("--augment", choices=sorted(AUGMENTATIONS), default="none")
-    p.add_argument("--mixup", type=utils.NONNEGATIVE_FLOAT, default=0.0, help="mixup alpha (0: off)")
-    p.add_argument("--cutmix", type=utils.NONNEGATIVE_FLOAT, default=0.0, help="cutmix alpha (0: off)")
-    p.add_argument("--label_smoothing", type=utils.ranged(float, 0, 1, high_open=True), default=0.0)
-    p.add_argument("--layer_decay", type=utils.ranged(float, 0, 1, low_open=True), default=None,
+    p.add_argument("--mixup", type=checks.NONNEGATIVE_FLOAT, default=0.0, help="mixup alpha (0: off)")
+    p.add_argument("--cutmix", type=checks.NONNEGATIVE_FLOAT, default=0.0, help="cutmix alpha (0: off)")
+    p.add_argument("--label_smoothing", type=checks.ranged(float, 0, 1, high_open=True), default=0.0)
+    p.add_argument("--layer_decay", type=checks.ranged(float, 0, 1, low_open=True), default=None,
                    help="layer-wise lr decay, e.g. 0.65")
-    p.add_argument("--drop_path", type=utils.ranged(float, 0, 1, high_open=True), default=0.0,
+    p.add_argument("--drop_path", type=checks.ranged(float, 0, 1, high_open=True), default=0.0,
                    help="stochastic depth rate of the last block")
-    p.add_argument("--reprob", type=utils.PROBABILITY, default=0.0, help="random erasing probability")
-    p.add_argument("--model_ema", type=utils.ranged(float, 0, 1, high_open=True), default=None, metavar="DECAY",
+    p.add_argument("--reprob", type=checks.PROBABILITY, default=0.0, help="random erasing probability")
+    p.add_argument("--model_ema", type=checks.ranged(float, 0, 1, high_open=True), default=None, metavar="DECAY",
                    help="also keep an exponential moving average of the weights (e.g. 0.999); it is evaluated "
                         "every epoch and is what the best checkpoint holds")
     p.add_argument("--linear_probe", action="store_true",
                    help="freeze the pretrained encoder; train only a BatchNorm + linear head")
-    p.add_argument("--patience", type=utils.POSITIVE_INT, default=None,
+    p.add_argument("--patience", type=checks.POSITIVE_INT, default=None,
                    help="stop when val accuracy has not improved for N epochs")
-    p.add_argument("--eval_batch_size", type=utils.POSITIVE_INT, default=1000)
+    p.add_argument("--eval_batch_size", type=checks.POSITIVE_INT, default=1000)
     run_setup.add_run_arguments(p)
     return p
 
@@ -82,10 +75,8 @@ def parse_args(argv=None):
     """Parse twice: a ``--recipe`` or ``--preset`` replaces the defaults, and what the user typed still overrides
     it. Returns the arguments and the size flags the user typed (a pretrained encoder must not contradict those)."""
     parser = build_parser()
-    known = parser.parse_known_args(argv)[0]
-    typed_sizes = run_setup.explicit_sizes(known)  # before a preset fills the size flags in
-    parser.set_defaults(**RECIPES.get(known.recipe, {}), **PRESETS.get(known.preset, {}))
-    args = parser.parse_args(argv)
+    args, typed = run_setup.parse_with_presets(parser, argv, recipe=RECIPES, preset=PRESETS)
+    typed_sizes = run_setup.explicit_sizes(typed)  # as typed, before a preset filled the size flags in
     if args.linear_probe and not args.pretrained_model_path:
         parser.error("--linear_probe needs --pretrained_model_path (a frozen random encoder says little)")
     if args.pretrained_model_path and not Path(args.pretrained_model_path).is_file():
@@ -219,14 +210,10 @@ def main(argv=None):
     forward = engine.maybe_compile(model, device, not args.no_compile, args.compile_mode)
     ema_forward = engine.maybe_compile(ema.module, device, not args.no_compile, args.compile_mode) if ema else None
     kept = ema.module if ema else model  # what the best checkpoint holds, chosen by its own accuracy
-    run.lock_folder()
-    logger = utils.RunLogger(run.log_dir, ["train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
-                                           "images_per_s", "compile_seconds",
-                                           *(["val_loss_ema", "val_acc_ema"] if ema else [])], done + 1, env.is_main)
-    writer, saves, stop = ckpt.CheckpointWriter(), run_setup.SaveSchedule(args), engine.StopFlag().install()
     steps_per_epoch = len(run.loader) // run.accum_steps * run.accum_steps
-    bar = engine.progress_bar(args.total_epoch * steps_per_epoch, done * steps_per_epoch, env.is_main)
-    stopping = False
+    book = run_setup.Bookkeeping(run, args, ["train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
+                                             "images_per_s", "compile_seconds",
+                                             *(["val_loss_ema", "val_acc_ema"] if ema else [])], done, steps_per_epoch)
     for epoch in range(done + 1, args.total_epoch + 1):
         run.loader.set_epoch(epoch)
         model.train()
@@ -234,7 +221,7 @@ def main(argv=None):
         with engine.EpochTimer(device) as timer:
             update_ema = (lambda: ema.update(model)) if ema else None
             train_loss, (correct,), images_seen = engine.train_epoch(
-                step, run.loader, optimizer, run.accum_steps, train_model, bar,
+                step, run.loader, optimizer, run.accum_steps, train_model, book.bar,
                 timer.after_step(update_ema) if first else update_ema, scaler)
         lr = max(group["lr"] for group in optimizer.param_groups)  # with layer decay: the head's, the largest
         scheduler.step()
@@ -243,34 +230,29 @@ def main(argv=None):
         if ema:
             scores.update(zip(("val_loss_ema", "val_acc_ema"), engine.evaluate(ema.module, test_loader, device,
                                                                                run.precision, ema_forward)))
-        bar.set_postfix(epoch=epoch, loss=f"{train_loss:.4f}", val_acc=f"{scores['val_acc']:.4f}")
-        logger.log(epoch, train_loss=train_loss, train_acc=correct / images_seen, lr=lr, seconds=timer.seconds,
-                   images_per_s=timer.steady_rate(images_seen, args.batch_size), **scores,
-                   compile_seconds=timer.first_step_seconds if first and not args.no_compile else None)
+        book.bar.set_postfix(epoch=epoch, loss=f"{train_loss:.4f}", val_acc=f"{scores['val_acc']:.4f}")
+        book.logger.log(epoch, train_loss=train_loss, train_acc=correct / images_seen, lr=lr, seconds=timer.seconds,
+                        images_per_s=timer.steady_rate(images_seen, args.batch_size), **scores,
+                        compile_seconds=timer.first_step_seconds if first and not args.no_compile else None)
         kept_acc = scores["val_acc_ema" if ema else "val_acc"]
         if kept_acc > best["val_acc"]:
             best = {"val_acc": kept_acc, "epoch": epoch}
             if env.is_main:
-                writer.save(args.output_model_path, {"kind": "classifier", "model": kept.state_dict(),
-                                                     "config": config.to_dict(), "args": vars(args), "epoch": epoch,
-                                                     "val_acc": kept_acc, "classes": classes})
-        stopping = stop.requested  # read once: a signal arriving after this is handled at the next epoch's end
+                book.writer.save(args.output_model_path, {"kind": "classifier", "model": kept.state_dict(),
+                                                          "config": config.to_dict(), "args": vars(args),
+                                                          "epoch": epoch, "val_acc": kept_acc, "classes": classes})
         patience_over = args.patience is not None and epoch - best["epoch"] >= args.patience
-        if saves.due(epoch, args.total_epoch, stopping or patience_over) and env.is_main:
-            writer.save(last_path, ckpt.training_state(
+        if book.save_due(epoch, ended_early=patience_over):
+            book.writer.save(last_path, ckpt.training_state(
                 "classifier", model, config, optimizer, scheduler, epoch, args, best=best, classes=classes,
                 stopped_early=patience_over, ema=ema.module.state_dict() if ema else None,
                 run_dir=str(run.log_dir)))
         if patience_over:
             print(f"\nval accuracy has not improved for {args.patience} epochs (best {best['val_acc']:.4f} at "
                   f"epoch {best['epoch']}); stopping early")
-        if stopping or patience_over:
+        if book.stopping or patience_over:
             break
-    writer.wait()
-    bar.close()
-    logger.close()
-    utils.cleanup_distributed()
-    return stop.exit_code if stopping else 0  # 130 / 143 after a graceful stop: stopping is not success
+    return book.finish()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 import checkpoint as ckpt
+import checks
 import utils
 from data import load_dataset, normalize
 from figures import prediction_figure, strategies_figure
@@ -51,11 +52,11 @@ def build_parser():
     p.add_argument("--mae_model_path", default=None, help="an MAE checkpoint: also draw the reconstructions")
     p.add_argument("--dataset", choices=["cifar10", "cifar100"], default="cifar10")
     p.add_argument("--data_dir", default=None, help="image folder with train/<class>/ and test/<class>/")
-    p.add_argument("--num_images", type=utils.POSITIVE_INT, default=32)
+    p.add_argument("--num_images", type=checks.POSITIVE_INT, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="predictions.png")
     p.add_argument("--reconstruction_output", default="reconstructions.png")
-    p.add_argument("--mask_ratios", type=utils.OPEN_UNIT, nargs="+", default=[0.75])
+    p.add_argument("--mask_ratios", type=checks.OPEN_UNIT, nargs="+", default=[0.75])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--trust_checkpoint", action="store_true", help="allow a pickled whole-module checkpoint")
     return p
@@ -66,14 +67,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not args.model_path and not args.mae_model_path:
         parser.error("nothing to draw: pass --model_path (a classifier) and/or --mae_model_path")
-    utils.check_device(parser, args.device)
+    checks.check_device(parser, args.device)
     for flag, path in (("--model_path", args.model_path), ("--mae_model_path", args.mae_model_path)):
         if path and not Path(path).is_file():
             parser.error(f"argument {flag}: {path} is not a checkpoint file")
     outputs = {"--output": args.output} if args.model_path else {}
     outputs.update({"--reconstruction_output": args.reconstruction_output} if args.mae_model_path else {})
     for flag, path in outputs.items():
-        utils.check_output_file(parser, flag, path)
+        checks.check_output_file(parser, flag, path)
     if args.model_path and args.mae_model_path and args.output == args.reconstruction_output:
         parser.error(f"--output and --reconstruction_output are both {args.output}: the second would replace "
                      f"the first")

@@ -1,0 +1,55 @@
+"""checks.py: range-checked argparse types and the checks of devices and paths."""
+import argparse
+
+import pytest
+import torch
+
+import checks
+
+
+
+@pytest.mark.parametrize("kind, text, ok", [
+    (checks.POSITIVE_INT, "3", True), (checks.POSITIVE_INT, "0", False), (checks.POSITIVE_INT, "-2", False),
+    (checks.POSITIVE_INT, "2.5", False), (checks.NONNEGATIVE_INT, "0", True), (checks.PROBABILITY, "1", True),
+    (checks.PROBABILITY, "1.01", False), (checks.OPEN_UNIT, "0", False), (checks.OPEN_UNIT, "1", False),
+    (checks.OPEN_UNIT, "0.75", True), (checks.POSITIVE_FLOAT, "nan", False), (checks.POSITIVE_FLOAT, "inf", False),
+    (checks.POSITIVE_FLOAT, "1e-3", True)])
+def test_ranged_types_accept_only_their_range(kind, text, ok):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--x", type=kind)
+    if ok:
+        assert parser.parse_args(["--x", text]).x == kind(text)
+    else:
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args(["--x", text])
+        assert exit_info.value.code == 2
+
+
+def test_range_errors_name_the_flag_the_value_and_the_range(capsys):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mask_ratio", type=checks.OPEN_UNIT)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--mask_ratio", "1.5"])
+    assert "argument --mask_ratio: 1.5 is not allowed: it must be in (0, 1)" in capsys.readouterr().err
+
+
+def test_writable_folder_checks(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    (tmp_path / "file").write_text("x")
+    checks.check_writable_folder(parser, "--log_dir", tmp_path / "new" / "deeper")  # can be made: fine
+    assert not (tmp_path / "new").exists()  # a check writes nothing
+    for bad in (tmp_path / "file", tmp_path / "file" / "below"):
+        with pytest.raises(SystemExit) as exit_info:
+            checks.check_writable_folder(parser, "--log_dir", bad)
+        assert exit_info.value.code == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:7", "tpu"])
+def test_unknown_or_missing_devices_are_refused(device, capsys):
+    parser = argparse.ArgumentParser()
+    if device == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 GPUs")
+    with pytest.raises(SystemExit):
+        checks.check_device(parser, device)
+    assert "argument --device" in capsys.readouterr().err

@@ -434,7 +434,8 @@ class Campaign:
                     return failures, True
                 if code:
                     failures += 1
-                    tail = (self.work / "output" / f"{step}_{unit.key}.txt").read_text().splitlines()[-15:]
+                    output = self.work / "output" / f"{step}_{unit.key}.txt"
+                    tail = output.read_text().splitlines()[-15:] if output.is_file() else []
                     say(f"{step} {unit.key}: FAILED (exit code {code}); its output ends with\n" + "\n".join(tail))
                 else:
                     say(f"{step} {unit.key}: done in {time.monotonic() - start:.0f} s")

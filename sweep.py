@@ -5,22 +5,20 @@ checkpoint and train a linear probe on it (unless --no_linear_probe); with --scr
     python sweep.py --name masking --mask_strategy random block grid --mask_ratio 0.5 0.75 0.9 --scratch --dry_run
     python summarize.py logs/cifar10/sweep_depth         # then: tables and figures
 
-Everything lives in <log_dir>/<dataset>/sweep_<name>/: one folder per run (mae_dd8_block_mr0.75_ep200_s1,
-ft_dd8_block_mr0.75_ep200_s1, lp_..., scratch_s1) with metrics.csv and settings.json (what the run was started
-with; summarize.py groups by it), and checkpoints/<run>.pt (classifier runs resume from <run>_last.pt).
-Run the same command again to continue: a run with all its epochs logged (or ended by --patience) and a checkpoint
-is skipped, an interrupted one continues with --resume auto. Each run is a subprocess: one that fails is reported
-at the end (exit code 1) and only the runs that need its checkpoint are skipped. Ctrl-C lets the current run save.
-Warm-up scales with the schedule (10 % of pretraining, 5 % of fine-tuning, as in the reference); the free-form
-options come last and win: --pretrain_args="--warmup_epoch 40" (with "=", or argparse takes it for its own).
+A run writes <log_dir>/<dataset>/sweep_<name>/<run>/ (metrics.csv, settings.json) and checkpoints/<run>.pt. Run
+the same command again to continue: finished runs are skipped, interrupted ones resumed; a failed run stops only
+the runs that need its checkpoint (exit code 1). Ctrl-C lets the current run save. Warm-up is 10 % of pretraining,
+5 % of fine-tuning; the free-form options come last and win: --pretrain_args="--warmup_epoch 40" (with "=").
 """
 import argparse
+import csv
 import json
 import shlex
 import shutil
 import subprocess
 import sys
 import time
+from contextlib import suppress
 from functools import partial
 from itertools import product
 from pathlib import Path
@@ -42,11 +40,9 @@ say = partial(print, flush=True)  # flushed, so that it lands in order with the 
 def typed(kind, ok, allowed):
     """An argparse type: ``kind(text)`` if ``ok`` accepts it, else argparse's error saying what is ``allowed``."""
     def parse(text):
-        try:
+        with suppress(ValueError, RuntimeError):  # RuntimeError: torch.device's
             if ok(value := kind(text)):
                 return value
-        except (ValueError, RuntimeError):  # RuntimeError: torch.device's
-            pass
         raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected {allowed}")
     return parse
 
@@ -55,7 +51,7 @@ def no_file_on(path):
     return not any(p.exists() and not p.is_dir() for p in (Path(path), *Path(path).parents))
 
 
-def build_parser():
+def parse_args(argv=None):
     positive = typed(int, lambda v: v >= 1, "an integer >= 1")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", default="ablation", help="the sweep's folder is <log_dir>/<dataset>/sweep_<name>",
@@ -70,53 +66,36 @@ def build_parser():
                       default=[0])
     stages = p.add_argument_group("what follows each pretraining")
     stages.add_argument("--finetune_epochs", type=positive, default=100)
-    stages.add_argument("--linear_probe_epochs", type=positive, default=None, help="default: --finetune_epochs")
-    stages.add_argument("--no_linear_probe", action="store_true", help="skip the linear-probe stage")
+    stages.add_argument("--linear_probe_epochs", type=positive, help="default: --finetune_epochs")
+    stages.add_argument("--no_linear_probe", action="store_true")
     stages.add_argument("--scratch", action="store_true", help="also fine-tune from scratch once per seed")
-    common = p.add_argument_group("passed on to every run (left out: the scripts' defaults)")
+    common = p.add_argument_group("passed on to every run (left out: the scripts' defaults; --finetune_batch_size "
+                                  "also for scratch and the probe)")
     common.add_argument("--dataset", choices=["cifar10", "cifar100"], default="cifar10")
-    common.add_argument("--data_dir", default=None, help="image folder with train/<class>/ and test/<class>/",
-                        type=typed(str, lambda t: (Path(t) / "train").is_dir() and (Path(t) / "test").is_dir(),
-                                   "a folder holding train/ and test/"))
-    common.add_argument("--device", default=None, help="cuda, cpu or auto", type=typed(
+    common.add_argument("--data_dir", help="image folder with train/<class>/ and test/<class>/", type=typed(
+        str, lambda t: (Path(t) / "train").is_dir() and (Path(t) / "test").is_dir(), "a folder with train/, test/"))
+    common.add_argument("--device", help="cuda, cpu or auto", type=typed(
         str, lambda t: t == "auto" or torch.device(t).type != "cuda" or torch.cuda.is_available(),
         "cpu, auto, or cuda[:N] where a GPU is visible"))
     common.add_argument("--log_dir", default="logs", type=typed(str, no_file_on, "a folder, not a file"))
-    common.add_argument("--pretrain_batch_size", type=positive, default=None)
-    common.add_argument("--finetune_batch_size", type=positive, default=None, help="also for scratch and the probe")
-    common.add_argument("--max_device_batch_size", type=positive, default=None, help="micro-batch of every run")
-    for name in (*MODEL_SIZE, "decoder_heads"):
-        common.add_argument(f"--{name}", type=positive, default=None, help="model size (e.g. a tiny model for tests)")
-    common.add_argument("--pretrain_args", default="", help='options for mae_pretrain.py, e.g. "--norm_pix_loss"')
-    common.add_argument("--finetune_args", default="", help="options for train_classifier.py (fine-tune, scratch)")
-    common.add_argument("--probe_args", default="", help="more options for train_classifier.py --linear_probe")
-    p.add_argument("--launcher", default="", help='runs each script under this command, e.g. "torchrun '
-                                                  '--nproc_per_node 4" (default: this Python)')
+    for name in ("pretrain_batch_size", "finetune_batch_size", "max_device_batch_size", *MODEL_SIZE, "decoder_heads"):
+        common.add_argument(f"--{name}", type=positive)
+    # Free-form options for mae_pretrain.py and train_classifier.py, split into words (the default "" too).
+    common.add_argument("--pretrain_args", type=shlex.split, default="", help='for pretraining, e.g. "--norm_pix_loss"')
+    common.add_argument("--finetune_args", type=shlex.split, default="", help="for fine-tuning and scratch")
+    common.add_argument("--probe_args", type=shlex.split, default="", help="for the linear probe")
+    p.add_argument("--launcher", default="", help='runs each script, e.g. "torchrun --nproc_per_node 4" (default: '
+                   'this Python)', type=typed(shlex.split, lambda w: not w or shutil.which(w[0]), "a command in PATH"))
     p.add_argument("--dry_run", action="store_true", help="print what would run, with the commands; run nothing")
-    return p
-
-
-def parse_args(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    for option in ("pretrain_args", "finetune_args", "probe_args", "launcher"):
-        try:
-            words = shlex.split(getattr(args, option))
-        except ValueError as error:  # an unclosed quote
-            parser.error(f"argument --{option}: {error}")
-        # argparse also takes a unique prefix of an option ("--total" for --total_epoch): check prefixes too.
-        taken = sorted({own for word in words if word.startswith("--") for own in OWN_OPTIONS
-                        if own.startswith(word.split("=")[0])})
-        if taken and option != "launcher":
-            parser.error(f"argument --{option}: may not set {', '.join(taken)}: the sweep sets those itself")
-        setattr(args, option, words)
-    if args.launcher and not shutil.which(args.launcher[0]):
-        parser.error(f"argument --launcher: no command {args.launcher[0]!r} on the PATH")
-    for grid in ("decoder_depth", "mask_strategy", "mask_ratio", "pretrain_epochs", "seeds"):
-        setattr(args, grid, list(dict.fromkeys(getattr(args, grid))))  # a value given twice runs once
+    args = p.parse_args(argv)
+    for option in ("pretrain_args", "finetune_args", "probe_args"):
+        # argparse also takes a unique prefix of an option ("--total" for --total_epoch): prefixes are refused too.
+        if taken := sorted({own for word in getattr(args, option) if word.startswith("--") for own in OWN_OPTIONS
+                            if own.startswith(word.split("=")[0])}):
+            p.error(f"argument --{option}: may not set {', '.join(taken)}: the sweep sets those itself")
     args.folder = Path(args.log_dir) / args.dataset / f"sweep_{args.name}"
     if not no_file_on(args.folder / "checkpoints"):
-        parser.error(f"argument --name: a file stands where {args.folder}/checkpoints/ would go")
+        p.error(f"argument --name: a file stands where {args.folder}/checkpoints/ would go")
     return args
 
 
@@ -125,46 +104,42 @@ def flags(**options):
     return [word for key, value in options.items() if value is not None for word in (f"--{key}", str(value))]
 
 
-def plan(args):
-    """Every run, seeds outermost (after the first seed's pass every setting has a result to look at). A run has a
-    name (also its folder's), its command (without --resume), total_epochs, the checkpoint that --resume auto
-    continues from, its log_dir, the settings that make it (kept in settings.json, compared on every restart) and
-    the pretraining run it needs."""
-    a, folder, runs = args, args.folder, []
-    size = {k: getattr(a, k) for k in MODEL_SIZE if getattr(a, k) is not None}
+def plan(a):
+    """Every run, seeds outermost (after the first seed's pass every setting has a result). A run has a name (its
+    folder's too), its command (without --resume), total_epochs, the checkpoint --resume auto continues from, its
+    log_dir, the settings that make it (in settings.json, compared on every restart) and the run it needs."""
+    runs, size = [], {k: getattr(a, k) for k in MODEL_SIZE if getattr(a, k) is not None}
 
     def add(name, script, seed, epochs, warmup, options, extra, settings, checkpoint, needs=None):
         # The scripts log to <log_dir>/<dataset>/<run_name>/: a run name under the sweep's folder keeps it there.
         command = [*(a.launcher or [sys.executable]), str(HERE / script), *flags(
             seed=seed, total_epoch=epochs, warmup_epoch=round(epochs * warmup)), *options, *flags(
-            run_name=f"{folder.name}/{name}", log_dir=a.log_dir, dataset=a.dataset, data_dir=a.data_dir,
+            run_name=f"{a.folder.name}/{name}", log_dir=a.log_dir, dataset=a.dataset, data_dir=a.data_dir,
             device=a.device, max_device_batch_size=a.max_device_batch_size), *extra]  # the free-form options last
         runs.append(SimpleNamespace(name=name, command=command, total_epochs=epochs, checkpoint=checkpoint,
-                                    log_dir=folder / name, settings=settings, needs=needs))
+                                    log_dir=a.folder / name, settings=settings, needs=needs))
         return runs[-1]
 
-    def classifier(stage, seed, pretrained=None):
-        """A train_classifier.py run: "finetune" or "linear_probe" from ``pretrained``, or "scratch"."""
+    def classifier(stage, seed, pretrained=None):  # "finetune" or "linear_probe" from ``pretrained``, or "scratch"
         probe = stage == "linear_probe"
         prefix, epochs, extra = ("lp", a.linear_probe_epochs or a.finetune_epochs, a.probe_args) if probe else (
             "ft" if pretrained else "scratch", a.finetune_epochs, a.finetune_args)
         name = f"{prefix}_{pretrained.name.removeprefix('mae_')}" if pretrained else f"{prefix}_s{seed}"
-        best = folder / "checkpoints" / f"{name}.pt"
+        best = a.folder / "checkpoints" / f"{name}.pt"
         options = [*flags(output_model_path=best, batch_size=a.finetune_batch_size, **(
             {"pretrained_model_path": pretrained.checkpoint} if pretrained else size)), *["--linear_probe"] * probe]
         # A fine-tuned result depends on its pretraining's settings too.
-        settings = dict(pretrained.settings) if pretrained else dict(seed=seed, dataset=a.dataset, model_size=size)
-        settings.update({"stage": stage, "linear_probe_epochs" if probe else "finetune_epochs": epochs,
-                         "finetune_batch_size": a.finetune_batch_size,
-                         "probe_args" if probe else "finetune_args": extra})
+        settings = {**(pretrained.settings if pretrained else dict(seed=seed, dataset=a.dataset, model_size=size)),
+                    "stage": stage, "linear_probe_epochs" if probe else "finetune_epochs": epochs,
+                    "finetune_batch_size": a.finetune_batch_size, "probe_args" if probe else "finetune_args": extra}
         add(name, "train_classifier.py", seed, epochs, 0.05, options, extra, settings,
             best.with_name(f"{name}_last.pt"), pretrained)
 
-    for seed in a.seeds:
-        for epochs, depth, strategy, ratio in product(a.pretrain_epochs, a.decoder_depth, a.mask_strategy,
-                                                      a.mask_ratio):
+    for seed in dict.fromkeys(a.seeds):  # a value given twice runs once
+        for epochs, depth, strategy, ratio in product(*map(dict.fromkeys, (
+                a.pretrain_epochs, a.decoder_depth, a.mask_strategy, a.mask_ratio))):
             name = f"mae_dd{depth}_{strategy}_mr{ratio:g}_ep{epochs}_s{seed}"
-            checkpoint = folder / "checkpoints" / f"{name}.pt"
+            checkpoint = a.folder / "checkpoints" / f"{name}.pt"
             settings = {"stage": "pretrain", "seed": seed, "dataset": a.dataset, "decoder_depth": depth,
                         "mask_strategy": strategy, "mask_ratio": ratio, "pretrain_epochs": epochs,
                         "pretrain_batch_size": a.pretrain_batch_size, "model_size": size,
@@ -179,51 +154,34 @@ def plan(args):
     return runs
 
 
-def logged_epochs(run):
-    """Rows in the run's metrics.csv, or None when it has none (the run never started)."""
-    path = run.log_dir / "metrics.csv"
-    return max(len([line for line in path.read_text().splitlines() if line.strip()]) - 1, 0) if path.is_file() \
-        else None
-
-
-def recorded_settings(run):
-    path = run.log_dir / "settings.json"
-    return json.loads(path.read_text())["settings"] if path.is_file() else None
-
-
-def stopped_early(checkpoint):
-    """Whether train_classifier.py ended this run before its last epoch (--patience): finished all the same."""
-    try:
-        return bool(torch.load(checkpoint, map_location="cpu", weights_only=True).get("stopped_early"))
-    except Exception:  # unreadable: the resumed run will say what is wrong with it
-        return False
-
-
 def run_state(run):
-    """(action, detail): "skipped", "resuming", "new", "restarting", or "broken" (needs the user)."""
-    then, now = recorded_settings(run), run.settings
-    if then is not None and then != now:
+    """(state, detail): "skipped", "resuming", "new", "restarting", or "FAILED" (needs the user)."""
+    recorded, metrics, now = run.log_dir / "settings.json", run.log_dir / "metrics.csv", run.settings
+    then = json.loads(recorded.read_text())["settings"] if recorded.is_file() else now
+    if then != now:
         changed = ", ".join(f"{k}: {then.get(k)!r} then, {now.get(k)!r} now" for k in sorted(then | now)
                             if then.get(k) != now.get(k))
-        return "broken", f"{run.log_dir} was run with other settings ({changed}); use another --name"
-    epochs, has_checkpoint = logged_epochs(run), run.checkpoint.is_file()
-    if has_checkpoint and epochs is not None and epochs >= run.total_epochs:
-        return "skipped", f"finished: {epochs}/{run.total_epochs} epochs"
-    if has_checkpoint and epochs and stopped_early(run.checkpoint):
-        return "skipped", f"finished: stopped early (--patience) after {epochs}/{run.total_epochs} epochs"
-    if has_checkpoint:
+        return "FAILED", f"{run.log_dir} was run with other settings ({changed}); use another --name"
+    # Epochs logged, None when it never started.
+    epochs = len(list(csv.DictReader(metrics.read_text().splitlines()))) if metrics.is_file() else None
+    if run.checkpoint.is_file():
+        if epochs is not None and epochs >= run.total_epochs:
+            return "skipped", f"finished: {epochs}/{run.total_epochs} epochs"
+        with suppress(Exception):  # --patience ended it early: finished all the same (unreadable: resume says why)
+            if epochs and torch.load(run.checkpoint, map_location="cpu", weights_only=True).get("stopped_early"):
+                return "skipped", f"finished: stopped early (--patience) after {epochs}/{run.total_epochs} epochs"
         return "resuming", f"{epochs or 0}/{run.total_epochs} epochs done"
     if not epochs:  # never started, or stopped in its first epoch: nothing to continue, nothing to lose
         return ("new", "") if epochs is None else ("restarting", "it stopped before its first checkpoint")
-    return "broken", (f"{run.log_dir} has {epochs} epochs logged but no checkpoint {run.checkpoint} to continue "
+    return "FAILED", (f"{run.log_dir} has {epochs} epochs logged but no checkpoint {run.checkpoint} to continue "
                       f"from; delete that folder to run it again")
 
 
 def write_settings(run, command):
     run.log_dir.mkdir(parents=True, exist_ok=True)
-    record = {"run": run.name, "settings": run.settings, "total_epochs": run.total_epochs,
-              "checkpoint": str(run.checkpoint), "command": shlex.join(command)}
-    (run.log_dir / "settings.json").write_text(json.dumps(record, indent=1) + "\n")
+    (run.log_dir / "settings.json").write_text(json.dumps(
+        {"run": run.name, "settings": run.settings, "total_epochs": run.total_epochs,
+         "checkpoint": str(run.checkpoint), "command": shlex.join(command)}, indent=1) + "\n")
 
 
 def execute(command):
@@ -237,61 +195,47 @@ def execute(command):
         raise
 
 
-def run_sweep(runs, dry_run=False):
-    """Run (or, dry, describe) every run in order; returns the failures as (run name, reason), and the skipped."""
-    finished, failures, skipped = set(), [], 0
-    for number, run in enumerate(runs, 1):
-        prefix, (action, detail) = f"[{number}/{len(runs)}] {run.name}:", run_state(run)
-        if action == "skipped":
-            finished.add(run.name)
-            skipped += 1
-            say(f"{prefix} skipped ({detail})")
-            if not dry_run and recorded_settings(run) is None:
-                write_settings(run, run.command)
-        elif action == "broken":
-            failures.append((run.name, detail))
-            say(f"{prefix} FAILED: {detail}")
-        elif run.needs and run.needs.name not in finished:
-            failures.append((run.name, f"not run: {run.needs.name} did not finish"))
-            say(f"{prefix} not run ({run.needs.name} did not finish)")
-        else:
-            command = run.command + ["--resume", "auto"] * (action == "resuming")
-            say(f"{prefix} {action}" + (f" ({detail})" if detail else ""))
-            if dry_run:
-                say("    " + shlex.join(command))
-                finished.add(run.name)  # assume it would finish, so that the runs after it are shown too
-                continue
-            if action == "restarting":
-                shutil.rmtree(run.log_dir)
-            write_settings(run, command)
-            start, code = time.perf_counter(), execute(command)
-            if code == 0 and run_state(run)[0] == "skipped":
-                finished.add(run.name)
-                say(f"{prefix} finished in {time.perf_counter() - start:.1f} s")
-            else:
-                failures.append((run.name, f"exit code {code}" if code else
-                                 f"stopped by a signal after {logged_epochs(run) or 0} of {run.total_epochs} epochs"))
-                say(f"{prefix} FAILED ({failures[-1][1]}; its output is above)")
-    return failures, skipped
-
-
 def main(argv=None):
     args = parse_args(argv)
-    runs = plan(args)
+    runs, finished, failures, skipped = plan(args), set(), [], 0
     say(f"sweep {args.folder}: {len(runs)} runs")
     try:
-        failures, skipped = run_sweep(runs, args.dry_run)
+        for number, run in enumerate(runs, 1):
+            prefix, (state, detail) = f"[{number}/{len(runs)}] {run.name}:", run_state(run)
+            if state not in ("skipped", "FAILED") and run.needs and run.needs.name not in finished:
+                state, detail = "not run", f"{run.needs.name} did not finish"
+            command = run.command + ["--resume", "auto"] * (state == "resuming")
+            say(f"{prefix} {state}" + (f" ({detail})" if detail else "") + (
+                f"\n    {shlex.join(command)}" if args.dry_run and state in ("new", "restarting", "resuming") else ""))
+            if state == "skipped":
+                finished.add(run.name)
+                skipped += 1
+                if not args.dry_run and not (run.log_dir / "settings.json").is_file():
+                    write_settings(run, command)
+            elif state in ("FAILED", "not run"):
+                failures.append((run.name, detail if state == "FAILED" else f"not run: {detail}"))
+            elif args.dry_run:
+                finished.add(run.name)  # assume it would finish, so that the runs after it are shown too
+            else:
+                if state == "restarting":
+                    shutil.rmtree(run.log_dir)
+                write_settings(run, command)
+                start, code = time.perf_counter(), execute(command)
+                state, detail = run_state(run)
+                if code == 0 and state == "skipped":
+                    finished.add(run.name)
+                    say(f"{prefix} finished in {time.perf_counter() - start:.1f} s")
+                else:
+                    failures.append((run.name, f"exit code {code}" if code else f"ended unfinished ({detail})"))
+                    say(f"{prefix} FAILED ({failures[-1][1]}; its output is above)")
     except KeyboardInterrupt:
         say("\nsweep interrupted; run the same command again to continue where it stopped")
         return 130
     if not args.dry_run:
         say(f"\nsweep {args.folder}: {len(runs) - len(failures)} of {len(runs)} runs finished ({skipped} of them "
-            f"already before this call)")
-        for name, reason in failures:
-            say(f"  failed: {name}: {reason}")
-        if failures:
-            say("Fix the cause and run the same command again: finished runs are skipped, interrupted ones resumed.")
-        say(f"tables and figures: python summarize.py {args.folder}")
+            "already before this call)", *(f"  failed: {name}: {why}" for name, why in failures), sep="\n")
+        say("Fix the cause and run the same command again to continue.\n" * bool(failures) +
+            f"tables and figures: python summarize.py {args.folder}")
     return 1 if failures else 0
 
 

@@ -67,10 +67,12 @@ def test_plan_names_paths_and_stages(tmp_path, tiny_image_folder, capfd):
 
 def test_no_linear_probe_plans_no_probes_and_warmup_scales(tmp_path, capfd):
     argv = [*STUDY, "--log_dir", str(tmp_path), "--no_linear_probe", "--pretrain_epochs", "40", "--finetune_epochs",
-            "100", "--decoder_depth", "8", "8", "--mask_strategy", "blockwise", "--dry_run"]
+            "100", "--decoder_depth", "8", "8", "--mask_strategy", "blockwise", "--launcher", f"{sys.executable} -u",
+            "--dry_run"]
     runs = plan(argv)
     assert list(runs) == ["mae_dd8_blockwise_mr0.75_ep40_s0", "ft_dd8_blockwise_mr0.75_ep40_s0", "scratch_s0",
                           "mae_dd8_blockwise_mr0.75_ep40_s1", "ft_dd8_blockwise_mr0.75_ep40_s1", "scratch_s1"]
+    assert all(run.command[:2] == [sys.executable, "-u"] for run in runs.values())  # each script under the launcher
     assert option(runs["mae_dd8_blockwise_mr0.75_ep40_s0"].command, "--warmup_epoch") == "4"  # 10 %
     assert option(runs["scratch_s0"].command, "--warmup_epoch") == "5"                       # 5 %
     assert sweep.main(argv) == 0

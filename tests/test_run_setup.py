@@ -1,0 +1,82 @@
+"""run_setup.py: presets, shared flags, the rules that keep other runs' files safe, and the save schedule."""
+import argparse
+
+import pytest
+
+import mae_pretrain
+import run_setup
+import train_classifier
+from conftest import read_metrics, run_dirs
+from model import ModelConfig
+from utils import UserError
+
+
+def test_presets_set_defaults_and_typed_flags_win():
+    args = mae_pretrain.parse_args(["--preset", "small", "--total_epoch", "7"])
+    assert (args.patch_size, args.emb_dim, args.decoder_depth, args.total_epoch) == (4, 96, 2, 7)
+    assert args.run_name == "mae_small_ep7" and args.model_path == "vit-t-mae_small_ep7.pt"
+    args, typed_sizes, _ = train_classifier.parse_args(["--preset", "small", "--emb_dim", "48"])
+    assert (args.patch_size, args.emb_dim, args.total_epoch) == (4, 48, 2)
+    assert typed_sizes == {"emb_dim": 48}  # the preset's sizes are not "typed"
+
+
+def test_preset_small_runs_one_tiny_epoch_of_both_scripts(tmp_path, tiny_image_folder, one_thread):
+    common = ["--preset", "small", "--data_dir", str(tiny_image_folder), "--device", "cpu", "--precision", "fp32",
+              "--no_compile", "--total_epoch", "1", "--batch_size", "16", "--log_dir", str(tmp_path / "logs")]
+    assert mae_pretrain.main([*common, "--model_path", str(tmp_path / "mae.pt"), "--knn_every", "0"]) == 0
+    assert train_classifier.main([*common, "--pretrained_model_path", str(tmp_path / "mae.pt"),
+                                  "--output_model_path", str(tmp_path / "cls.pt")]) == 0
+    assert [len(read_metrics(d)[1]) for d in run_dirs(tmp_path / "logs")] == [1, 1]
+
+
+def test_refuse_to_replace_a_finished_run(tmp_path):
+    (tmp_path / "run").mkdir()
+    run_setup.refuse_to_replace(tmp_path / "run", [tmp_path / "m.pt"], overwrite=False)  # nothing there yet
+    (tmp_path / "run" / "metrics.csv").write_text("epoch,loss\n")  # a header alone: a failed first epoch
+    run_setup.refuse_to_replace(tmp_path / "run", [tmp_path / "m.pt"], overwrite=False)
+    (tmp_path / "run" / "metrics.csv").write_text("epoch,loss\n1,0.5\n")
+    with pytest.raises(UserError, match="already holds a run"):
+        run_setup.refuse_to_replace(tmp_path / "run", [tmp_path / "m.pt"], overwrite=False)
+    (tmp_path / "m.pt").write_bytes(b"x")
+    with pytest.raises(UserError, match="already exists"):
+        run_setup.refuse_to_replace(tmp_path / "other", [tmp_path / "m.pt"], overwrite=False)
+    run_setup.refuse_to_replace(tmp_path / "run", [tmp_path / "m.pt"], overwrite=True)
+
+
+def test_a_checkpoint_resumes_only_into_its_own_run_folder(tmp_path):
+    run_setup.check_resume_owner({"run_dir": str(tmp_path / "a")}, tmp_path / "a", "m.pt")
+    run_setup.check_resume_owner({}, tmp_path / "b", "old.pt")  # older checkpoints do not say
+    with pytest.raises(UserError, match="belongs to the run in"):
+        run_setup.check_resume_owner({"run_dir": str(tmp_path / "a")}, tmp_path / "b", "m.pt")
+
+
+@pytest.mark.parametrize("sizes, message", [
+    (dict(patch_size=3), "--patch_size 3 does not divide the 32 px images"),
+    (dict(emb_dim=100), "--emb_dim 100 is not divisible by --encoder_heads 3"),
+    (dict(decoder_emb_dim=10), "--decoder_emb_dim 10 is not divisible by --decoder_heads 3")])
+def test_shapes_that_cannot_make_a_model_name_their_flags(sizes, message):
+    with pytest.raises(UserError, match=message):
+        run_setup.check_shapes(ModelConfig(**sizes), decoder=True)
+
+
+def test_save_schedule(monkeypatch):
+    now = [0.0]
+    schedule = run_setup.SaveSchedule(argparse.Namespace(save_every=None, save_minutes=10))
+    schedule.clock = lambda: now[0]
+    schedule.last = 0.0
+    assert not schedule.due(1, 100)
+    now[0] = 601.0
+    assert schedule.due(2, 100)  # ten minutes passed
+    assert not schedule.due(3, 100)  # and the clock restarted
+    assert schedule.due(4, 100, stopping=True) and schedule.due(100, 100)
+    every = run_setup.SaveSchedule(argparse.Namespace(save_every=5, save_minutes=10))
+    assert [e for e in range(1, 12) if every.due(e, 11)] == [5, 10, 11]
+
+
+@pytest.mark.parametrize("text, ok", [("auto", True), ("64", True), ("0", False), ("big", False)])
+def test_micro_batch_flag(text, ok):
+    if ok:
+        assert run_setup.micro_batch_size(text) in ("auto", 64)
+    else:
+        with pytest.raises(argparse.ArgumentTypeError):
+            run_setup.micro_batch_size(text)

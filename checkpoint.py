@@ -197,8 +197,6 @@ def guessed_fields(checkpoint):
 
 def checkpoint_config(checkpoint, source):
     """The ModelConfig of a checkpoint: its own ``config``, or (older files) inferred from its weights."""
-    if isinstance(checkpoint.get("config"), ModelConfig):
-        return checkpoint["config"]
     try:
         if isinstance(checkpoint.get("config"), dict):
             return ModelConfig.from_dict(checkpoint["config"])

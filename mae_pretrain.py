@@ -94,9 +94,8 @@ def main(argv=None):
                                                                                    args.total_epoch))
     done = 0
     if resumed:
-        run_setup.check_resume_owner(resumed, run.log_dir, run.resume_path)
-        ckpt.check_resume_settings(resumed, config, args, ("dataset", "data_dir", "norm_pix_loss"), run.resume_path)
-        done = ckpt.restore_training_state(resumed, "mae", model, optimizer, scheduler, run.resume_path)
+        done = run_setup.restore_run(run, resumed, config, args, ("dataset", "data_dir", "norm_pix_loss"), model,
+                                     optimizer, scheduler)
     train_model = DistributedDataParallel(model) if env.world_size > 1 else model
     eager_step = engine.make_pretrain_step(train_model, device, run.precision, config.patch_size, args.norm_pix_loss)
     step = engine.maybe_compile(eager_step, device, not args.no_compile, args.compile_mode)

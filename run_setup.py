@@ -1,5 +1,6 @@
 """How a training run starts, the same for both training scripts: the shared options and their checks, then
 seed, device, run folder and lock, the data and its loader, and the rules that keep other runs' files safe."""
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,8 +14,9 @@ from data import AUGMENTATIONS, GpuLoader, load_dataset
 from engine import COMPILE_MODES, PRECISIONS, describe_speed_path, largest_fitting_micro_batch, resolve_precision
 from model import ModelConfig
 
-# Model-size flags: left out, they come from the checkpoint being resumed or fine-tuned, else the defaults.
-SIZE_FLAGS = ("patch_size", "emb_dim", "encoder_depth", "encoder_heads")
+# Model-size flags (the image size comes from the data): left out, they come from the checkpoint being resumed or
+# fine-tuned, else the defaults.
+SIZE_FLAGS = tuple(name for name in ModelConfig.ENCODER_FIELDS if name != "image_size")
 
 
 def add_size_arguments(p, decoder=False):
@@ -114,8 +116,6 @@ class SaveSchedule:
     last save, at the last epoch, and on a graceful stop."""
 
     def __init__(self, args):
-        import time
-
         self.clock, self.every, self.seconds = time.monotonic, args.save_every, args.save_minutes * 60
         self.last = self.clock()
 
@@ -194,8 +194,7 @@ def start_run(args, checkpoint_paths):
     """
     env = utils.setup_device(args.device, args.threads)
     utils.setup_seed(args.seed + env.rank, args.deterministic)  # each process draws its own masks and augmentations
-    resume_path = args.resume if args.resume != "auto" else (
-        checkpoint_paths[0] if Path(checkpoint_paths[0]).is_file() else None)
+    resume_path = ckpt.resolve_resume(args.resume, checkpoint_paths[0])
     log_dir = Path(args.log_dir) / args.dataset / args.run_name
     if env.is_main and not resume_path:
         refuse_to_replace(log_dir, checkpoint_paths, args.overwrite)
@@ -239,6 +238,14 @@ def refuse_to_replace(log_dir, checkpoint_paths, overwrite):
                               f"continue that run, another output path, or --overwrite to replace it")
 
 
+def restore_run(run, checkpoint, config, args, fixed, model, optimizer, scheduler):
+    """Continue ``run`` from its loaded checkpoint, once it is known to be this run's, with this run's model and
+    data (``fixed``: the arguments that may not change); returns the number of finished epochs."""
+    check_resume_owner(checkpoint, run.log_dir, run.resume_path)
+    ckpt.check_resume_settings(checkpoint, config, args, fixed, run.resume_path)
+    return ckpt.restore_training_state(checkpoint, checkpoint["kind"], model, optimizer, scheduler, run.resume_path)
+
+
 def check_resume_owner(checkpoint, log_dir, source):
     """A checkpoint records its run folder: resuming it into another run's folder would mix two runs."""
     owner = checkpoint.get("run_dir")
@@ -246,8 +253,3 @@ def check_resume_owner(checkpoint, log_dir, source):
         raise utils.UserError(f"{source} belongs to the run in {owner}, not {log_dir}: resume it with that run's "
                               f"--log_dir / --run_name, or give this run another checkpoint path")
 
-
-def release(env):
-    utils.cleanup_distributed()
-    if env.device.type == "cuda":
-        torch.cuda.synchronize(env.device)

@@ -171,9 +171,7 @@ def resume(run, config, args, model, optimizer, scheduler, ema):
     """Restore a run from its last checkpoint -> (finished epochs, best so far, whether --patience ended it)."""
     path = run.resume_path
     checkpoint = ckpt.load_checkpoint(path, kind="classifier", option="--resume")
-    run_setup.check_resume_owner(checkpoint, run.log_dir, path)
-    ckpt.check_resume_settings(checkpoint, config, args, FIXED_ON_RESUME, path)
-    done = ckpt.restore_training_state(checkpoint, "classifier", model, optimizer, scheduler, path)
+    done = run_setup.restore_run(run, checkpoint, config, args, FIXED_ON_RESUME, model, optimizer, scheduler)
     if ema:
         if checkpoint.get("ema") is None:
             raise utils.UserError(f"cannot resume {path} with --model_ema: it was trained without it")

@@ -174,9 +174,11 @@ class RunLogger:
     so a resumed run's logs read as if it had never stopped. The CSV is only appended to, or rewritten whole
     through a temporary file; columns it already has are kept, so a resume with other monitors loses no rows.
     The header is written with the first row: a first epoch that fails leaves no CSV that blocks the retry.
+    A run that starts at epoch 1 (new, or ``--overwrite``) first removes the folder's old CSV and TensorBoard
+    event files, so no curve of an earlier run is drawn under its name.
     """
 
-    def __init__(self, log_dir, fields, start_epoch=0, enabled=True):
+    def __init__(self, log_dir, fields, start_epoch=1, enabled=True):
         self.enabled = enabled
         self.fields = ["epoch", *fields]
         self.log_dir = Path(log_dir)
@@ -187,8 +189,16 @@ class RunLogger:
         from torch.utils.tensorboard import SummaryWriter  # imported late: slow, and only rank 0 needs it
 
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self._keep_rows_before(start_epoch)
-        self.writer = SummaryWriter(str(self.log_dir), purge_step=start_epoch if start_epoch else None)
+        if start_epoch <= 1:
+            self._remove_earlier_logs()
+        else:
+            self._keep_rows_before(start_epoch)
+        self.writer = SummaryWriter(str(self.log_dir), purge_step=start_epoch if start_epoch > 1 else None)
+
+    def _remove_earlier_logs(self):
+        for path in [self.csv_path, *self.log_dir.glob("events.out.tfevents.*")]:
+            if path.is_file():
+                path.unlink()
 
     def _keep_rows_before(self, start_epoch):
         if not self.csv_path.exists():
@@ -196,7 +206,7 @@ class RunLogger:
         with open(self.csv_path, newline="") as f:
             reader = csv.DictReader(f)
             old_fields = reader.fieldnames or []
-            rows = [row for row in reader if start_epoch and int(row["epoch"]) < start_epoch]
+            rows = [row for row in reader if int(row["epoch"]) < start_epoch]
         self.fields = old_fields + [f for f in self.fields if f not in old_fields]
         tmp = self.csv_path.with_name(f".{self.csv_path.name}.tmp{os.getpid()}")
         with open(tmp, "w", newline="") as f:

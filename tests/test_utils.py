@@ -131,6 +131,25 @@ def test_run_logger_writes_no_header_only_csv_before_the_first_row(tmp_path):
     assert utils.logged_rows(tmp_path / "run" / "metrics.csv") == 0
 
 
+def test_a_run_started_again_from_epoch_1_replaces_the_old_csv_and_event_files(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    old = utils.RunLogger(tmp_path, ["loss", "val_acc_ema"], start_epoch=1)
+    for epoch in (1, 2, 3):
+        old.log(epoch, loss=10.0, val_acc_ema=0.5)
+    old.close()
+    (tmp_path / "notes.txt").write_text("kept")
+    new = utils.RunLogger(tmp_path, ["loss"], start_epoch=1)  # --overwrite: the same folder, a new run
+    new.log(1, loss=1.0)
+    new.close()
+    assert read_rows(tmp_path / "metrics.csv") == [["epoch", "loss"], ["1", "1.0"]]
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1.0)]
+    assert (tmp_path / "notes.txt").read_text() == "kept"  # only the logger's own files go
+
+
 def test_run_lock_refuses_a_second_holder_and_is_released_with_the_process(tmp_path):
     import subprocess
     import sys

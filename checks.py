@@ -9,6 +9,9 @@ from pathlib import Path
 
 import torch
 
+# The files a run keeps in its log folder: no output may take one of these names.
+RUN_LOG_NAMES = ("metrics.csv", ".lock")
+RUN_LOG_PREFIX = "events.out.tfevents"
 
 
 def ranged(kind, low=None, high=None, low_open=False, high_open=False):
@@ -40,6 +43,34 @@ POSITIVE_FLOAT = ranged(float, 0, low_open=True)
 NONNEGATIVE_FLOAT = ranged(float, 0)
 PROBABILITY = ranged(float, 0, 1)
 OPEN_UNIT = ranged(float, 0, 1, low_open=True, high_open=True)
+SEED = ranged(int, 0, 2 ** 32 - 1)  # numpy's range
+MAX_EPOCHS = 10 ** 6  # beyond any real schedule: a typo, not a plan
+EPOCHS = ranged(int, 1, MAX_EPOCHS)
+
+
+def path_text(text):
+    """An argparse ``type`` for a path: an empty string would quietly mean the current folder or a default."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; give a file or folder name")
+    return text
+
+
+def thread_count(text):
+    """``--threads``: at least 1 and at most the CPUs this process may use (more only slows every step)."""
+    count = POSITIVE_INT(text)
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if count > available:
+        raise argparse.ArgumentTypeError(f"{count} is more than the {available} CPU(s) this machine gives the run")
+    return count
+
+
+def run_name(text):
+    """``--run_name``: a folder (or folder/subfolder) below the log folder, never the log folder itself or outside it."""
+    parts = text.replace("\\", "/").split("/")
+    if text.startswith(("/", "~")) or any(part.strip() in ("", ".", "..") for part in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a folder name below --log_dir (no empty, '.' or '..' "
+                                         f"parts, not absolute)")
+    return text
 
 
 def check_writable_folder(parser, flag, folder):
@@ -61,6 +92,38 @@ def check_output_file(parser, flag, path):
     if Path(path).is_dir():
         parser.error(f"argument {flag}: {path} is a folder; give a file name")
     check_writable_folder(parser, flag, Path(path).parent if str(Path(path).parent) else ".")
+
+
+def check_outputs(parser, outputs, inputs=None, data_dir=None):
+    """The files a command writes (``{flag: path}``): each a writable file, none of them an input, none inside the
+    data folder, none named like a run folder's own logs, and no two the same file."""
+    seen = {}
+    for flag, path in outputs.items():
+        check_output_file(parser, flag, path)
+        target = Path(path).resolve()
+        for input_flag, input_path in (inputs or {}).items():
+            if input_path and target == Path(input_path).resolve():
+                parser.error(f"argument {flag}: {path} is the {input_flag} input; writing there would replace it")
+        if data_dir and Path(data_dir).resolve() in target.parents:
+            parser.error(f"argument {flag}: {path} is inside the data folder {data_dir}; write it somewhere else")
+        if target.name in RUN_LOG_NAMES or target.name.startswith(RUN_LOG_PREFIX):
+            parser.error(f"argument {flag}: {path} is the name of a run folder's log file; choose another name")
+        if target in seen:
+            parser.error(f"argument {flag}: {path} is also where {seen[target]} goes; one would replace the other")
+        seen[target] = flag
+
+
+def check_figure_file(parser, flag, path, overwrite):
+    """An image the command will save: a format PIL writes, and an existing file replaced only when asked."""
+    from PIL import Image
+
+    extension = Path(path).suffix.lower()
+    writable = sorted(ext for ext, name in Image.registered_extensions().items() if name in Image.SAVE)
+    if Image.registered_extensions().get(extension) not in Image.SAVE:
+        parser.error(f"argument {flag}: {path} does not end in an image format that can be written "
+                     f"(e.g. .png, .jpg, .pdf; all: {' '.join(writable)})")
+    if Path(path).exists() and not overwrite:
+        parser.error(f"argument {flag}: {path} already exists; pass --overwrite to replace it")
 
 
 def check_device(parser, requested):

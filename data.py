@@ -67,6 +67,14 @@ def load_dataset(name="cifar10", data_dir=None, download_root="data"):
     return load_torchvision(name, download_root, train=True), load_torchvision(name, download_root, train=False)
 
 
+def peek(name="cifar10", data_dir=None):
+    """(image size, number of classes) without loading the data set: one image of an image folder is decoded."""
+    if not data_dir:
+        return 32, 100 if name == "cifar100" else 10
+    train = list_image_folder(Path(data_dir) / "train")
+    return read_image(train.files[0]).shape[-1], len(train.classes)
+
+
 def load_image_folder(folder):
     """``folder/<class>/*`` as a Split: classes sorted by name, files sorted by name within a class."""
     listing = list_image_folder(folder)

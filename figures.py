@@ -46,6 +46,22 @@ def prediction_figure(images, labels, predictions, classes, columns=8):
     return figure
 
 
+def drawable_maskings(model, strategies=MASK_STRATEGIES, ratios=(0.75,)):
+    """The (strategy, ratio) pairs this MAE can mask; a ValueError if there is none (check before drawing)."""
+    num_patches = model.encoder.pos_embedding.shape[0]
+    pairs = []
+    for strategy in strategies:
+        for ratio in ratios:
+            try:
+                PatchShuffle(ratio, strategy).check(num_patches)
+            except ValueError:
+                continue
+            pairs.append((strategy, ratio))
+    if not pairs:
+        raise ValueError(f"no masking strategy leaves a visible patch at mask ratios {list(ratios)}")
+    return pairs
+
+
 @torch.no_grad()
 def strategies_figure(model, images, strategies=MASK_STRATEGIES, ratios=(0.75,), seed=0):
     """For each (strategy, ratio): a masked row and a reconstruction row, labelled on the left; the originals last.
@@ -53,22 +69,13 @@ def strategies_figure(model, images, strategies=MASK_STRATEGIES, ratios=(0.75,),
     A strategy that cannot mask at a ratio (block and grid need a rectangle of the kept count) is left out.
     """
     shuffle = model.encoder.shuffle
-    num_patches = model.encoder.pos_embedding.shape[0]
     rows, labels = [], []
     try:
-        for strategy in strategies:
-            for ratio in ratios:
-                candidate = PatchShuffle(ratio, strategy)
-                try:
-                    candidate.check(num_patches)
-                except ValueError:
-                    continue
-                model.encoder.shuffle = candidate
-                grid = reconstruction_grid(model, images, seed)
-                rows.append(grid[:, : grid.shape[1] * 2 // 3])  # masked and reconstructed rows
-                labels.append(f"{strategy}\nratio {ratio:g}\n(masked,\nrecon.)")
-        if not rows:
-            raise ValueError(f"no masking strategy leaves a visible patch at mask ratios {list(ratios)}")
+        for strategy, ratio in drawable_maskings(model, strategies, ratios):
+            model.encoder.shuffle = PatchShuffle(ratio, strategy)
+            grid = reconstruction_grid(model, images, seed)
+            rows.append(grid[:, : grid.shape[1] * 2 // 3])  # masked and reconstructed rows
+            labels.append(f"{strategy}\nratio {ratio:g}\n(masked,\nrecon.)")
         rows.append(grid[:, grid.shape[1] * 2 // 3:])
         labels.append("original")
     finally:

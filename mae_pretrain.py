@@ -15,7 +15,7 @@ import checks
 import engine
 import run_setup
 import utils
-from data import AUGMENTATIONS, normalize
+from data import AUGMENTATIONS, normalize, peek
 from figures import reconstruction_grid
 from model import MASK_STRATEGIES, ModelConfig, build_mae
 from probe import evaluate_encoder
@@ -36,7 +36,8 @@ def build_parser():
     run_setup.add_schedule_arguments(p, batch_size=4096, max_device_batch_size=512, base_learning_rate=1.5e-4,
                                      total_epoch=2000, warmup_epoch=200)  # the reference's
     p.add_argument("--mask_ratio", type=checks.OPEN_UNIT, default=None, help="default 0.75")
-    p.add_argument("--model_path", default=None, help="checkpoint; default vit-t-mae.pt, or vit-t-<run>.pt")
+    p.add_argument("--model_path", type=checks.path_text, default=None,
+                   help="checkpoint; default vit-t-mae.pt, or vit-t-<run>.pt")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="a named model size and schedule; options given explicitly still win")
     # Ablations and model size.
@@ -83,6 +84,9 @@ def model_config(args, image_size, resumed=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.check_args:
+        model_config(args, peek(args.dataset, args.data_dir)[0])
+        return run_setup.checked(args)
     run = run_setup.start_run(args, [args.model_path])
     env, device = run.env, run.env.device
     resumed = ckpt.load_checkpoint(run.resume_path, kind="mae", option="--resume") if run.resume_path else None
@@ -96,6 +100,8 @@ def main(argv=None):
     if resumed:
         done = run_setup.restore_run(run, resumed, config, args, ("dataset", "data_dir", "norm_pix_loss"), model,
                                      optimizer, scheduler)
+        if run_setup.finished_already(run, done, args.total_epoch):
+            return utils.cleanup_distributed()
     train_model = DistributedDataParallel(model) if env.world_size > 1 else model
     eager_step = engine.make_pretrain_step(train_model, device, run.precision, config.patch_size, args.norm_pix_loss)
     step = engine.maybe_compile(eager_step, device, not args.no_compile, args.compile_mode)

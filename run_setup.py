@@ -1,5 +1,6 @@
 """How a training run starts, the same for both training scripts: the shared options and their checks, then
 seed, device, run folder and lock, the data and its loader, and the rules that keep other runs' files safe."""
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,15 +29,16 @@ def add_size_arguments(p, decoder=False):
 
 def add_schedule_arguments(p, batch_size, max_device_batch_size, base_learning_rate, total_epoch, warmup_epoch):
     """The reference's optimisation flags, with each script's own defaults."""
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=checks.SEED, default=42)
     p.add_argument("--batch_size", type=checks.POSITIVE_INT, default=batch_size)
     p.add_argument("--max_device_batch_size", type=micro_batch_size, default=max_device_batch_size,
                    help="micro-batch, or auto (the largest that fits); gradients accumulate")
     p.add_argument("--base_learning_rate", type=checks.POSITIVE_FLOAT, default=base_learning_rate,
                    help="lr = base * batch_size / 256")
     p.add_argument("--weight_decay", type=checks.NONNEGATIVE_FLOAT, default=0.05)
-    p.add_argument("--total_epoch", type=checks.POSITIVE_INT, default=total_epoch)
-    p.add_argument("--warmup_epoch", type=checks.NONNEGATIVE_INT, default=warmup_epoch)
+    p.add_argument("--total_epoch", type=checks.EPOCHS, default=total_epoch)
+    p.add_argument("--warmup_epoch", type=checks.ranged(int, 0, checks.MAX_EPOCHS), default=warmup_epoch,
+                   help="at most --total_epoch")
 
 
 def parse_with_presets(parser, argv, **presets):
@@ -45,24 +47,41 @@ def parse_with_presets(parser, argv, **presets):
     typed = parser.parse_known_args(argv)[0]
     for option, table in presets.items():
         parser.set_defaults(**table.get(getattr(typed, option), {}))
-    return parser.parse_args(argv), typed
+    args = parser.parse_args(argv)
+    fit_warmup(parser, args, sys.argv[1:] if argv is None else argv)
+    return args, typed
+
+
+def fit_warmup(parser, args, argv):
+    """A warm-up longer than the run never lets the learning rate peak: refused if typed; a default or preset
+    warm-up is cut to the same share of the shorter run (the reference's 200 of 2000 epochs: 10 %)."""
+    if getattr(args, "warmup_epoch", 0) <= getattr(args, "total_epoch", 0):
+        return  # fits, or a parser without an epoch schedule (benchmark.py)
+    if any(str(word).split("=")[0].startswith("--warm") for word in argv):
+        parser.error(f"argument --warmup_epoch: {args.warmup_epoch} is longer than --total_epoch "
+                     f"{args.total_epoch}; the learning rate would never reach its peak")
+    default_total = parser.get_default("total_epoch")
+    fitted = args.warmup_epoch * args.total_epoch // default_total
+    print(f"--warmup_epoch {args.warmup_epoch} (the default for {default_total} epochs) is cut to {fitted} for "
+          f"--total_epoch {args.total_epoch}")
+    args.warmup_epoch = fitted
 
 
 def add_run_arguments(p):
     """Data, device, precision and bookkeeping options, the same in both training scripts."""
     p.add_argument("--dataset", choices=["cifar10", "cifar100"], default="cifar10")
-    p.add_argument("--data_dir", default=None, help="image folder with train/<class>/ and test/<class>/")
+    p.add_argument("--data_dir", type=checks.path_text, default=None, help="image folder with train/<class>/ and test/<class>/")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 where the device has it natively, fp16 (with loss scaling) on GPUs without "
                         "bf16, else fp32")
     p.add_argument("--no_compile", action="store_true", help="skip torch.compile (GPU, or CPU with a C++ compiler)")
     p.add_argument("--compile_mode", choices=COMPILE_MODES, default="default")
-    p.add_argument("--threads", type=checks.POSITIVE_INT, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--threads", type=checks.thread_count, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--deterministic", action="store_true", help="deterministic kernels, for exact reruns (slower)")
-    p.add_argument("--log_dir", default="logs")
-    p.add_argument("--run_name", default=None, help="log folder name (default: built from the settings)")
-    p.add_argument("--resume", default=None, help="a checkpoint to continue from, or 'auto' for this run's own")
+    p.add_argument("--log_dir", type=checks.path_text, default="logs")
+    p.add_argument("--run_name", type=checks.run_name, default=None, help="log folder name (default: built from the settings)")
+    p.add_argument("--resume", type=checks.path_text, default=None, help="a checkpoint to continue from, or 'auto' for this run's own")
     p.add_argument("--save_every", type=checks.POSITIVE_INT, default=None,
                    help="also save every N epochs (default: by time only)")
     p.add_argument("--save_minutes", type=checks.POSITIVE_FLOAT, default=10.0,
@@ -72,6 +91,8 @@ def add_run_arguments(p):
                    help="let a new run replace an existing checkpoint at its output path")
     p.add_argument("--trust_checkpoint", action="store_true",
                    help="allow loading a pickled whole-module checkpoint (the reference's released weights)")
+    p.add_argument("--check_args", action="store_true",
+                   help="check the options, paths and model shapes, then exit: nothing is trained or written")
 
 
 def micro_batch_size(text):
@@ -79,19 +100,23 @@ def micro_batch_size(text):
     return text if text == "auto" else checks.POSITIVE_INT(text)
 
 
-def check_run_arguments(parser, args, outputs):
-    """Everything that can be checked before a file is written: the device, the log folder, the output files."""
+def check_run_arguments(parser, args, outputs, inputs=None):
+    """Everything that can be checked before a file is written: the device, the schedule, the log folder, the
+    output files (``{flag: path}``; none may be an input, ``{flag: path}``, see checks.check_outputs)."""
     checks.check_device(parser, args.device)
     checks.check_writable_folder(parser, "--log_dir", args.log_dir)
-    for flag, path in outputs.items():
-        checks.check_output_file(parser, flag, path)
+    checks.check_outputs(parser, outputs, inputs, args.data_dir)
     if args.resume not in (None, "auto") and not Path(args.resume).is_file():
         parser.error(f"argument --resume: {args.resume} is not a checkpoint file; pass a file or 'auto'")
-    if args.run_name is not None and (not args.run_name.strip() or ".." in Path(args.run_name).parts):
-        parser.error(f"argument --run_name: {args.run_name!r} is not a usable folder name")
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         parser.error(f"argument --data_dir: {args.data_dir} is not a folder (it needs train/<class>/ and "
                      f"test/<class>/ inside)")
+
+
+def checked(args):
+    """The end of ``--check_args``: every check passed, nothing was written."""
+    print(f"--check_args: the options are valid (run {args.run_name}); nothing was trained or written")
+    return 0
 
 
 def explicit_sizes(args):
@@ -176,14 +201,17 @@ class Run:
     resume_path: str
     train_set: object
     test_set: object
+    checkpoint_paths: list = ()
     loader: GpuLoader = None
     accum_steps: int = None
-    lock: utils.RunLock = None
+    locks: list = None
 
     def lock_folder(self):
-        """Lock the run folder (the first file the run writes); held until the process ends."""
-        if self.env.is_main and self.lock is None:
-            self.lock = utils.RunLock(self.log_dir).acquire()
+        """Lock the run folder and the checkpoints it writes (before the first file); held until the process ends,
+        so neither a second copy of this run nor another run with the same checkpoint path writes beside it."""
+        if self.env.is_main and self.locks is None:
+            self.locks = [utils.RunLock(self.log_dir).acquire(),
+                          *(utils.RunLock.for_file(path).acquire() for path in self.checkpoint_paths)]
 
 
 def start_run(args, checkpoint_paths):
@@ -208,7 +236,7 @@ def start_run(args, checkpoint_paths):
     precision = resolve_precision(args.precision, env.device)
     if env.is_main:
         print(describe_speed_path(env.device, precision, not args.no_compile))
-    return Run(env, precision, log_dir, resume_path, train_set, test_set)
+    return Run(env, precision, log_dir, resume_path, train_set, test_set, list(checkpoint_paths))
 
 
 def make_loader(run, args, augment, trial=None):
@@ -244,6 +272,16 @@ def restore_run(run, checkpoint, config, args, fixed, model, optimizer, schedule
     check_resume_owner(checkpoint, run.log_dir, run.resume_path)
     ckpt.check_resume_settings(checkpoint, config, args, fixed, run.resume_path)
     return ckpt.restore_training_state(checkpoint, checkpoint["kind"], model, optimizer, scheduler, run.resume_path)
+
+
+def finished_already(run, done, total_epoch):
+    """A resumed run with no epoch left: say so and write nothing (no empty TensorBoard file per retry)."""
+    if done < total_epoch:
+        return False
+    if run.env.is_main:
+        print(f"{run.resume_path} has finished all {done} of --total_epoch {total_epoch} epochs: nothing to do "
+              f"(a larger --total_epoch continues it)")
+    return True
 
 
 def check_resume_owner(checkpoint, log_dir, source):

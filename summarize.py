@@ -33,11 +33,21 @@ CURVES = {"pretrain_loss": (PRE, "loss", "pretraining loss (MSE on masked patche
 
 
 def read_run(path):
-    """(the run, or None if unfinished, and then why) from a settings.json and the metrics.csv beside it."""
+    """(the run, or None and why it is left out: unfinished or unreadable) from a settings.json and the
+    metrics.csv beside it."""
+    try:
+        return parse_run(path)
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
+        return None, f"{path.parent} (unreadable: {type(error).__name__}: {error})"
+
+
+def parse_run(path):
     record, metrics = json.loads(path.read_text()), path.with_name("metrics.csv")
+    if not isinstance(record.get("total_epochs"), int) or not isinstance(record.get("settings"), dict):
+        raise ValueError("settings.json has no total_epochs and settings")
     rows = list(csv.DictReader(metrics.read_text().splitlines())) if metrics.is_file() else []
     if len(rows) < record["total_epochs"]:
-        return None, f"{path.parent} ({len(rows)}/{record['total_epochs']} epochs)"
+        return None, f"{path.parent} (not finished: {len(rows)}/{record['total_epochs']} epochs)"
     curves = {k: np.array([float(row[k] or "nan") for row in rows]) for k in rows[0] if k != "epoch"}
     curves = {k: c for k, c in curves.items() if np.isfinite(c).any()}  # the columns it logged
     results = {k: c[np.isfinite(c)][-1] for k, c in curves.items() if k in RESULTS}  # the last logged value
@@ -205,7 +215,7 @@ def main(argv=None):
         parser.error(f"no finished runs with a settings.json (from sweep.py) under {', '.join(map(str, args.folders))}")
     output_dir.mkdir(parents=True, exist_ok=True)
     report = summarize(runs, output_dir)
-    report += "\nLeft out, not finished: " + "; ".join(unfinished) + "\n" if unfinished else ""
+    report += "\nLeft out: " + "; ".join(unfinished) + "\n" if unfinished else ""
     (output_dir / "results.md").write_text(report + "\n")
     keys = sorted({k for run in runs for k in run["key"]})
     with open(output_dir / "runs.csv", "w", newline="") as f:

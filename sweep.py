@@ -7,7 +7,8 @@ checkpoint and train a linear probe on it (unless --no_linear_probe); with --scr
 
 A run writes <log_dir>/<dataset>/sweep_<name>/<run>/ (metrics.csv, settings.json) and checkpoints/<run>.pt. Run
 the same command again to continue: finished runs are skipped, interrupted ones resumed; a failed run stops only
-the runs that need its checkpoint (exit code 1). Ctrl-C lets the current run save. Warm-up is 10 % of pretraining,
+the runs that need its checkpoint (exit code 1). Before any run starts, each script checks its own options
+(--check_args), so a bad --finetune_args fails at once, not after the pretraining. Ctrl-C lets the current run save. Warm-up is 10 % of pretraining,
 5 % of fine-tuning; the free-form options come last and win: --pretrain_args="--warmup_epoch 40" (with "=").
 """
 import argparse
@@ -93,6 +94,8 @@ def parse_args(argv=None):
         if taken := sorted({own for word in getattr(args, option) if word.startswith("--") for own in OWN_OPTIONS
                             if own.startswith(word.split("=")[0])}):
             p.error(f"argument --{option}: may not set {', '.join(taken)}: the sweep sets those itself")
+    if args.no_linear_probe and (args.linear_probe_epochs or args.probe_args):
+        p.error("--linear_probe_epochs / --probe_args set a linear probe that --no_linear_probe turns off")
     args.folder = Path(args.log_dir) / args.dataset / f"sweep_{args.name}"
     if not no_file_on(args.folder / "checkpoints"):
         p.error(f"argument --name: a file stands where {args.folder}/checkpoints/ would go")
@@ -112,11 +115,12 @@ def plan(a):
 
     def add(name, script, seed, epochs, warmup, options, extra, settings, checkpoint, needs=None):
         # The scripts log to <log_dir>/<dataset>/<run_name>/: a run name under the sweep's folder keeps it there.
-        command = [*(a.launcher or [sys.executable]), str(HERE / script), *flags(
+        script_args = [str(HERE / script), *flags(
             seed=seed, total_epoch=epochs, warmup_epoch=round(epochs * warmup)), *options, *flags(
             run_name=f"{a.folder.name}/{name}", log_dir=a.log_dir, dataset=a.dataset, data_dir=a.data_dir,
             device=a.device, max_device_batch_size=a.max_device_batch_size), *extra]  # the free-form options last
-        runs.append(SimpleNamespace(name=name, command=command, total_epochs=epochs, checkpoint=checkpoint,
+        runs.append(SimpleNamespace(name=name, command=[*(a.launcher or [sys.executable]), *script_args],
+                                    script_args=script_args, total_epochs=epochs, checkpoint=checkpoint,
                                     log_dir=a.folder / name, settings=settings, needs=needs))
         return runs[-1]
 
@@ -152,6 +156,35 @@ def plan(a):
         if a.scratch:
             classifier("scratch", seed)
     return runs
+
+
+def check_commands(runs):
+    """Run each script's own ``--check_args`` on the commands still to run, before the first starts: a bad
+    free-form option or a shape the grid cannot make fails now, not hours in. One check per pretraining setting
+    and per classifier stage; classifier options are checked as from scratch (the encoder may not exist yet; a
+    bad one fails its own run later, as any run's failure does). Returns [(run name, error line)]."""
+    checked, problems = set(), []
+    for run in runs:
+        words = run.script_args
+        if "--pretrained_model_path" in words:
+            at = words.index("--pretrained_model_path")
+            words = [w for i, w in enumerate(words) if i not in (at, at + 1) and w != "--linear_probe"]
+        setting = {k: v for k, v in run.settings.items() if k != "seed"} if run.settings["stage"] == "pretrain" \
+            else run.settings["stage"]
+        form = (words[0], json.dumps(setting, sort_keys=True))
+        if form in checked:
+            continue
+        checked.add(form)
+        code, output = check_command([*words, "--check_args"])
+        if code:
+            problems.append((run.name, (output.strip().splitlines() or [f"exit code {code}"])[-1]))
+    return problems
+
+
+def check_command(script_args):
+    """(exit code, error output) of a script's --check_args, in a Python of its own (no launcher needed)."""
+    result = subprocess.run([sys.executable, *script_args], capture_output=True, text=True)
+    return result.returncode, result.stderr or result.stdout
 
 
 def run_state(run):
@@ -199,6 +232,10 @@ def main(argv=None):
     args = parse_args(argv)
     runs, finished, failures, skipped = plan(args), set(), [], 0
     say(f"sweep {args.folder}: {len(runs)} runs")
+    if problems := check_commands([run for run in runs if run_state(run)[0] in ("new", "restarting", "resuming")]):
+        say("sweep: nothing was started; these commands would fail:",
+            *(f"  {name}: {line}" for name, line in problems), sep="\n")
+        return 2
     try:
         for number, run in enumerate(runs, 1):
             prefix, (state, detail) = f"[{number}/{len(runs)}] {run.name}:", run_state(run)

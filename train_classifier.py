@@ -19,7 +19,7 @@ import checks
 import engine
 import run_setup
 import utils
-from data import AUGMENTATIONS, GpuLoader, random_erasing
+from data import AUGMENTATIONS, GpuLoader, peek, random_erasing
 from model import ModelConfig, build_classifier, encoder_state_dict
 
 # Fine-tuning a small ViT on CIFAR: crop/flip + RandAugment, mixup/cutmix, label smoothing, layer decay (which only
@@ -41,8 +41,10 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     run_setup.add_schedule_arguments(p, batch_size=128, max_device_batch_size=256, base_learning_rate=1e-3,
                                      total_epoch=100, warmup_epoch=5)  # the reference's
-    p.add_argument("--pretrained_model_path", default=None, help="an MAE pretraining checkpoint (default: scratch)")
-    p.add_argument("--output_model_path", default=None, help="best checkpoint; default vit-t-<run>.pt")
+    p.add_argument("--pretrained_model_path", type=checks.path_text, default=None,
+                   help="an MAE pretraining checkpoint (default: scratch)")
+    p.add_argument("--output_model_path", type=checks.path_text, default=None,
+                   help="best checkpoint; default vit-t-<run>.pt")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="a named model size and schedule; options given explicitly still win")
     # Model size: only from scratch; a pretrained encoder brings its own (a flag that contradicts it is an error).
@@ -85,11 +87,10 @@ def parse_args(argv=None):
                                                 not Path(args.output_model_path).name.strip(".")):
         parser.error(f"argument --output_model_path: {args.output_model_path} is a folder; give a file name")
     last_path = name_run(args, parser)
-    if Path(args.output_model_path).resolve() == Path(last_path).resolve() or (
-            args.pretrained_model_path and Path(args.pretrained_model_path).resolve() in
-            (Path(args.output_model_path).resolve(), Path(last_path).resolve())):
-        parser.error(f"argument --output_model_path: {args.output_model_path} would overwrite an input checkpoint")
-    run_setup.check_run_arguments(parser, args, {"--output_model_path": args.output_model_path})
+    run_setup.check_run_arguments(
+        parser, args, {"--output_model_path": args.output_model_path,
+                       "--output_model_path (its last-epoch file)": last_path},
+        {"--pretrained_model_path": args.pretrained_model_path})
     return args, typed_sizes, last_path
 
 
@@ -181,6 +182,9 @@ def resume(run, config, args, model, optimizer, scheduler, ema):
 
 def main(argv=None):
     args, typed_sizes, last_path = parse_args(argv)
+    if args.check_args:
+        build_model(args, typed_sizes, *peek(args.dataset, args.data_dir))
+        return run_setup.checked(args)
     run = run_setup.start_run(args, [last_path, args.output_model_path])
     env, device, classes = run.env, run.env.device, run.train_set.classes
     test_loader = GpuLoader(run.test_set, args.eval_batch_size, device, train=False, rank=env.rank,
@@ -195,6 +199,8 @@ def main(argv=None):
         else (0, {"val_acc": -1.0, "epoch": 0}, False)
     if stopped_early:
         print(f"{run.resume_path} ended early at epoch {done} (--patience): nothing to resume")
+        return utils.cleanup_distributed()
+    if run_setup.finished_already(run, done, args.total_epoch):
         return utils.cleanup_distributed()
     train_model = DistributedDataParallel(model) if env.world_size > 1 else model
 

@@ -146,9 +146,18 @@ class RunLock:
     """An exclusive lock on a run folder: a second live copy of the same run is refused. The OS releases it when
     the process dies, so a crash never blocks a retry."""
 
-    def __init__(self, folder):
-        self.path = Path(folder) / ".lock"
+    def __init__(self, folder, name=".lock", in_use=None):
+        self.path = Path(folder) / name
         self.file = None
+        self.in_use = in_use or (f"{folder} is in use by another running copy of this run; wait for it to finish, "
+                                 f"or stop it first")
+
+    @classmethod
+    def for_file(cls, path):
+        """A lock beside an output file (``.<name>.lock``): two live runs never write the same checkpoint."""
+        path = Path(path)
+        return cls(path.parent, f".{path.name}.lock", f"{path} is being written by another running run; give "
+                                                      f"this one another output path, or stop that run first")
 
     def acquire(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -159,8 +168,7 @@ class RunLock:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self.file.close()
-            raise UserError(f"{self.path.parent} is in use by another running copy of this run; wait for it to "
-                            f"finish, or stop it first") from None
+            raise UserError(self.in_use) from None
         return self
 
 

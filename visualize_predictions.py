@@ -14,7 +14,7 @@ import checkpoint as ckpt
 import checks
 import utils
 from data import load_dataset, normalize
-from figures import prediction_figure, strategies_figure
+from figures import drawable_maskings, prediction_figure, strategies_figure
 
 
 def load_model(path, kind, option, image_size, num_classes, trust):
@@ -48,57 +48,75 @@ def per_class_accuracy(labels, predictions, classes):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_path", default=None, help="a classifier checkpoint (from train_classifier.py)")
-    p.add_argument("--mae_model_path", default=None, help="an MAE checkpoint: also draw the reconstructions")
+    p.add_argument("--model_path", type=checks.path_text, default=None,
+                   help="a classifier checkpoint (from train_classifier.py)")
+    p.add_argument("--mae_model_path", type=checks.path_text, default=None,
+                   help="an MAE checkpoint: also draw the reconstructions")
     p.add_argument("--dataset", choices=["cifar10", "cifar100"], default="cifar10")
-    p.add_argument("--data_dir", default=None, help="image folder with train/<class>/ and test/<class>/")
+    p.add_argument("--data_dir", type=checks.path_text, default=None,
+                   help="image folder with train/<class>/ and test/<class>/")
     p.add_argument("--num_images", type=checks.POSITIVE_INT, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default="predictions.png")
-    p.add_argument("--reconstruction_output", default="reconstructions.png")
+    p.add_argument("--seed", type=checks.SEED, default=0)
+    p.add_argument("--output", type=checks.path_text, default="predictions.png")
+    p.add_argument("--reconstruction_output", type=checks.path_text, default="reconstructions.png")
+    p.add_argument("--overwrite", action="store_true", help="replace existing figure files")
     p.add_argument("--mask_ratios", type=checks.OPEN_UNIT, nargs="+", default=[0.75])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--trust_checkpoint", action="store_true", help="allow a pickled whole-module checkpoint")
     return p
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """Parse and check every path before anything is loaded: inputs exist, figures go to new image files."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.model_path and not args.mae_model_path:
         parser.error("nothing to draw: pass --model_path (a classifier) and/or --mae_model_path")
     checks.check_device(parser, args.device)
-    for flag, path in (("--model_path", args.model_path), ("--mae_model_path", args.mae_model_path)):
+    inputs = {"--model_path": args.model_path, "--mae_model_path": args.mae_model_path}
+    for flag, path in inputs.items():
         if path and not Path(path).is_file():
             parser.error(f"argument {flag}: {path} is not a checkpoint file")
-    outputs = {"--output": args.output} if args.model_path else {}
-    outputs.update({"--reconstruction_output": args.reconstruction_output} if args.mae_model_path else {})
-    for flag, path in outputs.items():
-        checks.check_output_file(parser, flag, path)
-    if args.model_path and args.mae_model_path and args.output == args.reconstruction_output:
-        parser.error(f"--output and --reconstruction_output are both {args.output}: the second would replace "
-                     f"the first")
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         parser.error(f"argument --data_dir: {args.data_dir} is not a folder")
+    outputs = {"--output": args.output} if args.model_path else {}
+    outputs.update({"--reconstruction_output": args.reconstruction_output} if args.mae_model_path else {})
+    checks.check_outputs(parser, outputs, inputs, args.data_dir)
+    for flag, path in outputs.items():
+        checks.check_figure_file(parser, flag, path, args.overwrite)
+    return args
+
+
+def save(figure, path):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.save(path)
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
     device = utils.setup_device(args.device).device
     _, test_set = load_dataset(args.dataset, args.data_dir)
+    size, classes = test_set.images.shape[-1], test_set.classes
+    # Both checkpoints are loaded and checked against the data before anything is computed or written.
+    model = mae = None
+    if args.model_path:
+        model = load_model(args.model_path, "classifier", "--model_path", size, len(classes),
+                           args.trust_checkpoint).to(device)
+    if args.mae_model_path:
+        mae = load_model(args.mae_model_path, "mae", "--mae_model_path", size, None, args.trust_checkpoint).to(device)
+        drawable_maskings(mae, ratios=args.mask_ratios)
     chosen = torch.randperm(len(test_set.labels), generator=torch.Generator().manual_seed(args.seed))
     chosen = chosen[: args.num_images]
     images = test_set.images.to(device)
-    if args.model_path:
-        model = load_model(args.model_path, "classifier", "--model_path", images.shape[-1], len(test_set.classes),
-                           args.trust_checkpoint).to(device)
+    if model is not None:
         predictions = predict(model, images)
-        print(per_class_accuracy(test_set.labels, predictions.cpu(), test_set.classes))
-        prediction_figure(test_set.images[chosen], test_set.labels[chosen], predictions[chosen].cpu(),
-                          test_set.classes).save(args.output)
-        print(f"wrote {args.output}")
-    if args.mae_model_path:
-        mae = load_model(args.mae_model_path, "mae", "--mae_model_path", images.shape[-1], None,
-                         args.trust_checkpoint).to(device)
-        strategies_figure(mae, normalize(images[chosen.to(device)][:16]), ratios=args.mask_ratios,
-                          seed=args.seed).save(args.reconstruction_output)
-        print(f"wrote {args.reconstruction_output}")
+        print(per_class_accuracy(test_set.labels, predictions.cpu(), classes))
+        save(prediction_figure(test_set.images[chosen], test_set.labels[chosen], predictions[chosen].cpu(), classes),
+             args.output)
+    if mae is not None:
+        save(strategies_figure(mae, normalize(images[chosen.to(device)][:16]), ratios=args.mask_ratios,
+                               seed=args.seed), args.reconstruction_output)
 
 
 if __name__ == "__main__":

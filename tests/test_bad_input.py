@@ -64,6 +64,29 @@ CASES = [  # (script, argv after the common ones, what the error line must conta
     ("export", ["{tmp}/none.pt", "{tmp}/out.pt"], "argument checkpoint"),
     ("export", ["{file}", "{file}"], "is the input checkpoint"),
     ("export", ["{file}", "{tmp}"], "argument output"),
+    ("mae", ["--model_path", ""], "argument --model_path: an empty path"),
+    ("mae", ["--log_dir", " "], "argument --log_dir: an empty path"),
+    ("mae", ["--data_dir", ""], "argument --data_dir: an empty path"),
+    ("mae", ["--run_name", "."], "argument --run_name: '.' is not a folder name below --log_dir"),
+    ("mae", ["--run_name", "{tmp}/elsewhere"], "is not a folder name below --log_dir"),
+    ("mae", ["--run_name", "r", "--model_path", "{tmp}/logs/cifar10/r/metrics.csv"], "a run folder's log file"),
+    ("mae", ["--model_path", "{data}/train/m.pt"], "is inside the data folder"),
+    ("mae", ["--warmup_epoch", "5", "--total_epoch", "2"], "argument --warmup_epoch: 5 is longer than --total_epoch 2"),
+    ("mae", ["--seed", "-1"], "argument --seed: -1 is not allowed"),
+    ("mae", ["--total_epoch", "99999999999999999999"], "argument --total_epoch"),
+    ("mae", ["--threads", "100000"], "argument --threads: 100000 is more than the"),
+    ("cls", ["--pretrained_model_path", "{file}", "--output_model_path", "{file}"],
+     "is the --pretrained_model_path input"),
+    ("cls", ["--output_model_path", ""], "argument --output_model_path: an empty path"),
+    ("vis", ["--model_path", "{file}", "--output", "{tmp}/p.pt"], "does not end in an image format"),
+    ("vis", ["--model_path", "{file}", "--output", "{tmp}/no_suffix"], "does not end in an image format"),
+    ("vis", ["--model_path", "{file}", "--output", "{file}"], "is the --model_path input"),
+    ("vis", ["--model_path", "{file}", "--output", "{data}/train/a.png"], "is inside the data folder"),
+    ("vis", ["--model_path", "{file}", "--mae_model_path", "{file}", "--reconstruction_output", "{tmp}/p.png"],
+     "is also where --output goes"),
+    ("vis", ["--model_path", "{file}", "--seed", "-1"], "argument --seed"),
+    ("vis", ["--model_path", "{file}", "--output", ""], "argument --output: an empty path"),
+    ("export", ["{file}", ""], "argument output: an empty path"),
     ("bench", ["--steps", "0"], "argument --steps"),
     ("bench", ["--batch_sizes", "8", "-8"], "argument --batch_sizes"),
     ("bench", ["--emb_dim", "32"], "divisible"),
@@ -93,7 +116,7 @@ def test_bad_input_is_one_error_line_and_exit_2_before_any_file(tmp_path, cli_er
     folder = tmp_path / "work"
     folder.mkdir()
     (folder / "a_file").write_text("not a folder, not a checkpoint")
-    fill = lambda text: text.format(tmp=folder, file=folder / "a_file")
+    fill = lambda text: text.format(tmp=folder, file=folder / "a_file", data=tiny_image_folder)
     before = sorted(p.name for p in folder.rglob("*"))
     line = cli_error(SCRIPTS[script], argv_for(script, [fill(e) for e in extra], folder, tiny_image_folder))
     assert fill(expected) in line

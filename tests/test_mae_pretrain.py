@@ -281,3 +281,22 @@ def test_resuming_another_runs_checkpoint_is_refused(tmp_path, mae_argv, cli_err
     line = cli_error(mae_pretrain.main, mae_argv(tmp_path, "--total_epoch", 2, "--resume", "auto",
                                                  "--log_dir", str(tmp_path / "other_logs")))
     assert "belongs to the run in" in line
+
+
+def test_resuming_a_finished_run_says_so_and_writes_nothing(tmp_path, mae_argv, capsys):
+    mae_pretrain.main(mae_argv(tmp_path, "--total_epoch", 1, "--run_name", "r"))
+    run_dir = tmp_path / "logs" / "cifar10" / "r"
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
+    checkpoint = (tmp_path / "mae.pt").read_bytes()
+    assert not mae_pretrain.main(mae_argv(tmp_path, "--total_epoch", 1, "--run_name", "r", "--resume", "auto"))
+    assert "has finished all 1 of --total_epoch 1 epochs: nothing to do" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
+    assert (tmp_path / "mae.pt").read_bytes() == checkpoint
+
+
+def test_two_runs_may_not_write_one_checkpoint_at_the_same_time(tmp_path, mae_argv, cli_error):
+    held = utils.RunLock.for_file(tmp_path / "mae.pt").acquire()  # another live run writing mae.pt
+    line = cli_error(mae_pretrain.main, mae_argv(tmp_path, "--total_epoch", 1, "--log_dir", str(tmp_path / "b")))
+    assert "mae.pt is being written by another running run" in line
+    assert not (tmp_path / "mae.pt").exists()
+    held.file.close()

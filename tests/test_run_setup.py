@@ -20,6 +20,25 @@ def test_presets_set_defaults_and_typed_flags_win():
     assert typed_sizes == {"emb_dim": 48}  # the preset's sizes are not "typed"
 
 
+@pytest.mark.parametrize("argv, warmup", [
+    (["--total_epoch", "100"], 10),  # the reference's 200 of 2000 epochs, cut to the same 10 %
+    (["--total_epoch", "2000"], 200),
+    (["--preset", "small", "--total_epoch", "1"], 0),  # the preset's 2 of 4
+    (["--total_epoch", "100", "--warmup_epoch", "30"], 30),
+])
+def test_a_default_warmup_longer_than_the_run_is_cut_to_its_share(argv, warmup, capsys):
+    args, _ = run_setup.parse_with_presets(mae_pretrain.build_parser(), argv, preset=mae_pretrain.PRESETS)
+    assert args.warmup_epoch == warmup
+    assert ("is cut to" in capsys.readouterr().out) == (argv[-1] in ("100", "1"))
+
+
+def test_a_typed_warmup_longer_than_the_run_is_refused(capsys):
+    with pytest.raises(SystemExit) as stop:
+        run_setup.parse_with_presets(train_classifier.build_parser(), ["--total_epoch", "3", "--warmup=4"])
+    assert stop.value.code == 2
+    assert "argument --warmup_epoch: 4 is longer than --total_epoch 3" in capsys.readouterr().err
+
+
 def test_preset_small_runs_one_tiny_epoch_of_both_scripts(tmp_path, tiny_image_folder, one_thread):
     common = ["--preset", "small", "--data_dir", str(tiny_image_folder), "--device", "cpu", "--precision", "fp32",
               "--no_compile", "--total_epoch", "1", "--batch_size", "16", "--log_dir", str(tmp_path / "logs")]

@@ -101,7 +101,7 @@ def test_tables_keep_ablations_apart_and_count_seeds(tmp_path, capsys):
     assert [r["setting"] for r in table_after(report, "All settings")] == [
         "decoder depth 1, mask strategy block", "decoder depth 1, mask strategy random",
         "decoder depth 2, mask strategy block", "decoder depth 2, mask strategy random"]
-    assert "dd8" not in report and "ft_unfinished (1/2 epochs)" in report  # unfinished runs are left out, named
+    assert "dd8" not in report and "ft_unfinished (not finished: 1/2 epochs)" in report  # unfinished runs are left out, named
 
     runs = read_csv(tmp_path / "runs.csv")
     assert len(runs) == 3 * 10 and not any(r["run"] == "ft_unfinished" for r in runs)
@@ -190,3 +190,26 @@ def test_bad_arguments_exit_2_and_write_nothing(tmp_path, capsys, argv, message)
     err = capsys.readouterr().err
     assert err.startswith("usage: ") and message in err and "Traceback" not in err
     assert [p.name for p in tmp_path.iterdir()] == ["a_file"]
+
+
+@pytest.mark.parametrize("settings_text, metrics_text", [
+    ("{not json", None),
+    ("[1, 2]", None),
+    (json.dumps({"settings": {"stage": "finetune", "seed": 0}}), None),  # no total_epochs
+    (None, "epoch,val_acc\n1,abc\n2,xyz\n"),  # a value that is not a number
+])
+def test_an_unreadable_run_is_left_out_by_name_and_the_rest_summarized(tmp_path, capsys, settings_text,
+                                                                        metrics_text):
+    write_chain(tmp_path / "sweep", 2, "random", 0, 0.5)
+    broken = tmp_path / "sweep" / "ft_broken"
+    write_run(broken, "finetune", 1, [{"val_acc": 0.4}, {"val_acc": 0.5}], **GRID, decoder_depth=2,
+              mask_strategy="random", finetune_epochs=2)
+    if settings_text is not None:
+        (broken / "settings.json").write_text(settings_text)
+    if metrics_text is not None:
+        (broken / "metrics.csv").write_text(metrics_text)
+    summarize.main([str(tmp_path / "sweep")])
+    report = (tmp_path / "sweep" / "results.md").read_text()
+    assert "ft_broken (unreadable:" in report
+    assert [row["run"] for row in read_csv(tmp_path / "sweep" / "runs.csv")] == [
+        "ft_dd2_random_s0", "lp_dd2_random_s0", "mae_dd2_random_s0"]

@@ -1,10 +1,12 @@
 """sweep.py: the plan, its names and paths, settings.json as earlier sweeps wrote it, restarting an interrupted
 sweep, argument errors, and a real tiny sweep end to end (then summarized)."""
 import csv
+import io
 import json
 import runpy
 import sys
 import traceback
+from contextlib import redirect_stderr
 
 import pytest
 import torch
@@ -191,6 +193,25 @@ def test_execute_returns_the_exit_code_of_a_real_process():
     assert sweep.execute([sys.executable, "-c", "pass"]) == 0
 
 
+REAL_CHECK = sweep.check_command
+
+
+@pytest.fixture(autouse=True)
+def checks_in_process(monkeypatch):
+    """sweep.check_command without a new Python per check: the script's main, as in its own process."""
+    def check_command(script_args):
+        script, *argv = script_args
+        with monkeypatch.context() as m, redirect_stderr(io.StringIO()) as err:
+            m.setattr(sys, "argv", [script, *argv])
+            try:
+                runpy.run_path(script, run_name="__main__")
+            except SystemExit as exit:
+                return (exit.code if isinstance(exit.code, int) else 1), err.getvalue()
+        return 0, err.getvalue()
+
+    monkeypatch.setattr(sweep, "check_command", check_command)
+
+
 @pytest.fixture
 def in_process(monkeypatch, one_thread):
     """sweep.execute without a new Python for every run (each would spend seconds importing torch): the script
@@ -279,3 +300,26 @@ def test_sweep_restarts_where_it_stopped_and_summarizes(tiny_image_folder, tmp_p
         png = (tmp_path / "summary" / f"{name}.png").read_bytes()
         assert png.startswith(b"\x89PNG") and len(png) > 1000
         assert f"({name}.png)" in report
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--finetune_args=--mixup nan"], "ft_dd1_random_mr0.75_ep2_s0: train_classifier.py: error: argument --mixup"),
+    (["--pretrain_args=--bogus 3"], "unrecognized arguments: --bogus 3"),
+    (["--decoder_depth", "1", "--mask_strategy", "grid", "--mask_ratio", "0.3"], "grid masking cannot keep"),
+], ids=["finetune-option", "unknown-option", "grid-ratio"])
+def test_options_a_run_would_refuse_stop_the_sweep_before_anything_runs(tiny_image_folder, tmp_path, capfd,
+                                                                         in_process, extra, expected):
+    argv = [*STUDY, "--data_dir", str(tiny_image_folder), "--log_dir", str(tmp_path / "logs"), *extra]
+    for dry_run in ([], ["--dry_run"]):
+        assert sweep.main(argv + dry_run) == 2
+        out = capfd.readouterr().out
+        assert "nothing was started; these commands would fail" in out and expected in out
+    assert not (tmp_path / "logs").exists()
+
+
+def test_check_args_of_a_real_script_process(tiny_image_folder, tmp_path):
+    base = ["--data_dir", str(tiny_image_folder), "--log_dir", str(tmp_path / "logs"), "--device", "cpu"]
+    code, output = REAL_CHECK([str(sweep.HERE / "train_classifier.py"), *base, "--mixup", "-1", "--check_args"])
+    assert code == 2 and "argument --mixup" in output
+    assert REAL_CHECK([str(sweep.HERE / "train_classifier.py"), *base, "--check_args"])[0] == 0
+    assert not (tmp_path / "logs").exists()

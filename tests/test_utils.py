@@ -182,3 +182,13 @@ def test_run_cli_exits_with_the_code_main_returns(code):
     with pytest.raises(SystemExit) as exit_info:
         utils.run_cli(lambda argv: code, [])
     assert exit_info.value.code == code
+
+
+def test_a_checkpoint_lock_refuses_a_second_writer_of_the_same_file(tmp_path):
+    first = utils.RunLock.for_file(tmp_path / "model.pt").acquire()
+    with pytest.raises(utils.UserError, match="model.pt is being written by another running run"):
+        utils.RunLock.for_file(tmp_path / "model.pt").acquire()
+    utils.RunLock.for_file(tmp_path / "other.pt").acquire()  # another output is free
+    assert first.path == tmp_path / ".model.pt.lock"
+    first.file.close()  # the holder ends: the file is free again
+    utils.RunLock.for_file(tmp_path / "model.pt").acquire()

@@ -93,3 +93,37 @@ def test_wrong_kind_from_the_command_line(tmp_path, tiny_image_folder, mae_run, 
     assert result.returncode == 2
     assert "needs a classifier" in assert_one_line_error(result.stderr)
     assert not list(tmp_path.glob("*.png"))
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--mae_model_path", "{classifier}"], "is a classifier checkpoint; --mae_model_path needs an MAE"),
+    (["--mae_model_path", "{mae}", "--mask_ratios", "0.999"], "no masking strategy leaves a visible patch"),
+], ids=["classifier-as-mae", "ratio-too-high"])
+def test_a_bad_second_checkpoint_stops_before_the_first_figure(tmp_path, tiny_image_folder, mae_run, classifier_run,
+                                                               cli_error, extra, expected):
+    fill = {"{classifier}": str(classifier_run.best), "{mae}": str(mae_run.checkpoint)}
+    line = cli_error(visualize_predictions.main, ["--model_path", classifier_run.best, *[fill.get(e, e) for e in extra],
+                                                  "--data_dir", tiny_image_folder, "--device", "cpu",
+                                                  "--output", tmp_path / "p.png",
+                                                  "--reconstruction_output", tmp_path / "r.png"])
+    assert expected in line
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_an_existing_figure_is_replaced_only_with_overwrite(tmp_path, tiny_image_folder, classifier_run, cli_error):
+    output = tmp_path / "p.png"
+    output.write_bytes(b"someone else's figure")
+    argv = ["--model_path", classifier_run.best, "--data_dir", tiny_image_folder, "--device", "cpu",
+            "--output", output]
+    assert "already exists; pass --overwrite" in cli_error(visualize_predictions.main, argv)
+    assert output.read_bytes() == b"someone else's figure"
+    visualize_predictions.main([str(a) for a in argv] + ["--overwrite"])
+    with Image.open(output) as image:
+        assert image.format == "PNG"
+
+
+def test_a_missing_output_folder_is_made(tmp_path, tiny_image_folder, mae_run):
+    output = tmp_path / "figures" / "new" / "r.png"
+    visualize_predictions.main(["--mae_model_path", str(mae_run.checkpoint), "--data_dir", str(tiny_image_folder),
+                                "--device", "cpu", "--reconstruction_output", str(output)])
+    assert output.is_file()

@@ -33,6 +33,8 @@ from pathlib import Path
 STARTED = time.monotonic()  # a part's time counts from here, the import of torch included
 import torch  # noqa: E402
 
+from checks import path_text  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 STEPS = ("bench", "epochs", "tta", "ablation", "report")
 REFERENCE = {"pretrain": 3760.0, "finetune": 2080.0}  # IcarusWizard/MAE on one H100, images/s (see the README)
@@ -92,23 +94,24 @@ class Unit:
 
 
 def parse_args(argv=None):
-    def minutes(text):
+    def minutes(text):  # a part is one command on a lent machine: a day is far beyond any such limit
         try:
-            if float(text) > 0:
+            if 0 < float(text) <= 24 * 60:
                 return float(text)
         except ValueError:
             pass
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a number of minutes > 0")
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected minutes in (0, 1440]")
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--time_limit", type=minutes, default=9.0, help="minutes per part, start-up included (9)")
     p.add_argument("--only", choices=STEPS, default=None, help="run this step only")
     p.add_argument("--dry_run", action="store_true", help="print the plan with estimated times; write nothing")
-    p.add_argument("--data_dir", default=None, help="image folder with train/ and test/ (default: torchvision's)")
+    p.add_argument("--data_dir", type=path_text, default=None,
+                   help="image folder with train/ and test/ (default: torchvision's)")
     p.add_argument("--device", default=None, help="auto, cpu or cuda[:N] (default auto; cpu with --tiny)")
     p.add_argument("--tiny", action="store_true", help="a tiny model and schedule in fp32 eager (tests, CPU)")
-    p.add_argument("--results_dir", default=str(HERE / "results"), help="the committed CSVs and REPORT.md")
-    p.add_argument("--work_dir", default=str(HERE / "campaign_runs"), help="logs and checkpoints (git-ignored)")
+    p.add_argument("--results_dir", type=path_text, default=str(HERE / "results"), help="the committed CSVs and REPORT.md")
+    p.add_argument("--work_dir", type=path_text, default=str(HERE / "campaign_runs"), help="logs and checkpoints (git-ignored)")
     args = p.parse_args(argv)
     args.device = args.device or ("cpu" if args.tiny else "auto")
     if not (args.device in ("auto", "cpu") or args.device.startswith("cuda") and torch.cuda.is_available()):

@@ -78,7 +78,8 @@ def parse_args(argv=None):
     common.add_argument("--device", help="cuda, cpu or auto", type=typed(
         str, lambda t: t == "auto" or torch.device(t).type != "cuda" or torch.cuda.is_available(),
         "cpu, auto, or cuda[:N] where a GPU is visible"))
-    common.add_argument("--log_dir", default="logs", type=typed(str, no_file_on, "a folder, not a file"))
+    common.add_argument("--log_dir", default="logs", type=typed(str, lambda t: t.strip() and no_file_on(t),
+                                                                "a folder, not a file"))
     for name in ("pretrain_batch_size", "finetune_batch_size", "max_device_batch_size", *MODEL_SIZE, "decoder_heads"):
         common.add_argument(f"--{name}", type=positive)
     # Free-form options for mae_pretrain.py and train_classifier.py, split into words (the default "" too).
@@ -95,7 +96,8 @@ def parse_args(argv=None):
                             if own.startswith(word.split("=")[0])}):
             p.error(f"argument --{option}: may not set {', '.join(taken)}: the sweep sets those itself")
     if args.no_linear_probe and (args.linear_probe_epochs or args.probe_args):
-        p.error("--linear_probe_epochs / --probe_args set a linear probe that --no_linear_probe turns off")
+        flag = "--linear_probe_epochs" if args.linear_probe_epochs else "--probe_args"
+        p.error(f"argument {flag}: sets up a linear probe that --no_linear_probe turns off; leave one out")
     args.folder = Path(args.log_dir) / args.dataset / f"sweep_{args.name}"
     if not no_file_on(args.folder / "checkpoints"):
         p.error(f"argument --name: a file stands where {args.folder}/checkpoints/ would go")

@@ -162,6 +162,7 @@ def test_plan_follows_what_is_on_disk(tmp_path, capfd):
     (["--decoder_heads", "0"], "--decoder_heads"), (["--mask_strategy", "checkerboard"], "--mask_strategy"),
     (["--device", "gpu"], "--device"), (["--data_dir", "{tmp}/missing"], "--data_dir"),
     (["--log_dir", "{tmp}/a_file"], "--log_dir"), (["--log_dir", "{tmp}/a_file/below"], "--log_dir"),
+    (["--log_dir", ""], "--log_dir"), (["--no_linear_probe", "--linear_probe_epochs", "3"], "--linear_probe_epochs"),
     (["--name", "a/b"], "--name"), (["--launcher", "no_such_launcher --x"], "--launcher"),
     (["--finetune_args", "--seed 3"], "--finetune_args"), (["--probe_args", "--total 3"], "--probe_args"),
     (["--pretrain_args", '--augment "crop'], "--pretrain_args"), (["--dataset", "mnist"], "--dataset"),

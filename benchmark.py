@@ -66,7 +66,8 @@ def build_parser():
     p.add_argument("--threads", type=checks.POSITIVE_INT, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--peak_tflops", type=checks.POSITIVE_FLOAT, default=None,
                    help="the device's peak for the '%% of peak' column (default: known GPUs' dense bf16 peak)")
-    p.add_argument("--output", type=checks.path_text, default=None, help="also write the results: .csv gives CSV, else markdown")
+    p.add_argument("--output", type=checks.path_text, default=None,
+                   help="also write the results: .csv gives CSV, else markdown")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="also profile each row: a Chrome trace and a table of the costliest operators in DIR")
     p.add_argument("--profile_steps", type=checks.POSITIVE_INT, default=3, help="optimizer steps per profile")

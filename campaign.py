@@ -110,8 +110,10 @@ def parse_args(argv=None):
                    help="image folder with train/ and test/ (default: torchvision's)")
     p.add_argument("--device", default=None, help="auto, cpu or cuda[:N] (default auto; cpu with --tiny)")
     p.add_argument("--tiny", action="store_true", help="a tiny model and schedule in fp32 eager (tests, CPU)")
-    p.add_argument("--results_dir", type=path_text, default=str(HERE / "results"), help="the committed CSVs and REPORT.md")
-    p.add_argument("--work_dir", type=path_text, default=str(HERE / "campaign_runs"), help="logs and checkpoints (git-ignored)")
+    p.add_argument("--results_dir", type=path_text, default=str(HERE / "results"),
+                   help="the committed CSVs and REPORT.md")
+    p.add_argument("--work_dir", type=path_text, default=str(HERE / "campaign_runs"),
+                   help="logs and checkpoints (git-ignored)")
     args = p.parse_args(argv)
     args.device = args.device or ("cpu" if args.tiny else "auto")
     if not (args.device in ("auto", "cpu") or args.device.startswith("cuda") and torch.cuda.is_available()):

@@ -65,7 +65,7 @@ def thread_count(text):
 
 
 def run_name(text):
-    """``--run_name``: a folder (or folder/subfolder) below the log folder, never the log folder itself or outside it."""
+    """``--run_name``: a folder (or folder/subfolder) below the log folder, never the log folder itself or outside."""
     parts = text.replace("\\", "/").split("/")
     if text.startswith(("/", "~")) or any(part.strip() in ("", ".", "..") for part in parts):
         raise argparse.ArgumentTypeError(f"{text!r} is not a folder name below --log_dir (no empty, '.' or '..' "

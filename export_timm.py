@@ -26,7 +26,8 @@ def timm_model_kwargs(config, num_classes=10):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", type=checks.path_text, help="a checkpoint from mae_pretrain.py or train_classifier.py")
+    parser.add_argument("checkpoint", type=checks.path_text,
+                        help="a checkpoint from mae_pretrain.py or train_classifier.py")
     parser.add_argument("output", type=checks.path_text, help="where to write the timm state dict")
     parser.add_argument("--trust_checkpoint", action="store_true", help="allow a pickled whole-module checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")

@@ -70,7 +70,8 @@ def fit_warmup(parser, args, argv):
 def add_run_arguments(p):
     """Data, device, precision and bookkeeping options, the same in both training scripts."""
     p.add_argument("--dataset", choices=["cifar10", "cifar100"], default="cifar10")
-    p.add_argument("--data_dir", type=checks.path_text, default=None, help="image folder with train/<class>/ and test/<class>/")
+    p.add_argument("--data_dir", type=checks.path_text, default=None,
+                   help="image folder with train/<class>/ and test/<class>/")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 where the device has it natively, fp16 (with loss scaling) on GPUs without "
@@ -80,8 +81,10 @@ def add_run_arguments(p):
     p.add_argument("--threads", type=checks.thread_count, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--deterministic", action="store_true", help="deterministic kernels, for exact reruns (slower)")
     p.add_argument("--log_dir", type=checks.path_text, default="logs")
-    p.add_argument("--run_name", type=checks.run_name, default=None, help="log folder name (default: built from the settings)")
-    p.add_argument("--resume", type=checks.path_text, default=None, help="a checkpoint to continue from, or 'auto' for this run's own")
+    p.add_argument("--run_name", type=checks.run_name, default=None,
+                   help="log folder name (default: built from the settings)")
+    p.add_argument("--resume", type=checks.path_text, default=None,
+                   help="a checkpoint to continue from, or 'auto' for this run's own")
     p.add_argument("--save_every", type=checks.POSITIVE_INT, default=None,
                    help="also save every N epochs (default: by time only)")
     p.add_argument("--save_minutes", type=checks.POSITIVE_FLOAT, default=10.0,
@@ -101,8 +104,8 @@ def micro_batch_size(text):
 
 
 def check_run_arguments(parser, args, outputs, inputs=None):
-    """Everything that can be checked before a file is written: the device, the schedule, the log folder, the
-    output files (``{flag: path}``; none may be an input, ``{flag: path}``, see checks.check_outputs)."""
+    """Everything that can be checked before a file is written: the device, the log folder, the output files
+    (``outputs``, ``{flag: path}``: none may be one of the ``inputs``; see checks.check_outputs)."""
     checks.check_device(parser, args.device)
     checks.check_writable_folder(parser, "--log_dir", args.log_dir)
     checks.check_outputs(parser, outputs, inputs, args.data_dir)

@@ -8,8 +8,9 @@ checkpoint and train a linear probe on it (unless --no_linear_probe); with --scr
 A run writes <log_dir>/<dataset>/sweep_<name>/<run>/ (metrics.csv, settings.json) and checkpoints/<run>.pt. Run
 the same command again to continue: finished runs are skipped, interrupted ones resumed; a failed run stops only
 the runs that need its checkpoint (exit code 1). Before any run starts, each script checks its own options
-(--check_args), so a bad --finetune_args fails at once, not after the pretraining. Ctrl-C lets the current run save. Warm-up is 10 % of pretraining,
-5 % of fine-tuning; the free-form options come last and win: --pretrain_args="--warmup_epoch 40" (with "=").
+(--check_args), so a bad --finetune_args fails at once, not after the pretraining. Ctrl-C lets the current run
+save. Warm-up is 10 % of pretraining, 5 % of fine-tuning; the free-form options come last and win:
+--pretrain_args="--warmup_epoch 40" (with "=").
 """
 import argparse
 import csv

@@ -106,8 +106,8 @@ def parse_args(argv=None):
     p.add_argument("--time_limit", type=minutes, default=9.0, help="minutes per part, start-up included (9)")
     p.add_argument("--only", choices=STEPS, default=None, help="run this step only")
     p.add_argument("--dry_run", action="store_true", help="print the plan with estimated times; write nothing")
-    p.add_argument("--data_dir", type=path_text, default=None,
-                   help="image folder with train/ and test/ (default: torchvision's)")
+    p.add_argument("--data_dir", default=None, help="image folder with train/ and test/ (empty or left out: "
+                   "torchvision's)")
     p.add_argument("--device", default=None, help="auto, cpu or cuda[:N] (default auto; cpu with --tiny)")
     p.add_argument("--tiny", action="store_true", help="a tiny model and schedule in fp32 eager (tests, CPU)")
     p.add_argument("--results_dir", type=path_text, default=str(HERE / "results"),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-# The files a run keeps in its log folder: no output may take one of these names.
+# The files a run keeps in its log folder (utils.RunLogger, utils.RunLock): no output may take these names.
 RUN_LOG_NAMES = ("metrics.csv", ".lock")
 RUN_LOG_PREFIX = "events.out.tfevents"
 

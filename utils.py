@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from checks import RUN_LOG_NAMES, RUN_LOG_PREFIX
+
 try:
     import fcntl  # advisory file locks, released by the OS when a process dies
 except ImportError:  # Windows: runs are not locked
@@ -146,7 +148,7 @@ class RunLock:
     """An exclusive lock on a run folder: a second live copy of the same run is refused. The OS releases it when
     the process dies, so a crash never blocks a retry."""
 
-    def __init__(self, folder, name=".lock", in_use=None):
+    def __init__(self, folder, name=RUN_LOG_NAMES[1], in_use=None):
         self.path = Path(folder) / name
         self.file = None
         self.in_use = in_use or (f"{folder} is in use by another running copy of this run; wait for it to finish, "
@@ -190,7 +192,7 @@ class RunLogger:
         self.enabled = enabled
         self.fields = ["epoch", *fields]
         self.log_dir = Path(log_dir)
-        self.csv_path = self.log_dir / "metrics.csv"
+        self.csv_path = self.log_dir / RUN_LOG_NAMES[0]
         self.writer = None
         if not enabled:
             return
@@ -204,7 +206,7 @@ class RunLogger:
         self.writer = SummaryWriter(str(self.log_dir), purge_step=start_epoch if start_epoch > 1 else None)
 
     def _remove_earlier_logs(self):
-        for path in [self.csv_path, *self.log_dir.glob("events.out.tfevents.*")]:
+        for path in [self.csv_path, *self.log_dir.glob(f"{RUN_LOG_PREFIX}.*")]:
             if path.is_file():
                 path.unlink()
 

@@ -185,7 +185,7 @@ def test_only_bench_runs_that_step_in_real_processes(tmp_path, tiny_image_folder
     assert all(r["status"] == "ok" and float(r["images_per_s"]) > 0 for r in rows)
     assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["REPORT.md", "bench.csv"]
     report = (tmp_path / "results" / "REPORT.md").read_text()
-    assert "- epochs: pretrain_dd2" in report and "- bench" not in report
+    assert "- epochs: pretrain_dd4" in report and "- bench" not in report
     assert campaign.main(argv(tmp_path, tiny_image_folder, "--only", "bench")) == 0  # all there: skipped
     assert len(read_csv(tmp_path / "results" / "bench.csv")) == len(rows)
 

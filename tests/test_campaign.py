@@ -177,6 +177,28 @@ def test_dry_run_prints_the_plan_in_parts_and_writes_nothing(tmp_path, tiny_imag
     assert not (tmp_path / "results").exists() and not (tmp_path / "work").exists()
 
 
+def test_estimates_of_untimed_variants_follow_the_measured_default_command(tmp_path, tiny_image_folder, capsys):
+    def estimates():
+        assert campaign.main(argv(tmp_path, tiny_image_folder, "--dry_run", "--only", "epochs")) == 0
+        return {line.split()[1]: float(line.split("(~")[1].split(" s)")[0])
+                for line in capsys.readouterr().out.splitlines() if line.startswith("  epochs ")}
+
+    guessed = estimates()
+    (tmp_path / "results").mkdir()
+    with open(tmp_path / "results" / "epochs.csv", "w", newline="") as f:  # pretrain_dd4 timed: 3 epochs of 10 s
+        writer = csv.DictWriter(f, campaign.COLUMNS["epochs"])
+        writer.writeheader()
+        writer.writerow(dict(gpu="CPU", key="pretrain_dd4", wall_s=50, epochs=3, seconds_per_epoch=10))
+    measured = estimates()
+    assert "pretrain_dd4" not in measured and measured != guessed
+    overhead, per_epoch = 50 - 3 * 12, 12  # 1.2 x the epoch: evaluation, logging, the checkpoint
+    epochs = campaign.PROFILES["tiny"]["speed_epochs"]
+    assert measured["pretrain_block"] == pytest.approx(overhead + epochs * per_epoch, abs=1)
+    assert measured["pretrain_dd8"] == pytest.approx(overhead + epochs * per_epoch * campaign.DEPTH_COST[
+        "pretrain_dd8"], abs=1)
+    assert measured["finetune"] == guessed["finetune"]  # another workload: still the guess
+
+
 def test_only_bench_runs_that_step_in_real_processes(tmp_path, tiny_image_folder, capsys):
     assert campaign.main(argv(tmp_path, tiny_image_folder, "--only", "bench", "--time_limit", 2)) == 0
     rows = read_csv(tmp_path / "results" / "bench.csv")

@@ -84,8 +84,9 @@ def model_config(args, image_size, resumed=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.check_args or not ckpt.resolve_resume(args.resume, args.model_path):
+        model_config(args, peek(args.dataset, args.data_dir)[0])  # a new run's shapes, before the data loads
     if args.check_args:
-        model_config(args, peek(args.dataset, args.data_dir)[0])
         return run_setup.checked(args)
     run = run_setup.start_run(args, [args.model_path])
     env, device = run.env, run.env.device

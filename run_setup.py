@@ -224,6 +224,8 @@ def start_run(args, checkpoint_paths):
     A new run refuses to replace any of them (another run's work) without ``--overwrite``.
     """
     env = utils.setup_device(args.device, args.threads)
+    if args.max_device_batch_size != "auto":
+        utils.split_batch(args.batch_size, args.max_device_batch_size, env.world_size)  # refuse a bad split now
     utils.setup_seed(args.seed + env.rank, args.deterministic)  # each process draws its own masks and augmentations
     resume_path = ckpt.resolve_resume(args.resume, checkpoint_paths[0])
     log_dir = Path(args.log_dir) / args.dataset / args.run_name
@@ -234,8 +236,6 @@ def start_run(args, checkpoint_paths):
     if args.batch_size // env.world_size > len(train_set.labels) // env.world_size:
         raise utils.UserError(f"--batch_size {args.batch_size} is larger than the {len(train_set.labels)} training "
                               f"images: not one optimizer step would run")
-    if args.max_device_batch_size != "auto":
-        utils.split_batch(args.batch_size, args.max_device_batch_size, env.world_size)  # refuse a bad split now
     precision = resolve_precision(args.precision, env.device)
     if env.is_main:
         print(describe_speed_path(env.device, precision, not args.no_compile))

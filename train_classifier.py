@@ -182,8 +182,8 @@ def resume(run, config, args, model, optimizer, scheduler, ema):
 
 def main(argv=None):
     args, typed_sizes, last_path = parse_args(argv)
+    build_model(args, typed_sizes, *peek(args.dataset, args.data_dir))  # the encoder file and shapes, before the data
     if args.check_args:
-        build_model(args, typed_sizes, *peek(args.dataset, args.data_dir))
         return run_setup.checked(args)
     run = run_setup.start_run(args, [last_path, args.output_model_path])
     env, device, classes = run.env, run.env.device, run.train_set.classes

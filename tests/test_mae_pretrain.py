@@ -10,6 +10,7 @@ import torch
 
 import data
 import mae_pretrain
+import run_setup
 import utils
 from conftest import (REPO, SUBPROCESS_ENV, assert_one_line_error, load_state, read_metrics, run_dirs,
                       write_image_folder)
@@ -188,7 +189,11 @@ def test_sigterm_finishes_the_epoch_saves_and_exits_143(tmp_path, mae_argv):
     (["--mask_strategy", "grid", "--mask_ratio", 0.82], "cannot keep 11 of 64 patches"),
     (["--batch_size", 16, "--max_device_batch_size", 6], "not divisible by --max_device_batch_size 6"),
 ], ids=["ratio-above-1", "ratio-0", "patch-size", "width-heads", "decoder-width-heads", "block-ratio", "grid-ratio", "micro-batch"])
-def test_bad_settings_fail_with_one_line(tmp_path, mae_argv, cli_error, extra, message):
+def test_bad_settings_fail_with_one_line(tmp_path, mae_argv, cli_error, extra, message, monkeypatch):
+    def data_must_not_load(*args, **kwargs):  # shapes and ratios are judged before the data set loads
+        raise AssertionError("the data set was loaded before the error")
+
+    monkeypatch.setattr(run_setup, "load_dataset", data_must_not_load)
     line = cli_error(mae_pretrain.main, mae_argv(tmp_path, *extra))
     assert message in line
     assert not (tmp_path / "mae.pt").exists()

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import run_setup
 import train_classifier
 from conftest import REPO, TINY_ENCODER, SUBPROCESS_ENV, assert_one_line_error, load_state, read_metrics, run_dirs
 from model import MAE_Encoder, MAE_ViT, ViT_Classifier
@@ -211,6 +212,10 @@ def bad_checkpoints(tmp_path_factory, mae_run, classifier_run):
     return files
 
 
+def data_must_not_load(*args, **kwargs):
+    raise AssertionError("the data set was loaded before the error")
+
+
 @pytest.mark.parametrize("case, extra, expected", [
     ("missing", [], "is not a checkpoint file"),
     ("truncated", [], "truncated or corrupt"),
@@ -224,7 +229,8 @@ def bad_checkpoints(tmp_path_factory, mae_run, classifier_run):
 ], ids=["missing", "truncated", "random-bytes", "random-bytes-trusted", "text", "classifier", "other-patch-size",
         "other-depth", "pickled-module"])
 def test_bad_pretrained_checkpoints_fail_with_one_line(tmp_path, cls_argv, cli_error, bad_checkpoints, case,
-                                                       extra, expected):
+                                                       extra, expected, monkeypatch):
+    monkeypatch.setattr(run_setup, "load_dataset", data_must_not_load)  # the file is judged before the data loads
     line = cli_error(train_classifier.main, cls_argv(tmp_path, "--pretrained_model_path", bad_checkpoints[case],
                                                      *extra))
     assert expected in line

@@ -8,6 +8,7 @@ import math
 import os
 import sys
 import warnings
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,9 +207,13 @@ def pil_to_rgb(image):
 def load_torchvision(name, root, train):
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)} or pass --data_dir")
+    created = not Path(root).exists()
     try:
         dataset = DATASETS[name](root, train=train, download=True)
     except Exception as error:  # no network, a proxy, a half-downloaded archive: all need the same advice
+        if created:
+            with suppress(OSError):
+                Path(root).rmdir()  # the empty folder a failed first download made; never anything inside
         raise DataError(f"could not download {name} into {root}/ ({type(error).__name__}: {error}); "
                         f"pass --data_dir with an image folder holding train/<class>/ and test/<class>/") from None
     images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()

@@ -28,6 +28,7 @@ from types import SimpleNamespace
 
 import torch
 
+import data
 from model import MASK_STRATEGIES
 
 HERE = Path(__file__).resolve().parent
@@ -184,6 +185,16 @@ def check_commands(runs):
     return problems
 
 
+def fetch_dataset(name):
+    """Without --data_dir every run loads torchvision's copy: download it once now (nothing when it is there
+    already), so that a machine without network stops here, not in every run. Returns the error, or None."""
+    try:
+        data.load_dataset(name)
+    except data.DataError as error:
+        return str(error)
+    return None
+
+
 def check_command(script_args):
     """(exit code, error output) of a script's --check_args, in a Python of its own (no launcher needed)."""
     result = subprocess.run([sys.executable, *script_args], capture_output=True, text=True)
@@ -235,9 +246,13 @@ def main(argv=None):
     args = parse_args(argv)
     runs, finished, failures, skipped = plan(args), set(), [], 0
     say(f"sweep {args.folder}: {len(runs)} runs")
-    if problems := check_commands([run for run in runs if run_state(run)[0] in ("new", "restarting", "resuming")]):
+    pending = [run for run in runs if run_state(run)[0] in ("new", "restarting", "resuming")]
+    if problems := check_commands(pending):
         say("sweep: nothing was started; these commands would fail:",
             *(f"  {name}: {line}" for name, line in problems), sep="\n")
+        return 2
+    if pending and not args.dry_run and not args.data_dir and (problem := fetch_dataset(args.dataset)):
+        say(f"sweep: nothing was started; {problem}")
         return 2
     try:
         for number, run in enumerate(runs, 1):

@@ -1,5 +1,6 @@
 """data.py: image folders, the torchvision fallback, the device-resident loader and its augmentation."""
 import io
+import os
 import struct
 import zlib
 
@@ -332,6 +333,22 @@ def test_a_failed_download_says_to_pass_data_dir(monkeypatch, tmp_path):
     assert "could not download cifar10" in str(error.value) and "Name or service not known" in str(error.value)
     with pytest.raises(DataError, match="unknown dataset 'mnist'"):
         load_dataset("mnist", download_root=str(tmp_path))
+
+
+def test_a_failed_first_download_leaves_no_folder_and_an_old_folder_stays(monkeypatch, tmp_path):
+    class NoNetwork:
+        def __init__(self, root, train, download):
+            os.makedirs(root, exist_ok=True)  # as torchvision does before it connects
+            raise OSError("Name or service not known")
+
+    monkeypatch.setitem(data.DATASETS, "cifar10", NoNetwork)
+    with pytest.raises(DataError, match="could not download"):
+        load_dataset("cifar10", download_root=str(tmp_path / "data"))
+    assert not (tmp_path / "data").exists()
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(DataError, match="could not download"):
+        load_dataset("cifar10", download_root=str(tmp_path / "kept"))
+    assert (tmp_path / "kept").is_dir()
 
 
 def test_a_torchvision_dataset_becomes_nchw_uint8(monkeypatch, tmp_path):

@@ -11,6 +11,7 @@ from contextlib import redirect_stderr
 import pytest
 import torch
 
+import data
 import summarize
 import sweep
 from test_summarize import mean_std_text, table_after
@@ -316,6 +317,18 @@ def test_options_a_run_would_refuse_stop_the_sweep_before_anything_runs(tiny_ima
         out = capfd.readouterr().out
         assert "nothing was started; these commands would fail" in out and expected in out
     assert not (tmp_path / "logs").exists()
+
+
+def test_without_data_dir_a_failed_download_stops_the_sweep_before_any_run(tmp_path, capfd, monkeypatch, in_process):
+    def no_network(root, train, download):
+        raise OSError("Name or service not known")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(data.DATASETS, "cifar10", no_network)
+    assert sweep.main([*STUDY, "--log_dir", str(tmp_path / "logs")]) == 2
+    out = capfd.readouterr().out
+    assert "nothing was started; could not download cifar10" in out and "--data_dir" in out
+    assert not list(tmp_path.iterdir())  # no run folder, no settings.json, no empty data/
 
 
 def test_check_args_of_a_real_script_process(tiny_image_folder, tmp_path):

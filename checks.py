@@ -5,6 +5,7 @@ written: the flag, the value and what is allowed are in that one line.
 """
 import argparse
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -85,6 +86,12 @@ def check_writable_folder(parser, flag, folder):
         parser.error(f"argument {flag}: {folder} cannot be made: {probe} is a file")
     if not os.access(probe, os.W_OK | os.X_OK):
         parser.error(f"argument {flag}: {folder} is not writable ({probe} is read-only)")
+    try:  # permissions do not tell everything (root, /proc, some mounts): make an unnamed file there and drop it
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as error:
+        parser.error(f"argument {flag}: {folder} is not writable (no file can be made in {probe}: "
+                     f"{error.strerror or error})")
 
 
 def check_output_file(parser, flag, path):

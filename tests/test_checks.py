@@ -1,5 +1,6 @@
 """checks.py: range-checked argparse types and the checks of devices and paths."""
 import argparse
+import os
 
 import pytest
 import torch
@@ -43,6 +44,16 @@ def test_writable_folder_checks(tmp_path, capsys):
             checks.check_writable_folder(parser, "--log_dir", bad)
         assert exit_info.value.code == 2
     assert "is a file" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [tmp_path / "file"]  # the probe file is gone
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_a_folder_where_no_file_can_be_made_is_refused_even_for_root(capsys):
+    # /proc: even root, whom permission bits do not stop, cannot make a file there.
+    with pytest.raises(SystemExit) as exit_info:
+        checks.check_writable_folder(argparse.ArgumentParser(), "--log_dir", "/proc/logs")
+    assert exit_info.value.code == 2
+    assert "argument --log_dir: /proc/logs is not writable" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("device", ["gpu", "cuda:7", "tpu"])

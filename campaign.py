@@ -3,15 +3,16 @@ end within --time_limit minutes (start-up and compilation included), appended to
 
     python campaign.py --dry_run                  # the plan: the units still to run, packed into parts, with times
     python campaign.py --data_dir DATA            # one part; run the same command again for the next one
-    python campaign.py --only bench               # one step: bench, epochs, tta, ablation or report
+    python campaign.py --only bench               # one step: epochs, tta, bench, ablation or report
     python campaign.py --tiny --data_dir DATA --time_limit 0.5    # the whole campaign on the CPU, tiny model
 
-Steps: bench (benchmark.py: workloads x micro-batch sizes x compile modes, and the fine-tuning augmentations),
-epochs (real epoch times of the design card's commands, from each run's metrics.csv), tta (pretraining sized to
-fill a part, then fine-tuning from its encoder, which travels as a bf16 state dict in results/, and the same
-fine-tuning from scratch), ablation (decoder depth 2/4/8, mask strategy random/block/grid, 2 seeds; each run is
-pretraining + k-NN and linear probe + fine-tuning within one part), report (results/REPORT.md, rebuilt after
-every part). A unit (one benchmark configuration, one run) with a row in its CSV for this GPU is skipped. Every
+Steps, in the order a short GPU session needs them: epochs (real epoch times of the design card's commands, from
+each run's metrics.csv: the comparison with the reference), tta (pretraining sized to fill a part, then
+fine-tuning from its encoder, which travels as a bf16 state dict in results/, and the same fine-tuning from
+scratch: the accuracy), bench (benchmark.py: workloads x micro-batch sizes x compile modes, and the fine-tuning
+augmentations: where the time goes), ablation (decoder depth 2/4/8, mask strategy random/block/grid, 2 seeds;
+each run is pretraining + k-NN and linear probe + fine-tuning within one part), report (results/REPORT.md, rebuilt
+after every part). A unit (one benchmark configuration, one run) with a row in its CSV for this GPU is skipped. Every
 script runs in its own process and gets SIGTERM before the part ends: it finishes its epoch, saves and exits 143,
 and the next part continues it with --resume auto while the work folder (--work_dir, git-ignored) is still there.
 """
@@ -36,7 +37,7 @@ import torch  # noqa: E402
 from checks import path_text  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-STEPS = ("bench", "epochs", "tta", "ablation", "report")
+STEPS = ("epochs", "tta", "bench", "ablation", "report")
 REFERENCE = {"pretrain": 3760.0, "finetune": 2080.0}  # IcarusWizard/MAE on one H100, images/s (see the README)
 ENCODER_LIMIT = 16 * 2 ** 20
 SAFETY = 1.1  # a unit starts when 1.1 times its estimated time is left in the part

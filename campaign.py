@@ -34,7 +34,7 @@ from pathlib import Path
 STARTED = time.monotonic()  # a part's time counts from here, the import of torch included
 import torch  # noqa: E402
 
-from checks import path_text  # noqa: E402
+from checks import check_writable_folder, path_text  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 STEPS = ("epochs", "tta", "bench", "ablation", "report")
@@ -124,8 +124,7 @@ def parse_args(argv=None):
     if args.data_dir and not all((Path(args.data_dir) / split).is_dir() for split in ("train", "test")):
         p.error(f"argument --data_dir: {args.data_dir} has no train/ and test/ folders")
     for flag in ("results_dir", "work_dir"):
-        if any(q.exists() and not q.is_dir() for q in (Path(getattr(args, flag)), *Path(getattr(args, flag)).parents)):
-            p.error(f"argument --{flag}: {getattr(args, flag)} is not a folder")
+        check_writable_folder(p, f"--{flag}", getattr(args, flag))
     for flag in ("data_dir", "results_dir", "work_dir"):  # absolute: the scripts run in the repository folder
         setattr(args, flag, getattr(args, flag) and str(Path(getattr(args, flag)).resolve()))
     return args

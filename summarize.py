@@ -19,6 +19,8 @@ from statistics import mean, stdev
 
 import numpy as np
 
+import checks
+
 WORDS = {"decoder_depth": "decoder depth", "mask_strategy": "mask strategy", "mask_ratio": "mask ratio",
          "pretrain_epochs": "pretraining epochs", "finetune_epochs": "fine-tuning epochs"}  # known ablations first
 RESULTS = ("loss", "val_acc", "knn_acc", "probe_acc", "best_val_acc", "seconds")  # of a run: in runs.csv
@@ -207,8 +209,7 @@ def main(argv=None):
     if missing := [str(f) for f in args.folders if not f.is_dir()]:
         parser.error(f"argument folders: not a folder: {', '.join(missing)}")
     output_dir = args.output_dir or args.folders[0]
-    if any(p.exists() and not p.is_dir() for p in (output_dir, *output_dir.parents)):
-        parser.error(f"argument --output_dir: {output_dir} is a file or in one, not a folder")
+    checks.check_writable_folder(parser, "--output_dir", output_dir)
     found = {p.resolve(): read_run(p) for f in args.folders for p in sorted(f.rglob("settings.json"))}  # each once
     runs, unfinished = [r for r, _ in found.values() if r], [why for _, why in found.values() if why]
     if not runs:

@@ -239,7 +239,8 @@ def test_the_deadline_sends_sigterm_then_sigkill(tmp_path):
 @pytest.mark.parametrize("extra, flag", [(["--time_limit", "0"], "--time_limit"), (["--time_limit", "x"], "--time_limit"),
                                          (["--only", "nothing"], "--only"), (["--device", "gpu"], "--device"),
                                          (["--data_dir", "missing"], "--data_dir"), (["--bogus"], "--bogus"),
-                                         (["--time_limit", "1e9"], "--time_limit"), (["--work_dir", ""], "--work_dir")])
+                                         (["--time_limit", "1e9"], "--time_limit"), (["--work_dir", ""], "--work_dir"),
+                                         (["--results_dir", "/proc/results"], "--results_dir")])
 def test_bad_arguments_exit_2_before_anything_is_written(tmp_path, capsys, extra, flag):
     with pytest.raises(SystemExit) as exit_info:
         campaign.main(["--results_dir", str(tmp_path / "results"), "--work_dir", str(tmp_path / "work"), *extra])

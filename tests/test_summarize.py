@@ -180,6 +180,7 @@ def test_one_setting_over_seeds_still_gets_its_curves(tmp_path, capsys):
     (["{tmp}/missing"], "argument folders: "), (["{tmp}/a_file"], "argument folders: "),
     (["{tmp}", "--output_dir", "{tmp}/a_file"], "argument --output_dir: "),
     (["{tmp}", "--output_dir", "{tmp}/a_file/below"], "argument --output_dir: "),
+    (["{tmp}", "--output_dir", "/proc/out"], "argument --output_dir: /proc/out is not writable"),
     (["{tmp}"], "error: no finished runs"),
 ])
 def test_bad_arguments_exit_2_and_write_nothing(tmp_path, capsys, argv, message):

@@ -29,6 +29,7 @@ from types import SimpleNamespace
 import torch
 
 import data
+import utils
 from model import MASK_STRATEGIES
 
 HERE = Path(__file__).resolve().parent
@@ -37,6 +38,7 @@ OWN_OPTIONS = ("--run_name", "--log_dir", "--dataset", "--model_path", "--output
                "--pretrained_model_path", "--total_epoch", "--decoder_depth", "--mask_strategy", "--mask_ratio",
                "--linear_probe")
 MODEL_SIZE = ("patch_size", "emb_dim", "encoder_depth", "encoder_heads")
+SWEEP_LOCK = ".sweep.lock"  # in the sweep's folder, held while a sweep runs (git-ignored, like every .*.lock)
 say = partial(print, flush=True)  # flushed, so that it lands in order with the runs' own output
 
 
@@ -254,6 +256,13 @@ def main(argv=None):
     if pending and not args.dry_run and not args.data_dir and (problem := fetch_dataset(args.dataset)):
         say(f"sweep: nothing was started; {problem}")
         return 2
+    lock = utils.RunLock(args.folder, SWEEP_LOCK, f"{args.folder} is being run by another sweep.py with this --name; "
+                         f"wait for it to end, or stop it first") if pending and not args.dry_run else None
+    try:  # a second copy of this sweep would start the runs this one has not reached yet
+        lock = lock and lock.acquire()
+    except utils.UserError as error:
+        say(f"sweep: nothing was started; {error}")
+        return 2
     try:
         for number, run in enumerate(runs, 1):
             prefix, (state, detail) = f"[{number}/{len(runs)}] {run.name}:", run_state(run)
@@ -286,6 +295,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         say("\nsweep interrupted; run the same command again to continue where it stopped")
         return 130
+    finally:
+        if lock:
+            lock.release()
     if not args.dry_run:
         say(f"\nsweep {args.folder}: {len(runs) - len(failures)} of {len(runs)} runs finished ({skipped} of them "
             "already before this call)", *(f"  failed: {name}: {why}" for name, why in failures), sep="\n")

@@ -173,6 +173,12 @@ class RunLock:
             raise UserError(self.in_use) from None
         return self
 
+    def release(self):
+        """Before the process ends (its end releases the lock too)."""
+        if self.file:
+            self.file.close()
+            self.file = None
+
 
 # ------------------------------------------------------------------------------------------------- logging
 

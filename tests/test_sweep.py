@@ -14,6 +14,7 @@ import torch
 import data
 import summarize
 import sweep
+import utils
 from test_summarize import mean_std_text, table_after
 
 TINY_MODEL = ["--emb_dim", "32", "--encoder_heads", "2", "--decoder_heads", "2", "--encoder_depth", "1",
@@ -329,6 +330,15 @@ def test_without_data_dir_a_failed_download_stops_the_sweep_before_any_run(tmp_p
     out = capfd.readouterr().out
     assert "nothing was started; could not download cifar10" in out and "--data_dir" in out
     assert not list(tmp_path.iterdir())  # no run folder, no settings.json, no empty data/
+
+
+def test_a_second_copy_of_a_running_sweep_is_refused_before_any_run(tiny_image_folder, tmp_path, capfd, in_process):
+    folder = tmp_path / "logs" / "cifar10" / "sweep_t"
+    first = utils.RunLock(folder, sweep.SWEEP_LOCK).acquire()  # what the first copy holds while it runs
+    assert sweep.main([*STUDY, "--data_dir", str(tiny_image_folder), "--log_dir", str(tmp_path / "logs")]) == 2
+    assert "nothing was started; " + f"{folder} is being run by another sweep.py" in capfd.readouterr().out
+    assert [p.name for p in folder.iterdir()] == [sweep.SWEEP_LOCK]  # no run folder, no settings.json
+    first.release()
 
 
 def test_check_args_of_a_real_script_process(tiny_image_folder, tmp_path):

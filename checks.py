@@ -8,8 +8,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
-
 # The files a run keeps in its log folder (utils.RunLogger, utils.RunLock): no output may take these names.
 RUN_LOG_NAMES = ("metrics.csv", ".lock")
 RUN_LOG_PREFIX = "events.out.tfevents"
@@ -137,6 +135,8 @@ def check_device(parser, requested):
     """--device: auto, cpu or cuda[:N] that exists here."""
     if requested in (None, "auto", "cpu"):
         return
+    import torch  # here, not at the top: summarize.py uses these checks and needs no torch
+
     try:
         device = torch.device(requested)
     except RuntimeError:

@@ -69,11 +69,12 @@ def load_dataset(name="cifar10", data_dir=None, download_root="data"):
 
 
 def peek(name="cifar10", data_dir=None):
-    """(image size, number of classes) without loading the data set: one image of an image folder is decoded."""
+    """(image size, number of classes, number of training images) without loading the data set: an image folder
+    is listed and one of its images decoded."""
     if not data_dir:
-        return 32, 100 if name == "cifar100" else 10
+        return 32, 100 if name == "cifar100" else 10, 50000
     train = list_image_folder(Path(data_dir) / "train")
-    return read_image(train.files[0]).shape[-1], len(train.classes)
+    return read_image(train.files[0]).shape[-1], len(train.classes), len(train.files)
 
 
 def load_image_folder(folder):

@@ -84,8 +84,10 @@ def model_config(args, image_size, resumed=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.check_args or not ckpt.resolve_resume(args.resume, args.model_path):
-        model_config(args, peek(args.dataset, args.data_dir)[0])  # a new run's shapes, before the data loads
+    if args.check_args or not ckpt.resolve_resume(args.resume, args.model_path):  # a new run, before the data loads
+        image_size, _, train_images = peek(args.dataset, args.data_dir)
+        model_config(args, image_size)
+        run_setup.check_batch_fits(args.batch_size, train_images)
     if args.check_args:
         return run_setup.checked(args)
     run = run_setup.start_run(args, [args.model_path])

@@ -217,6 +217,13 @@ class Run:
                           *(utils.RunLock.for_file(path).acquire() for path in self.checkpoint_paths)]
 
 
+def check_batch_fits(batch_size, train_images, world_size=1):
+    """A batch larger than the training set would train nothing: each epoch drops its last, partial batch."""
+    if batch_size // world_size > train_images // world_size:
+        raise utils.UserError(f"--batch_size {batch_size} is larger than the {train_images} training images: not "
+                              f"one optimizer step would run")
+
+
 def start_run(args, checkpoint_paths):
     """Seed, device, the data and the run folder (see ``make_loader`` and ``Run.lock_folder`` for the rest).
 
@@ -233,9 +240,7 @@ def start_run(args, checkpoint_paths):
         refuse_to_replace(log_dir, checkpoint_paths, args.overwrite)
     train_set, test_set = load_dataset(args.dataset, args.data_dir)
     args.image_size = train_set.images.shape[-1]
-    if args.batch_size // env.world_size > len(train_set.labels) // env.world_size:
-        raise utils.UserError(f"--batch_size {args.batch_size} is larger than the {len(train_set.labels)} training "
-                              f"images: not one optimizer step would run")
+    check_batch_fits(args.batch_size, len(train_set.labels), env.world_size)
     precision = resolve_precision(args.precision, env.device)
     if env.is_main:
         print(describe_speed_path(env.device, precision, not args.no_compile))

@@ -182,7 +182,9 @@ def resume(run, config, args, model, optimizer, scheduler, ema):
 
 def main(argv=None):
     args, typed_sizes, last_path = parse_args(argv)
-    build_model(args, typed_sizes, *peek(args.dataset, args.data_dir))  # the encoder file and shapes, before the data
+    image_size, classes, train_images = peek(args.dataset, args.data_dir)  # before the data loads:
+    build_model(args, typed_sizes, image_size, classes)  # the encoder file and the shapes
+    run_setup.check_batch_fits(args.batch_size, train_images)
     if args.check_args:
         return run_setup.checked(args)
     run = run_setup.start_run(args, [last_path, args.output_model_path])

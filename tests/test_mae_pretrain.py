@@ -188,7 +188,9 @@ def test_sigterm_finishes_the_epoch_saves_and_exits_143(tmp_path, mae_argv):
     (["--mask_strategy", "block", "--mask_ratio", 0.82], "cannot keep 11 of 64 patches"),
     (["--mask_strategy", "grid", "--mask_ratio", 0.82], "cannot keep 11 of 64 patches"),
     (["--batch_size", 16, "--max_device_batch_size", 6], "not divisible by --max_device_batch_size 6"),
-], ids=["ratio-above-1", "ratio-0", "patch-size", "width-heads", "decoder-width-heads", "block-ratio", "grid-ratio", "micro-batch"])
+    (["--batch_size", 1024, "--max_device_batch_size", 8], "--batch_size 1024 is larger than the 80 training images"),
+], ids=["ratio-above-1", "ratio-0", "patch-size", "width-heads", "decoder-width-heads", "block-ratio", "grid-ratio",
+        "micro-batch", "batch-above-data"])
 def test_bad_settings_fail_with_one_line(tmp_path, mae_argv, cli_error, extra, message, monkeypatch):
     def data_must_not_load(*args, **kwargs):  # shapes and ratios are judged before the data set loads
         raise AssertionError("the data set was loaded before the error")

@@ -309,7 +309,8 @@ def test_sweep_restarts_where_it_stopped_and_summarizes(tiny_image_folder, tmp_p
     (["--finetune_args=--mixup nan"], "ft_dd1_random_mr0.75_ep2_s0: train_classifier.py: error: argument --mixup"),
     (["--pretrain_args=--bogus 3"], "unrecognized arguments: --bogus 3"),
     (["--decoder_depth", "1", "--mask_strategy", "grid", "--mask_ratio", "0.3"], "grid masking cannot keep"),
-], ids=["finetune-option", "unknown-option", "grid-ratio"])
+    (["--finetune_batch_size", "1024"], "--batch_size 1024 is larger than the 80 training images"),
+], ids=["finetune-option", "unknown-option", "grid-ratio", "finetune-batch-above-data"])
 def test_options_a_run_would_refuse_stop_the_sweep_before_anything_runs(tiny_image_folder, tmp_path, capfd,
                                                                          in_process, extra, expected):
     argv = [*STUDY, "--data_dir", str(tiny_image_folder), "--log_dir", str(tmp_path / "logs"), *extra]

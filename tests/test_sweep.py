@@ -343,7 +343,8 @@ def test_a_second_copy_of_a_running_sweep_is_refused_before_any_run(tiny_image_f
 
 
 def test_check_args_of_a_real_script_process(tiny_image_folder, tmp_path):
-    base = ["--data_dir", str(tiny_image_folder), "--log_dir", str(tmp_path / "logs"), "--device", "cpu"]
+    base = ["--data_dir", str(tiny_image_folder), "--log_dir", str(tmp_path / "logs"), "--device", "cpu",
+            "--batch_size", "16"]  # the default 128 is more than the 80 images: refused too
     code, output = REAL_CHECK([str(sweep.HERE / "train_classifier.py"), *base, "--mixup", "-1", "--check_args"])
     assert code == 2 and "argument --mixup" in output
     assert REAL_CHECK([str(sweep.HERE / "train_classifier.py"), *base, "--check_args"])[0] == 0

@@ -15,7 +15,7 @@ import checks
 import engine
 import run_setup
 import utils
-from data import AUGMENTATIONS, normalize, peek
+from data import AUGMENTATIONS, normalize
 from figures import reconstruction_grid
 from model import MASK_STRATEGIES, ModelConfig, build_mae
 from probe import evaluate_encoder
@@ -85,9 +85,7 @@ def model_config(args, image_size, resumed=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.check_args or not ckpt.resolve_resume(args.resume, args.model_path):  # a new run, before the data loads
-        image_size, _, train_images = peek(args.dataset, args.data_dir)
-        model_config(args, image_size)
-        run_setup.check_batch_fits(args.batch_size, train_images)
+        model_config(args, run_setup.peek_data(args)[0])
     if args.check_args:
         return run_setup.checked(args)
     run = run_setup.start_run(args, [args.model_path])

@@ -11,7 +11,7 @@ import checkpoint as ckpt
 import checks
 import engine
 import utils
-from data import AUGMENTATIONS, GpuLoader, load_dataset
+from data import AUGMENTATIONS, GpuLoader, load_dataset, peek
 from engine import COMPILE_MODES, PRECISIONS, describe_speed_path, largest_fitting_micro_batch, resolve_precision
 from model import ModelConfig
 
@@ -215,6 +215,14 @@ class Run:
         if self.env.is_main and self.locks is None:
             self.locks = [utils.RunLock(self.log_dir).acquire(),
                           *(utils.RunLock.for_file(path).acquire() for path in self.checkpoint_paths)]
+
+
+def peek_data(args):
+    """(image size, number of classes) of the data set without loading it (see data.peek), for the checks a run
+    makes before the data loads; a batch larger than its training set is refused here already."""
+    image_size, classes, train_images = peek(args.dataset, args.data_dir)
+    check_batch_fits(args.batch_size, train_images)
+    return image_size, classes
 
 
 def check_batch_fits(batch_size, train_images, world_size=1):

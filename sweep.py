@@ -256,13 +256,14 @@ def main(argv=None):
     if pending and not args.dry_run and not args.data_dir and (problem := fetch_dataset(args.dataset)):
         say(f"sweep: nothing was started; {problem}")
         return 2
-    lock = utils.RunLock(args.folder, SWEEP_LOCK, f"{args.folder} is being run by another sweep.py with this --name; "
-                         f"wait for it to end, or stop it first") if pending and not args.dry_run else None
-    try:  # a second copy of this sweep would start the runs this one has not reached yet
-        lock = lock and lock.acquire()
-    except utils.UserError as error:
-        say(f"sweep: nothing was started; {error}")
-        return 2
+    lock = None
+    if pending and not args.dry_run:  # a second copy of this sweep would start the runs this one has not reached
+        try:
+            lock = utils.RunLock(args.folder, SWEEP_LOCK, f"{args.folder} is being run by another sweep.py with "
+                                 f"this --name; wait for it to end, or stop it first").acquire()
+        except utils.UserError as error:
+            say(f"sweep: nothing was started; {error}")
+            return 2
     try:
         for number, run in enumerate(runs, 1):
             prefix, (state, detail) = f"[{number}/{len(runs)}] {run.name}:", run_state(run)

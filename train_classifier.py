@@ -19,7 +19,7 @@ import checks
 import engine
 import run_setup
 import utils
-from data import AUGMENTATIONS, GpuLoader, peek, random_erasing
+from data import AUGMENTATIONS, GpuLoader, random_erasing
 from model import ModelConfig, build_classifier, encoder_state_dict
 
 # Fine-tuning a small ViT on CIFAR: crop/flip + RandAugment, mixup/cutmix, label smoothing, layer decay (which only
@@ -182,9 +182,7 @@ def resume(run, config, args, model, optimizer, scheduler, ema):
 
 def main(argv=None):
     args, typed_sizes, last_path = parse_args(argv)
-    image_size, classes, train_images = peek(args.dataset, args.data_dir)  # before the data loads:
-    build_model(args, typed_sizes, image_size, classes)  # the encoder file and the shapes
-    run_setup.check_batch_fits(args.batch_size, train_images)
+    build_model(args, typed_sizes, *run_setup.peek_data(args))  # the encoder file and shapes, before the data loads
     if args.check_args:
         return run_setup.checked(args)
     run = run_setup.start_run(args, [last_path, args.output_model_path])

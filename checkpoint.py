@@ -2,10 +2,11 @@
 
 A checkpoint is a dict that ``torch.load(path, weights_only=True)`` reads:
 ``{"kind": "mae" | "classifier", "model": state_dict, "config": ModelConfig as a dict, "args": vars(args),
-"epoch": ..., "optimizer": ..., "scheduler": ..., "rng": ...}``. Older checkpoints without ``config`` (and the
+"epoch": ..., "optimizer": ..., "rng": ...}``, plus ``"position"`` when a stop ended an epoch early. Older checkpoints without ``config`` (and the
 reference's pickled modules, behind ``--trust_checkpoint``) are rebuilt from their weights' shapes.
 """
 import contextlib
+import io
 import math
 import os
 import pickle
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from engine import EpochPosition
 from model import ModelConfig, build_classifier, build_mae, encoder_state_dict
 from utils import UserError, first_line
 
@@ -56,6 +58,11 @@ def to_host(value):
     if isinstance(value, (list, tuple)):
         return type(value)(to_host(v) for v in value)
     return value
+
+
+def save_to_memory(state):
+    """What a save costs, without a file: the host copy and the serialisation (for --time_budget's trial)."""
+    torch.save(to_host(state), io.BytesIO())
 
 
 class CheckpointWriter:
@@ -264,49 +271,96 @@ def resolve_resume(resume, checkpoint_path):
     return resume
 
 
-def training_state(kind, model, config, optimizer, scheduler, epoch, args, **extra):
-    """Everything a run needs to continue exactly where it stopped; loadable with ``weights_only=True``."""
-    return {"kind": kind, "model": model.state_dict(), "config": config.to_dict(), "args": vars(args),
-            "epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": rng_state(), **extra}
+def training_state(kind, model, config, optimizer, epoch, args, position=None, **extra):
+    """Everything a run needs to continue exactly where it stopped; loadable with ``weights_only=True``.
 
-
-def check_resume_settings(checkpoint, config, args, fixed, source):
-    """Refuse to resume with another model or another data set / objective; report harmless changes.
-
-    ``fixed`` names the arguments that define the run (the data, the objective); a change to the architecture
-    or to one of those is one error line with the differences. Other changes (more epochs, another eval batch
-    size) are allowed and printed.
+    ``epoch`` counts finished epochs; ``position`` (engine.EpochPosition) is where a stop ended the next one.
+    The learning-rate schedule is not saved: it is computed from the resumed command's flags (EpochSchedule).
     """
-    saved_config, saved_args = checkpoint["config"].to_dict(), checkpoint.get("args", {})
-    changed = [f"{k}: {saved_config.get(k)!r} -> {v!r}" for k, v in config.to_dict().items()
-               if saved_config.get(k) != v]
-    changed += [f"--{k}: {saved_args.get(k)!r} -> {getattr(args, k)!r}" for k in fixed
-                if k in saved_args and saved_args.get(k) != getattr(args, k)]
+    return {"kind": kind, "model": model.state_dict(), "config": config.to_dict(), "args": vars(args),
+            "epoch": epoch, "optimizer": optimizer.state_dict(), "rng": rng_state(),
+            "position": position.to_dict() if position else None, **extra}
+
+
+# Flags that say where or how a run executes, not what it trains: never taken from the checkpoint, never a change.
+RUNTIME_FLAGS = {"resume", "run_name", "log_dir", "device", "image_size", "threads", "check_args", "overwrite",
+                 "trust_checkpoint", "typed", "no_compile", "compile_mode", "precision", "deterministic",
+                 "save_every", "save_minutes", "max_device_batch_size", "model_path", "output_model_path"}
+
+
+# The data is loaded before the checkpoint is read: these must match whether typed or not.
+LOADED_FIRST = ("dataset", "data_dir")
+
+
+def check_resume_model(checkpoint, config, source):
+    """A resumed run must build the model its checkpoint holds: one error line lists the differences."""
+    saved = checkpoint["config"].to_dict()
+    changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in config.to_dict().items() if saved.get(k) != v]
+    if changed:
+        raise UserError(f"cannot resume {source} with another model ({'; '.join(changed)}); use the run's own "
+                        f"settings, or start a new run with --run_name NAME")
+
+
+def settle_resume_settings(checkpoint, args, fixed, source):
+    """Decide, flag by flag, what a resumed run trains with, so that it trains as its command line says.
+
+    - The model (checked apart, once it is built: check_resume_model), and the ``fixed`` flags (the data, the objective, the seed whose random streams the checkpoint
+      restores), may not change: one error line lists the differences.
+    - A flag left off the command line continues with the run's own value: ``--resume auto`` alone continues
+      the run as it was (its schedule, its time-budget plan).
+    - A flag typed with another value (``args.typed``) is applied from the resumed epoch (the learning-rate
+      schedule is recomputed from it) and the changes are printed in one line.
+    - ``--batch_size`` may not change in the middle of an epoch: the position there is counted in batches.
+    """
+    saved_args, typed = checkpoint.get("args", {}), set(getattr(args, "typed", ()))
+    changed = [f"--{k}: {saved_args.get(k)!r} -> {getattr(args, k)!r}" for k in fixed
+                if k in saved_args and (k in typed or k in LOADED_FIRST) and saved_args.get(k) != getattr(args, k)]
+    if "time_budget" in typed and saved_args.get("time_budget") != args.time_budget:
+        changed.append(f"--time_budget: {saved_args.get('time_budget')!r} -> {args.time_budget!r} (a resumed run "
+                       f"keeps its length, {saved_args.get('total_epoch')} epochs; change it with --total_epoch)")
+    if checkpoint.get("position") and "batch_size" in typed and saved_args.get("batch_size") != args.batch_size:
+        changed.append(f"--batch_size: {saved_args.get('batch_size')!r} -> {args.batch_size!r} (it stopped in "
+                       f"the middle of an epoch; resume with its batch size, then change it)")
     if changed:
         raise UserError(f"cannot resume {source} with other settings ({'; '.join(changed)}); use the run's own "
                         f"settings, or start a new run with --run_name NAME")
-    ignore = {"resume", "run_name", "log_dir", "device", "image_size"}
-    harmless = [f"--{k} {saved_args[k]!r} -> {v!r}" for k, v in vars(args).items()
-                if k in saved_args and k not in ignore and saved_args[k] != v]
-    if harmless:
-        print(f"resuming {source} with changed settings: {', '.join(harmless)}")
+    applied = []
+    for key, saved in saved_args.items():
+        if key in RUNTIME_FLAGS or not hasattr(args, key) or saved == getattr(args, key):
+            continue
+        if key in typed:
+            applied.append(f"--{key} {saved!r} -> {getattr(args, key)!r}")
+        else:
+            setattr(args, key, saved)  # left out: the run's own value
+    if "total_epoch" in typed and getattr(args, "time_budget", None):
+        args.time_budget = None  # a new length was typed: the run is no longer planned by its budget
+    if applied:
+        print(f"resuming {source} from epoch {checkpoint['epoch'] + 1} with changed settings, applied from there: "
+              f"{', '.join(applied)}")
+    return applied
 
 
-def restore_training_state(checkpoint, kind, model, optimizer, scheduler, source):
-    """Load a ``training_state`` checkpoint; returns the number of finished epochs."""
+def restore_training_state(checkpoint, kind, model, optimizer, source):
+    """Load a ``training_state`` checkpoint -> (finished epochs, the position inside the next one or None).
+
+    The optimizer's moments and step counts are restored; its hyperparameters (lr, weight decay, betas) stay
+    those this command built it with, so a changed flag is applied, not overwritten by the saved value.
+    """
     if checkpoint.get("kind") != kind or "optimizer" not in checkpoint:
         raise UserError(f"cannot resume from {source}: it is a {checkpoint.get('kind')} checkpoint without "
                         f"optimizer state, not a {kind} run's checkpoint")
     load_weights(model, checkpoint["model"], source)
+    wanted = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     try:
         optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
     except (ValueError, KeyError) as error:
         raise UserError(f"cannot resume from {source}: its optimizer state does not fit this run "
                         f"({first_line(error)})") from None
+    for group, settings in zip(optimizer.param_groups, wanted):
+        group.update(settings)
     set_rng_state(checkpoint["rng"])
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank:  # only rank 0's streams are saved: the others get their own again, fixed by (rank, epoch)
         torch.manual_seed(rank * 1_000_003 + checkpoint["epoch"])
-    return checkpoint["epoch"]
+    position = checkpoint.get("position")
+    return checkpoint["epoch"], EpochPosition(**position) if position else None

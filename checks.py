@@ -45,6 +45,7 @@ OPEN_UNIT = ranged(float, 0, 1, low_open=True, high_open=True)
 SEED = ranged(int, 0, 2 ** 32 - 1)  # numpy's range
 MAX_EPOCHS = 10 ** 6  # beyond any real schedule: a typo, not a plan
 EPOCHS = ranged(int, 1, MAX_EPOCHS)
+BUDGET_MINUTES = ranged(float, 0, 7 * 24 * 60, low_open=True)  # a week: beyond it, a typo (seconds?), not a plan
 
 
 def path_text(text):

@@ -321,8 +321,12 @@ class GpuLoader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self):
+        return self.starting_at(0)
+
+    def starting_at(self, first_batch):
+        """The epoch's batches from ``first_batch`` on: a run resumed mid-epoch continues the same order."""
         order = self.indices()
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
+        for start in range(first_batch * self.batch_size, len(self) * self.batch_size, self.batch_size):
             index = order[start:start + self.batch_size]
             images = self.images[index]
             if self.augment is not None:

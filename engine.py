@@ -5,6 +5,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -127,19 +128,50 @@ class NonFiniteLoss(UserError):
     pass
 
 
-def train_epoch(step, batches, optimizer, accum_steps, model, progress=None, after_step=None, scaler=None):
+@dataclass
+class EpochPosition:
+    """Where a stopped epoch stands: the optimizer steps it finished and the sums of its micro-batches so far
+    (summed over all processes), so that a resumed epoch continues the same data order and logs the same loss."""
+    optimizer_steps: int
+    micro_batches: int  # per process
+    images_seen: int  # per process
+    sums: list  # [loss, *extras], over all processes
+
+    def to_dict(self):
+        return asdict(self)
+
+
+@dataclass
+class EpochResult:
+    loss: float = None
+    extras: list = None
+    images_seen: int = 0
+    stopped_at: EpochPosition = None  # set when a stop request ended the epoch early
+
+    def __iter__(self):  # (loss, extras, images_seen), as callers unpack a finished epoch
+        return iter((self.loss, self.extras, self.images_seen))
+
+
+def train_epoch(step, batches, optimizer, accum_steps, model, progress=None, after_step=None, scaler=None,
+                start=None, stop=None):
     """One pass over ``batches``; ``step(images, labels)`` returns (loss, *extra sums) for one micro-batch.
 
     Gradients of ``accum_steps`` micro-batches are averaged before each optimizer step, so a large batch split
     across micro-batches gives the same update as the whole batch. Sums stay on the device: no sync per step.
     ``after_step()``, if given, runs after every optimizer step (e.g. to update an EMA of the weights);
-    ``scaler`` is the fp16 gradient scaler. Returns the per-micro-batch mean loss, the extra sums, and the
-    number of images seen by this process.
+    ``scaler`` is the fp16 gradient scaler. ``stop()`` is asked after every optimizer step but the last: when it
+    says so the epoch ends there, and the result's ``stopped_at`` says where; ``start`` (such a position)
+    continues that epoch. Returns an EpochResult: the per-micro-batch mean loss, the extra sums, and the number
+    of images seen by all processes.
     """
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-    loss_sum, extra_sums, micro_batches, images_seen = 0.0, None, 0, 0
+    begin = start.micro_batches if start else 0
+    loss_sum, extra_sums, micro_batches, images_seen = 0.0, None, begin, start.images_seen if start else 0
+    if start and is_main_process():  # the other processes' share of the sums is in rank 0's saved totals
+        loss_sum, *extra_sums = (torch.tensor(v) for v in start.sums)
+        extra_sums = extra_sums or None
     usable = len(batches) // accum_steps * accum_steps  # an incomplete optimizer step at the end is skipped
-    for i, (images, labels) in enumerate(batches):
+    for i, (images, labels) in enumerate(batches.starting_at(begin) if begin else batches, start=begin):
         if i >= usable:
             break
         sync = (i + 1) % accum_steps == 0
@@ -163,6 +195,9 @@ def train_epoch(step, batches, optimizer, accum_steps, model, progress=None, aft
         images_seen += len(labels)
         if progress is not None:
             progress.update(1)
+        if sync and stop is not None and i + 1 < usable and stop():
+            sums = all_reduce_sum(torch.stack([loss_sum, *(extra_sums or [])]).detach().float()).tolist()
+            return EpochResult(stopped_at=EpochPosition((i + 1) // accum_steps, micro_batches, images_seen, sums))
     if micro_batches == 0:
         raise UserError(f"an epoch has fewer images than one optimizer step needs ({accum_steps} micro-batches)")
     totals = all_reduce_sum(torch.stack([loss_sum, *(extra_sums or [])]).detach()).tolist()  # the one sync
@@ -171,7 +206,11 @@ def train_epoch(step, batches, optimizer, accum_steps, model, progress=None, aft
     if not math.isfinite(mean_loss):
         raise NonFiniteLoss(f"the training loss became {mean_loss}; stopping. The last checkpoint (from before "
                             f"this epoch) is kept; try a lower --base_learning_rate")
-    return mean_loss, totals[1:], images_seen * world
+    return EpochResult(mean_loss, totals[1:], images_seen * world)
+
+
+def is_main_process():
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 @torch.no_grad()
@@ -195,6 +234,26 @@ def evaluate(model, loader, device, precision, forward=None):
 def warmup_cosine(warmup_epoch, total_epoch):
     """The reference's per-epoch schedule: linear warm-up, then a half cosine to zero."""
     return lambda epoch: min((epoch + 1) / (warmup_epoch + 1e-8), 0.5 * (math.cos(epoch / total_epoch * math.pi) + 1))
+
+
+class EpochSchedule:
+    """The learning rate of every epoch: each parameter group's peak lr (as the optimizer was built from this
+    command's flags) times the warm-up / cosine factor of this command's --warmup_epoch and --total_epoch.
+
+    It is computed, not restored: a run resumed with a longer schedule or another learning rate trains each
+    remaining epoch with exactly the lr an uninterrupted run with the new settings would have used.
+    """
+
+    def __init__(self, optimizer, warmup_epoch, total_epoch):
+        self.optimizer = optimizer
+        self.peaks = [group["lr"] for group in optimizer.param_groups]
+        self.factor = warmup_cosine(warmup_epoch, total_epoch)
+
+    def set_epoch(self, epoch):
+        """Set the lr of epoch ``epoch`` (1 = the first); returns the largest group's lr, the one logged."""
+        for group, peak in zip(self.optimizer.param_groups, self.peaks):
+            group["lr"] = peak * self.factor(epoch - 1)
+        return max(group["lr"] for group in self.optimizer.param_groups)
 
 
 def progress_bar(total_steps, initial, enabled):
@@ -245,25 +304,42 @@ class EpochTimer:
 
 
 class StopFlag:
-    """SIGINT / SIGTERM ask the run to finish its epoch, save and exit; a second signal quits at once.
+    """SIGINT / SIGTERM ask the run to stop at the next optimizer step, save and exit; a second signal quits at
+    once.
 
-    ``exit_code`` is what the script then exits with (130 for SIGINT, 143 for SIGTERM, as shells report them),
-    so that ``pretrain && finetune`` does not go on with a half-trained encoder.
+    ``poll()`` runs after every optimizer step. One process reads its own flag (no sync); under torchrun the
+    processes agree every ``agree_every`` steps with one tiny all-reduce, so they all stop at the same step
+    and none waits on a collective the others never reach. ``exit_code`` is what the script then exits with
+    (130 for SIGINT, 143 for SIGTERM, as shells report them), so that ``pretrain && finetune`` does not go on
+    with a half-trained encoder.
     """
 
-    def __init__(self):
+    def __init__(self, device=None, agree_every=10):
         self.requested = False
         self.exit_code = 0
+        self.device, self.agree_every, self.steps = device, agree_every, 0
 
     def install(self):
         signal.signal(signal.SIGINT, self._handle)
         signal.signal(signal.SIGTERM, self._handle)
         return self
 
+    def poll(self):
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return self.requested
+        self.steps += 1
+        if self.steps % self.agree_every:
+            return False
+        flag = torch.tensor([float(self.requested)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and not self.requested:  # another process was signalled: exit as it will
+            self.requested, self.exit_code = True, 143
+        return bool(flag.item())
+
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
         self.exit_code = 128 + signum
-        print(f"\n{signal.Signals(signum).name}: finishing this epoch, saving, then exiting "
+        print(f"\n{signal.Signals(signum).name}: stopping at the next optimizer step, saving, then exiting "
               f"(send it again to quit now)", file=sys.stderr)

@@ -10,6 +10,7 @@ import argparse
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+import budget
 import checkpoint as ckpt
 import checks
 import engine
@@ -82,6 +83,28 @@ def model_config(args, image_size, resumed=None):
     return config
 
 
+def measure_costs(args, run, config, step, model, optimizer, train_model, scaler, fixed_images, steps_per_epoch):
+    """--time_budget's trial (budget.py): a few optimizer steps, the monitors this run logs and a save, timed."""
+    device = run.env.device
+
+    def train_steps(batches, hook):
+        engine.train_epoch(step, batches, optimizer, run.accum_steps, train_model, after_step=hook, scaler=scaler)
+
+    def monitor():
+        evaluate_encoder(model.encoder, run.train_set, run.test_set, device, args.knn_k, args.knn_pool,
+                         args.probe_epochs, run.precision)
+
+    with budget.Trial([model], optimizer, scaler):
+        step_seconds = budget.time_steps(train_steps, budget.trial_batches(run.loader, run.accum_steps, 6),
+                                         run.accum_steps, device)
+        image = budget.timed(lambda: reconstruction_grid(model, fixed_images), device)
+        knn = budget.timed(monitor, device) if args.knn_every and run.env.is_main else 0.0
+        save = budget.timed(lambda: ckpt.save_to_memory(ckpt.training_state("mae", model, config, optimizer, 0,
+                                                                              args)), device)
+    periodic = [(image, args.image_every)] + ([(knn, args.knn_every)] if knn else [])
+    return budget.Costs(step_seconds, steps_per_epoch, periodic=tuple(periodic), final=image + knn + save)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.check_args or not ckpt.resolve_resume(args.resume, args.model_path):  # a new run, before the data loads
@@ -91,18 +114,18 @@ def main(argv=None):
     run = run_setup.start_run(args, [args.model_path])
     env, device = run.env, run.env.device
     resumed = ckpt.load_checkpoint(run.resume_path, kind="mae", option="--resume") if run.resume_path else None
+    if resumed:  # flags left out continue with the run's own values; typed ones are applied (or refused)
+        run_setup.settle_resume(run, resumed, args, ("dataset", "data_dir", "norm_pix_loss"))
     config = model_config(args, args.image_size, resumed and resumed["config"])
+    if resumed:
+        ckpt.check_resume_model(resumed, config, run.resume_path)
     model = build_mae(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.base_learning_rate * args.batch_size / 256,
                                   betas=(0.9, 0.95), weight_decay=args.weight_decay, fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, engine.warmup_cosine(args.warmup_epoch,
-                                                                                   args.total_epoch))
-    done = 0
-    if resumed:
-        done = run_setup.restore_run(run, resumed, config, args, ("dataset", "data_dir", "norm_pix_loss"), model,
-                                     optimizer, scheduler)
-        if run_setup.finished_already(run, done, args.total_epoch):
-            return utils.cleanup_distributed()
+    done, position = ckpt.restore_training_state(resumed, "mae", model, optimizer, run.resume_path) \
+        if resumed else (0, None)
+    if resumed and run_setup.finished_already(run, done, args.total_epoch):
+        return utils.cleanup_distributed()
     train_model = DistributedDataParallel(model) if env.world_size > 1 else model
     eager_step = engine.make_pretrain_step(train_model, device, run.precision, config.patch_size, args.norm_pix_loss)
     step = engine.maybe_compile(eager_step, device, not args.no_compile, args.compile_mode)
@@ -110,31 +133,39 @@ def main(argv=None):
         eager_step, model, run.train_set.images.shape[1:], 1, device))
     scaler = engine.grad_scaler(device, run.precision)
     fixed_images = normalize(run.test_set.images[:16].to(device))  # the reference's 16 validation images
-    steps_per_epoch = len(run.loader) // run.accum_steps * run.accum_steps
+    steps_per_epoch = len(run.loader) // run.accum_steps
+    if args.time_budget and not resumed:
+        run_setup.plan_budget(run, args, measure_costs(args, run, config, step, model, optimizer, train_model,
+                                                       scaler, fixed_images, steps_per_epoch))
+    schedule = engine.EpochSchedule(optimizer, args.warmup_epoch, args.total_epoch)
     book = run_setup.Bookkeeping(run, args, ["loss", "lr", "seconds", "images_per_s", "compile_seconds", "knn_acc",
-                                             "probe_acc"], done, steps_per_epoch)
+                                             "probe_acc"], done, steps_per_epoch * run.accum_steps, position)
     for epoch in range(done + 1, args.total_epoch + 1):
         run.loader.set_epoch(epoch)
+        lr = schedule.set_epoch(epoch)
         model.train()
         first = epoch == done + 1  # this process's first epoch holds the compilation: timed apart
         with engine.EpochTimer(device) as timer:
-            loss, _, images_seen = engine.train_epoch(step, run.loader, optimizer, run.accum_steps, train_model,
-                                                      book.bar, timer.after_step() if first else None, scaler)
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        book.bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}")
+            result = engine.train_epoch(step, run.loader, optimizer, run.accum_steps, train_model, book.bar,
+                                        book.first_epoch_hook(timer) if first else None, scaler,
+                                        position if first else None, book.stop.poll)
+        if result.stopped_at:  # a stop signal: save where this epoch stands, then exit
+            book.save_now(args.model_path, ckpt.training_state("mae", model, config, optimizer, epoch - 1, args,
+                                                               result.stopped_at, run_dir=str(run.log_dir)))
+            break
+        book.bar.set_postfix(epoch=epoch, loss=f"{result.loss:.4f}")
         monitor = {}
         if env.is_main and args.knn_every and (epoch % args.knn_every == 0 or epoch == args.total_epoch):
             monitor = evaluate_encoder(model.encoder, run.train_set, run.test_set, device, args.knn_k,
                                        args.knn_pool, args.probe_epochs, run.precision)
-        book.logger.log(epoch, loss=loss, lr=lr, seconds=timer.seconds, **monitor,
-                        images_per_s=timer.steady_rate(images_seen, args.batch_size),
+        book.logger.log(epoch, loss=result.loss, lr=lr, seconds=timer.seconds, **monitor,
+                        images_per_s=timer.steady_rate(result.images_seen, args.batch_size),
                         compile_seconds=timer.first_step_seconds if first and not args.no_compile else None)
         if env.is_main and (epoch % args.image_every == 0 or epoch in (1, args.total_epoch)):
             book.logger.add_image("mae_image", reconstruction_grid(model, fixed_images), epoch)
         if book.save_due(epoch):
-            book.writer.save(args.model_path, ckpt.training_state("mae", model, config, optimizer, scheduler, epoch,
-                                                                  args, run_dir=str(run.log_dir)))
+            book.writer.save(args.model_path, ckpt.training_state("mae", model, config, optimizer, epoch, args,
+                                                                  run_dir=str(run.log_dir)))
         if book.stopping:
             break
     return book.finish()

@@ -1,5 +1,6 @@
 """How a training run starts, the same for both training scripts: the shared options and their checks, then
 seed, device, run folder and lock, the data and its loader, and the rules that keep other runs' files safe."""
+import argparse
 import sys
 import time
 from dataclasses import dataclass
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+import budget
 import checkpoint as ckpt
 import checks
 import engine
@@ -37,6 +39,10 @@ def add_schedule_arguments(p, batch_size, max_device_batch_size, base_learning_r
                    help="lr = base * batch_size / 256")
     p.add_argument("--weight_decay", type=checks.NONNEGATIVE_FLOAT, default=0.05)
     p.add_argument("--total_epoch", type=checks.EPOCHS, default=total_epoch)
+    p.add_argument("--time_budget", type=checks.BUDGET_MINUTES, default=None, metavar="MINUTES",
+                   help="instead of --total_epoch: time the run's cost first, then train as many epochs as end "
+                        "within this many minutes from the start of the process (saved, so the run reproduces "
+                        "with --total_epoch and resumes with its plan)")
     p.add_argument("--warmup_epoch", type=checks.ranged(int, 0, checks.MAX_EPOCHS), default=warmup_epoch,
                    help="at most --total_epoch")
 
@@ -44,12 +50,36 @@ def add_schedule_arguments(p, batch_size, max_device_batch_size, base_learning_r
 def parse_with_presets(parser, argv, **presets):
     """Parse twice: a named preset (``preset=PRESETS`` for ``--preset``) replaces the defaults, and what the user
     typed still wins. Returns the final arguments and the first parse (the flags as typed, no preset)."""
+    argv = sys.argv[1:] if argv is None else argv
+    on_command_line = options_typed(parser, argv)
     typed = parser.parse_known_args(argv)[0]
     for option, table in presets.items():
-        parser.set_defaults(**table.get(getattr(typed, option), {}))
+        chosen = table.get(getattr(typed, option), {})
+        parser.set_defaults(**chosen)
+        if option in on_command_line:  # a typed preset's values count as typed (they change a resumed run)
+            on_command_line |= set(chosen)
     args = parser.parse_args(argv)
-    fit_warmup(parser, args, sys.argv[1:] if argv is None else argv)
+    args.typed = sorted(on_command_line)
+    if getattr(args, "time_budget", None) and "total_epoch" in on_command_line:
+        parser.error(f"argument --time_budget: {args.time_budget} cannot be combined with --total_epoch "
+                     f"{args.total_epoch}: the budget plans the number of epochs; give one of the two")
+    if getattr(args, "time_budget", None):  # its warm-up is planned with its length, as this share
+        args.warmup_share = parser.get_default("warmup_epoch") / parser.get_default("total_epoch")
+    else:
+        fit_warmup(parser, args, argv)
     return args, typed
+
+
+def options_typed(parser, argv):
+    """The destinations of the options on the command line (not those left at a default or preset value)."""
+    saved = [(action, action.default) for action in parser._actions]
+    for action, _ in saved:
+        action.default = argparse.SUPPRESS  # an option left out then sets no attribute at all
+    try:
+        return set(vars(parser.parse_known_args(argv)[0]))
+    finally:
+        for action, default in saved:
+            action.default = default
 
 
 def fit_warmup(parser, args, argv):
@@ -172,14 +202,37 @@ def check_shapes(config, decoder=False):
 
 class Bookkeeping:
     """What a training loop keeps beside the model: the locked run folder, logger, progress bar, background
-    checkpoint writer, save schedule and graceful stop."""
+    checkpoint writer, save schedule, graceful stop, and a budgeted run's record of its plan and wall time."""
 
-    def __init__(self, run, args, fields, done, steps_per_epoch):
+    def __init__(self, run, args, fields, done, steps_per_epoch, position=None, after_step=None):
         run.lock_folder()  # before the first file this run writes
-        self.is_main, self.total_epoch, self.stopping = run.env.is_main, args.total_epoch, False
+        self.run, self.is_main, self.total_epoch, self.stopping = run, run.env.is_main, args.total_epoch, False
         self.logger = utils.RunLogger(run.log_dir, fields, done + 1, run.env.is_main)
-        self.writer, self.saves, self.stop = ckpt.CheckpointWriter(), SaveSchedule(args), engine.StopFlag().install()
-        self.bar = engine.progress_bar(args.total_epoch * steps_per_epoch, done * steps_per_epoch, run.env.is_main)
+        self.writer, self.saves = ckpt.CheckpointWriter(), SaveSchedule(args)
+        self.stop = engine.StopFlag(run.env.device).install()
+        done_steps = done * steps_per_epoch + (position.micro_batches if position else 0)
+        self.bar = engine.progress_bar(args.total_epoch * steps_per_epoch, done_steps, run.env.is_main)
+        self.steps_left = (args.total_epoch - done) * steps_per_epoch // run.accum_steps
+        self.budgeted = bool(getattr(args, "time_budget", None))
+        if self.is_main:
+            self._record_plan(done)
+
+    def _record_plan(self, done):
+        """budget.json: written by a budgeted run when it plans, updated with each process's wall time; a new
+        unbudgeted run in the folder removes an older run's."""
+        path = self.run.log_dir / "budget.json"
+        if self.run.plan is not None:
+            budget.write_record(self.run.log_dir, budget.record_of(self.run.plan))
+        elif done == 0 and path.is_file():
+            path.unlink()
+
+    def first_epoch_hook(self, timer, then=None):
+        """The after-step hook of this process's first epoch: times the first step (EpochTimer) and, for a run
+        without a budget, says once if the whole run would take more than a day at the measured speed."""
+        hook = timer.after_step(then)
+        if self.budgeted or not self.is_main:
+            return hook
+        return budget.LongRunCheck(self.steps_left, self.run.env.device, hook)
 
     def save_due(self, epoch, ended_early=False):
         """Whether to save after this epoch (rank 0). A stop signal is read once here, so the save and the exit
@@ -187,13 +240,31 @@ class Bookkeeping:
         self.stopping = self.stop.requested
         return self.saves.due(epoch, self.total_epoch, self.stopping or ended_early) and self.is_main
 
+    def save_now(self, path, state):
+        """A stop in the middle of an epoch: save where it stands (rank 0), and end the run."""
+        self.stopping = True
+        if self.is_main:
+            self.writer.save(path, state)
+
     def finish(self):
         """Wait for the last write, close the logs; the exit code: 130 / 143 after a graceful stop, else 0."""
         self.writer.wait()
         self.bar.close()
         self.logger.close()
+        if self.is_main and self.budgeted:
+            self._record_wall_time()
         utils.cleanup_distributed()
         return self.stop.exit_code if self.stopping else 0
+
+    def _record_wall_time(self):
+        """This process's wall time, beside the budget it planned for (a resumed run adds its own)."""
+        wall = time.monotonic() - budget.process_start()
+        record = budget.read_record(self.run.log_dir)
+        record["wall_seconds"] = [*record.get("wall_seconds", []), round(wall, 2)]
+        budget.write_record(self.run.log_dir, record)
+        minutes = record.get("time_budget_minutes")
+        if minutes:
+            print(f"wall time {wall / 60:.2f} min of the {minutes:g} min budget (process start to exit)")
 
 
 @dataclass
@@ -208,6 +279,8 @@ class Run:
     loader: GpuLoader = None
     accum_steps: int = None
     locks: list = None
+    plan: object = None  # budget.Plan of a --time_budget run, once planned
+    test_loader: GpuLoader = None  # the classifier's evaluation batches
 
     def lock_folder(self):
         """Lock the run folder and the checkpoints it writes (before the first file); held until the process ends,
@@ -282,12 +355,24 @@ def refuse_to_replace(log_dir, checkpoint_paths, overwrite):
                               f"continue that run, another output path, or --overwrite to replace it")
 
 
-def restore_run(run, checkpoint, config, args, fixed, model, optimizer, scheduler):
-    """Continue ``run`` from its loaded checkpoint, once it is known to be this run's, with this run's model and
-    data (``fixed``: the arguments that may not change); returns the number of finished epochs."""
+def settle_resume(run, checkpoint, args, fixed):
+    """Before the model is built: the checkpoint must be this run's, with this run's data (``fixed``: the flags
+    that may not change); flags left out continue with the run's own values, typed ones are applied (see
+    checkpoint.settle_resume_settings)."""
     check_resume_owner(checkpoint, run.log_dir, run.resume_path)
-    ckpt.check_resume_settings(checkpoint, config, args, fixed, run.resume_path)
-    return ckpt.restore_training_state(checkpoint, checkpoint["kind"], model, optimizer, scheduler, run.resume_path)
+    ckpt.settle_resume_settings(checkpoint, args, (*fixed, "seed"), run.resume_path)
+
+
+def plan_budget(run, args, costs):
+    """--time_budget: fix the run's epochs from the trial's measured ``costs`` (budget.py), print the plan in
+    one line and keep it in the arguments, so the checkpoint saves it and --total_epoch N reproduces the run."""
+    typed_warmup = args.warmup_epoch if "warmup_epoch" in args.typed else None
+    elapsed = time.monotonic() - budget.process_start()
+    run.plan = budget.agree(budget.plan_epochs(args.time_budget, elapsed, costs, args.warmup_share, typed_warmup))
+    args.total_epoch, args.warmup_epoch = run.plan.total_epoch, run.plan.warmup_epoch
+    if run.env.is_main:
+        print(run.plan.describe())
+    return run.plan
 
 
 def finished_already(run, done, total_epoch):

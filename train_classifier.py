@@ -14,6 +14,7 @@ from timm.optim import param_groups_layer_decay
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 
+import budget
 import checkpoint as ckpt
 import checks
 import engine
@@ -168,16 +169,38 @@ def batch_regularizers(args, num_classes):
     return prepare, torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
 
 
-def resume(run, config, args, model, optimizer, scheduler, ema):
-    """Restore a run from its last checkpoint -> (finished epochs, best so far, whether --patience ended it)."""
-    path = run.resume_path
-    checkpoint = ckpt.load_checkpoint(path, kind="classifier", option="--resume")
-    done = run_setup.restore_run(run, checkpoint, config, args, FIXED_ON_RESUME, model, optimizer, scheduler)
+def resume(run, checkpoint, model, optimizer, ema):
+    """Restore a run from its last checkpoint -> (finished epochs, position inside the next, best so far)."""
+    done, position = ckpt.restore_training_state(checkpoint, "classifier", model, optimizer, run.resume_path)
     if ema:
         if checkpoint.get("ema") is None:
-            raise utils.UserError(f"cannot resume {path} with --model_ema: it was trained without it")
-        ckpt.load_weights(ema.module, checkpoint["ema"], path)
-    return done, checkpoint["best"], checkpoint.get("stopped_early", False)
+            raise utils.UserError(f"cannot resume {run.resume_path} with --model_ema: it was trained without it")
+        ckpt.load_weights(ema.module, checkpoint["ema"], run.resume_path)
+    return done, position, checkpoint["best"]
+
+
+def measure_costs(args, run, step, model, optimizer, train_model, scaler, ema, evaluations, steps_per_epoch):
+    """--time_budget's trial (budget.py): a few optimizer steps and the per-epoch evaluation, timed.
+
+    ``evaluations`` are the per-epoch test passes (the model's, an EMA's) as functions of a list of batches:
+    timed on a few batches once they are compiled, and scaled to the whole test set."""
+    device, test_batches = run.env.device, list(run.test_loader)
+
+    def train_steps(batches, hook):
+        update = (lambda: (ema.update(model), hook())) if ema else hook
+        engine.train_epoch(step, batches, optimizer, run.accum_steps, train_model, after_step=update, scaler=scaler)
+
+    with budget.Trial([model, ema.module if ema else None], optimizer, scaler):
+        step_seconds = budget.time_steps(train_steps, budget.trial_batches(run.loader, run.accum_steps, 6),
+                                         run.accum_steps, device)
+        sample = test_batches[1:4] or test_batches
+        evaluation = 0.0
+        for evaluate in evaluations:
+            evaluate(test_batches[:1])  # the first call compiles
+            evaluation += budget.timed(lambda: evaluate(sample), device) * len(test_batches) / len(sample)
+        save = budget.timed(lambda: ckpt.save_to_memory({"model": model.state_dict(),
+                                                         "optimizer": optimizer.state_dict()}), device)
+    return budget.Costs(step_seconds, steps_per_epoch, evaluation=evaluation, final=2 * save)
 
 
 def main(argv=None):
@@ -187,20 +210,24 @@ def main(argv=None):
         return run_setup.checked(args)
     run = run_setup.start_run(args, [last_path, args.output_model_path])
     env, device, classes = run.env, run.env.device, run.train_set.classes
-    test_loader = GpuLoader(run.test_set, args.eval_batch_size, device, train=False, rank=env.rank,
-                            world_size=env.world_size)
+    run.test_loader = GpuLoader(run.test_set, args.eval_batch_size, device, train=False, rank=env.rank,
+                                world_size=env.world_size)
+    resumed = ckpt.load_checkpoint(run.resume_path, kind="classifier", option="--resume") if run.resume_path \
+        else None
+    if resumed and resumed.get("stopped_early"):
+        print(f"{run.resume_path} ended early at epoch {resumed['epoch']} (--patience): nothing to resume")
+        return utils.cleanup_distributed()
+    if resumed:  # flags left out continue with the run's own values; typed ones are applied (or refused)
+        run_setup.settle_resume(run, resumed, args, FIXED_ON_RESUME)
     model, config = build_model(args, typed_sizes, args.image_size, len(classes))
+    if resumed:
+        ckpt.check_resume_model(resumed, config, run.resume_path)
     model = model.to(device)
     optimizer = build_optimizer(model, args, fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, engine.warmup_cosine(args.warmup_epoch,
-                                                                                   args.total_epoch))
     ema = ModelEmaV3(model, decay=args.model_ema) if args.model_ema else None
-    done, best, stopped_early = resume(run, config, args, model, optimizer, scheduler, ema) if run.resume_path \
-        else (0, {"val_acc": -1.0, "epoch": 0}, False)
-    if stopped_early:
-        print(f"{run.resume_path} ended early at epoch {done} (--patience): nothing to resume")
-        return utils.cleanup_distributed()
-    if run_setup.finished_already(run, done, args.total_epoch):
+    done, position, best = resume(run, resumed, model, optimizer, ema) if resumed \
+        else (0, None, {"val_acc": -1.0, "epoch": 0})
+    if resumed and run_setup.finished_already(run, done, args.total_epoch):
         return utils.cleanup_distributed()
     train_model = DistributedDataParallel(model) if env.world_size > 1 else model
 
@@ -213,31 +240,45 @@ def main(argv=None):
     scaler = engine.grad_scaler(device, run.precision)
     forward = engine.maybe_compile(model, device, not args.no_compile, args.compile_mode)
     ema_forward = engine.maybe_compile(ema.module, device, not args.no_compile, args.compile_mode) if ema else None
+    evaluations = [lambda batches, m=m, f=f: engine.evaluate(m, batches, device, run.precision, f)
+                   for m, f in ((model, forward), *(((ema.module, ema_forward),) if ema else ()))]
     kept = ema.module if ema else model  # what the best checkpoint holds, chosen by its own accuracy
-    steps_per_epoch = len(run.loader) // run.accum_steps * run.accum_steps
+    steps_per_epoch = len(run.loader) // run.accum_steps
+    if args.time_budget and not resumed:
+        run_setup.plan_budget(run, args, measure_costs(args, run, step, model, optimizer, train_model, scaler, ema,
+                                                       evaluations, steps_per_epoch))
+    schedule = engine.EpochSchedule(optimizer, args.warmup_epoch, args.total_epoch)
     book = run_setup.Bookkeeping(run, args, ["train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
                                              "images_per_s", "compile_seconds",
-                                             *(["val_loss_ema", "val_acc_ema"] if ema else [])], done, steps_per_epoch)
+                                             *(["val_loss_ema", "val_acc_ema"] if ema else [])], done,
+                                 steps_per_epoch * run.accum_steps, position)
+
+    def training_state(epoch, position=None, stopped_early=False):
+        return ckpt.training_state("classifier", model, config, optimizer, epoch, args, position, best=best,
+                                   classes=classes, stopped_early=stopped_early, run_dir=str(run.log_dir),
+                                   ema=ema.module.state_dict() if ema else None)
+
     for epoch in range(done + 1, args.total_epoch + 1):
         run.loader.set_epoch(epoch)
+        lr = schedule.set_epoch(epoch)  # with layer decay: the head's, the largest
         model.train()
         first = epoch == done + 1  # this process's first epoch holds the compilation: timed apart
         with engine.EpochTimer(device) as timer:
             update_ema = (lambda: ema.update(model)) if ema else None
-            train_loss, (correct,), images_seen = engine.train_epoch(
-                step, run.loader, optimizer, run.accum_steps, train_model, book.bar,
-                timer.after_step(update_ema) if first else update_ema, scaler)
-        lr = max(group["lr"] for group in optimizer.param_groups)  # with layer decay: the head's, the largest
-        scheduler.step()
-        scores = dict(zip(("val_loss", "val_acc"), engine.evaluate(model, test_loader, device, run.precision,
-                                                                   forward)))
+            result = engine.train_epoch(step, run.loader, optimizer, run.accum_steps, train_model, book.bar,
+                                        book.first_epoch_hook(timer, update_ema) if first else update_ema, scaler,
+                                        position if first else None, book.stop.poll)
+        if result.stopped_at:  # a stop signal: save where this epoch stands, then exit
+            book.save_now(last_path, training_state(epoch - 1, result.stopped_at))
+            break
+        (correct,) = result.extras
+        scores = dict(zip(("val_loss", "val_acc"), evaluations[0](run.test_loader)))
         if ema:
-            scores.update(zip(("val_loss_ema", "val_acc_ema"), engine.evaluate(ema.module, test_loader, device,
-                                                                               run.precision, ema_forward)))
-        book.bar.set_postfix(epoch=epoch, loss=f"{train_loss:.4f}", val_acc=f"{scores['val_acc']:.4f}")
-        book.logger.log(epoch, train_loss=train_loss, train_acc=correct / images_seen, lr=lr, seconds=timer.seconds,
-                        images_per_s=timer.steady_rate(images_seen, args.batch_size), **scores,
-                        compile_seconds=timer.first_step_seconds if first and not args.no_compile else None)
+            scores.update(zip(("val_loss_ema", "val_acc_ema"), evaluations[1](run.test_loader)))
+        book.bar.set_postfix(epoch=epoch, loss=f"{result.loss:.4f}", val_acc=f"{scores['val_acc']:.4f}")
+        book.logger.log(epoch, train_loss=result.loss, train_acc=correct / result.images_seen, lr=lr,
+                        seconds=timer.seconds, images_per_s=timer.steady_rate(result.images_seen, args.batch_size),
+                        compile_seconds=timer.first_step_seconds if first and not args.no_compile else None, **scores)
         kept_acc = scores["val_acc_ema" if ema else "val_acc"]
         if kept_acc > best["val_acc"]:
             best = {"val_acc": kept_acc, "epoch": epoch}
@@ -247,10 +288,7 @@ def main(argv=None):
                                                           "epoch": epoch, "val_acc": kept_acc, "classes": classes})
         patience_over = args.patience is not None and epoch - best["epoch"] >= args.patience
         if book.save_due(epoch, ended_early=patience_over):
-            book.writer.save(last_path, ckpt.training_state(
-                "classifier", model, config, optimizer, scheduler, epoch, args, best=best, classes=classes,
-                stopped_early=patience_over, ema=ema.module.state_dict() if ema else None,
-                run_dir=str(run.log_dir)))
+            book.writer.save(last_path, training_state(epoch, stopped_early=patience_over))
         if patience_over:
             print(f"\nval accuracy has not improved for {args.patience} epochs (best {best['val_acc']:.4f} at "
                   f"epoch {best['epoch']}); stopping early")

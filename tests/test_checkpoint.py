@@ -16,16 +16,14 @@ TINY = dict(image_size=16, patch_size=2, emb_dim=32, encoder_layer=1, encoder_he
             decoder_head=2)
 
 
-def tiny_training(seed=0):
-    """A model, optimizer and scheduler that have taken one step, so the optimizer holds state."""
+def tiny_training(seed=0, lr=0.1, weight_decay=0.01):
+    """A model and optimizer that have taken one step, so the optimizer holds state."""
     torch.manual_seed(seed)
     model = torch.nn.Linear(3, 2)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, engine.warmup_cosine(2, 10))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     model(torch.randn(4, 3)).pow(2).sum().backward()
     optimizer.step()
-    scheduler.step()
-    return model, optimizer, scheduler
+    return model, optimizer
 
 
 ARGS = argparse.Namespace(seed=1, mask_strategy="block", decoder_emb_dim=None, norm_pix_loss=True, lr=1.5e-4)
@@ -81,9 +79,11 @@ def test_save_checkpoint_replaces_an_older_one(tmp_path):
 
 
 def test_training_state_round_trips_with_weights_only(tmp_path):
-    model, optimizer, scheduler = tiny_training()
+    model, optimizer = tiny_training()
     path = tmp_path / "ckpt.pt"
-    ckpt.save_checkpoint(path, ckpt.training_state("mae", model, ModelConfig(), optimizer, scheduler, 5, ARGS, best_acc=0.5))
+    position = engine.EpochPosition(optimizer_steps=3, micro_batches=6, images_seen=48, sums=[1.5, 7.0])
+    ckpt.save_checkpoint(path, ckpt.training_state("mae", model, ModelConfig(), optimizer, 5, ARGS, position,
+                                                   best_acc=0.5))
     expected_draw = torch.rand(3)  # drawn right after the state was captured
     assert torch.load(path, map_location="cpu", weights_only=True)["epoch"] == 5  # no pickled objects inside
 
@@ -92,21 +92,22 @@ def test_training_state_round_trips_with_weights_only(tmp_path):
     assert checkpoint["args"] == vars(ARGS)
     assert torch.equal(checkpoint["model"]["weight"], model.weight)
 
-    fresh_model, fresh_optimizer, fresh_scheduler = tiny_training(seed=1)
+    fresh_model, fresh_optimizer = tiny_training(seed=1, lr=0.5, weight_decay=0.2)  # a resume with new flags
     torch.rand(10)  # move the generator on
-    epoch = ckpt.restore_training_state(checkpoint, "mae", fresh_model, fresh_optimizer, fresh_scheduler, path)
-    assert epoch == 5
+    epoch, resumed_position = ckpt.restore_training_state(checkpoint, "mae", fresh_model, fresh_optimizer, path)
+    assert epoch == 5 and resumed_position == position
     assert torch.equal(fresh_model.weight, model.weight)
     assert torch.equal(fresh_optimizer.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
-    assert fresh_scheduler.last_epoch == scheduler.last_epoch
+    # The moments are the run's; the hyperparameters are the resuming command's, not the saved ones.
+    assert fresh_optimizer.param_groups[0]["lr"] == 0.5 and fresh_optimizer.param_groups[0]["weight_decay"] == 0.2
     assert torch.equal(torch.rand(3), expected_draw)  # the random streams continue where the run stopped
 
 
 def test_resuming_from_another_kind_of_checkpoint_raises(tmp_path):
-    model, optimizer, scheduler = tiny_training()
+    model, optimizer = tiny_training()
     checkpoint = {"kind": "classifier", "model": model.state_dict()}
     with pytest.raises(UserError, match="cannot resume"):
-        ckpt.restore_training_state(checkpoint, "mae", model, optimizer, scheduler, "x.pt")
+        ckpt.restore_training_state(checkpoint, "mae", model, optimizer, "x.pt")
 
 
 @pytest.mark.parametrize("content", ["truncated", b"this is not a checkpoint at all" * 4,
@@ -251,17 +252,64 @@ def test_config_is_inferred_from_an_older_checkpoints_weights():
     assert model.encoder.pos_embedding.shape == (16, 1, 32)
 
 
-def test_resume_refuses_another_model_and_allows_more_epochs(tmp_path, capsys):
-    from model import ModelConfig
-
-    saved = {"config": ModelConfig(emb_dim=32), "args": {"dataset": "cifar10", "total_epoch": 10}}
-    ckpt.check_resume_settings(saved, ModelConfig(emb_dim=32), argparse.Namespace(dataset="cifar10", total_epoch=20),
-                               ("dataset",), "run.pt")
-    assert "--total_epoch 10 -> 20" in capsys.readouterr().out
+def test_resume_refuses_another_model(tmp_path):
+    saved = {"config": ModelConfig(emb_dim=32), "args": {}}
+    ckpt.check_resume_model(saved, ModelConfig(emb_dim=32), "run.pt")
     with pytest.raises(UserError, match=r"mask_strategy: 'random' -> 'block'"):
-        ckpt.check_resume_settings(saved, ModelConfig(emb_dim=32, mask_strategy="block"),
-                                   argparse.Namespace(dataset="cifar10", total_epoch=10), ("dataset",), "run.pt")
-    with pytest.raises(UserError, match=r"--dataset: 'cifar10' -> 'cifar100'"):
-        ckpt.check_resume_settings(saved, ModelConfig(emb_dim=32), argparse.Namespace(dataset="cifar100",
-                                                                                      total_epoch=10),
-                                   ("dataset",), "run.pt")
+        ckpt.check_resume_model(saved, ModelConfig(emb_dim=32, mask_strategy="block"), "run.pt")
+
+
+def resume_args(typed=(), **values):
+    return argparse.Namespace(**{"dataset": "cifar10", "total_epoch": 10, "base_learning_rate": 1e-3, "seed": 0,
+                                 "time_budget": None, "device": "cpu", **values}, typed=list(typed))
+
+
+SAVED = {"epoch": 4, "args": {"dataset": "cifar10", "total_epoch": 10, "base_learning_rate": 1e-3, "seed": 0,
+                              "time_budget": None, "device": "cpu"}}
+
+
+def test_resume_applies_typed_changes_and_says_so(capsys):
+    args = resume_args(["total_epoch", "base_learning_rate"], total_epoch=20, base_learning_rate=2e-3)
+    assert ckpt.settle_resume_settings(SAVED, args, ("dataset", "seed"), "run.pt") == [
+        "--total_epoch 10 -> 20", "--base_learning_rate 0.001 -> 0.002"]
+    assert args.total_epoch == 20 and args.base_learning_rate == 2e-3
+    assert "from epoch 5 with changed settings, applied from there" in capsys.readouterr().out
+
+
+def test_resume_continues_left_out_flags_with_the_runs_own_values(capsys):
+    args = resume_args(total_epoch=2000, base_learning_rate=1.5e-4, device="cuda")  # defaults, nothing typed
+    assert ckpt.settle_resume_settings(SAVED, args, ("dataset", "seed"), "run.pt") == []
+    assert args.total_epoch == 10 and args.base_learning_rate == 1e-3  # the run's own
+    assert args.device == "cuda"  # where it runs is this command's
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("typed, values, message", [
+    (["dataset"], dict(dataset="cifar100"), r"--dataset: 'cifar10' -> 'cifar100'"),
+    ([], dict(dataset="cifar100"), r"--dataset: 'cifar10' -> 'cifar100'"),  # the data is loaded first: typed or not
+    (["seed"], dict(seed=3), r"--seed: 0 -> 3"),  # the checkpoint restores the run's random streams
+    (["time_budget"], dict(time_budget=5.0), r"keeps its length, 10 epochs; change it with --total_epoch"),
+])
+def test_resume_refuses_what_it_cannot_apply(typed, values, message):
+    with pytest.raises(UserError, match=message):
+        ckpt.settle_resume_settings(SAVED, resume_args(typed, **values), ("dataset", "seed"), "run.pt")
+
+
+def test_a_batch_size_change_is_refused_only_in_the_middle_of_an_epoch():
+    saved = {**SAVED, "args": {**SAVED["args"], "batch_size": 64}}
+    args = resume_args(["batch_size"], batch_size=128)
+    ckpt.settle_resume_settings(saved, args, (), "run.pt")
+    assert args.batch_size == 128
+    with pytest.raises(UserError, match="middle of an epoch"):
+        ckpt.settle_resume_settings({**saved, "position": {"optimizer_steps": 1}},
+                                    resume_args(["batch_size"], batch_size=128), (), "run.pt")
+
+
+def test_typing_a_new_length_ends_a_budgeted_plan():
+    saved = {**SAVED, "args": {**SAVED["args"], "time_budget": 5.0}}
+    args = resume_args(["total_epoch"], total_epoch=30)
+    ckpt.settle_resume_settings(saved, args, (), "run.pt")
+    assert args.total_epoch == 30 and args.time_budget is None
+    kept = resume_args(["time_budget"], time_budget=5.0, total_epoch=2000)
+    ckpt.settle_resume_settings(saved, kept, (), "run.pt")
+    assert kept.total_epoch == 10  # the plan it made

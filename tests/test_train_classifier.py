@@ -33,7 +33,7 @@ def test_finetuning_writes_best_and_last_checkpoints_and_csv(classifier_run, mae
     assert best["val_acc"] == max(val_accs)
     assert best["epoch"] == 1 + val_accs.index(max(val_accs))  # the first epoch that reached the best
     assert best["classes"] == [f"class{i}" for i in range(10)]
-    assert last["epoch"] == 2 and {"optimizer", "scheduler", "rng", "best"} <= set(last)
+    assert last["epoch"] == 2 and {"optimizer", "rng", "best", "position"} <= set(last)
     assert last["best"] == {"val_acc": best["val_acc"], "epoch": best["epoch"]}
     assert last["model"]["head.weight"].shape == (10, 32)
     # The encoder came from the pretraining checkpoint, and fine-tuning moved it.

@@ -1,0 +1,230 @@
+"""Training to a time budget: time the run's cost first, then fix its number of epochs once.
+
+``--time_budget M`` runs a short timed trial before training (the first steps hold the compilation; then a few
+steady optimizer steps, one evaluation and the monitors the run logs), undoes every effect of it on the model,
+the optimizer and the random streams, and plans as many epochs as end within M minutes of the process's start,
+with a warm-up that is the same share of the run as the defaults'. From then on the run is exactly the run
+``--total_epoch N`` would be: the plan is printed, saved in the checkpoint's arguments and in ``budget.json``
+beside the metrics, and kept when the run resumes. Planning by the clock inside the loop would make runs
+irreproducible (see Li, Yumer, Ramanan, "Budgeted Training", ICLR 2020, for schedules that decay to zero at
+the budget's end, as the cosine here does).
+"""
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from utils import UserError
+
+_IMPORTED_AT = time.monotonic()
+SAFETY = 0.02  # of the budget, kept back for what the trial cannot see (the exit, noise between epochs)
+LONG_RUN_SECONDS = 24 * 3600  # a planned run longer than this is said out loud once
+
+
+def process_start():
+    """``time.monotonic()`` at the start of this process (Linux: from /proc, so Python's and torch's imports
+    count against the budget too); elsewhere, when this module was imported."""
+    try:
+        with open("/proc/self/stat") as f:
+            started_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        age = uptime - started_ticks / os.sysconf("SC_CLK_TCK")
+        return time.monotonic() - max(age, 0.0)
+    except (OSError, ValueError, IndexError):
+        return _IMPORTED_AT
+
+
+@dataclass
+class Costs:
+    """What the trial measured, in seconds."""
+    step: float  # one optimizer step (all its micro-batches), compiled and warm
+    steps_per_epoch: int
+    evaluation: float = 0.0  # what every epoch evaluates (the classifier's test pass, an EMA's)
+    periodic: tuple = ()  # (seconds, every N epochs) for the monitors (k-NN, reconstruction images)
+    final: float = 0.0  # the end: the last epoch's monitors and the final save
+
+    @property
+    def epoch(self):
+        return (self.step * self.steps_per_epoch + self.evaluation
+                + sum(seconds / every for seconds, every in self.periodic))
+
+
+@dataclass
+class Plan:
+    budget_minutes: float
+    total_epoch: int
+    warmup_epoch: int
+    epoch_seconds: float
+    evaluation_seconds: float
+    setup_seconds: float  # from the start of the process to the plan: imports, data, compilation, the trial
+    final_seconds: float
+
+    def describe(self):
+        return (f"budget {self.budget_minutes:g} min -> {self.total_epoch} epochs, warm-up {self.warmup_epoch} "
+                f"({self.epoch_seconds:.1f} s/epoch incl. {self.evaluation_seconds:.1f} s evaluation, after "
+                f"{self.setup_seconds:.0f} s of set-up and trial; measured)")
+
+
+def plan_epochs(budget_minutes, elapsed, costs, warmup_share, typed_warmup=None):
+    """The number of epochs whose cost, after ``elapsed`` seconds already spent, ends within the budget.
+
+    ``warmup_share`` is the defaults' warm-up / total (e.g. 200 / 2000); a typed warm-up is kept if it fits.
+    """
+    available = budget_minutes * 60 * (1 - SAFETY) - elapsed - costs.final
+    epochs = math.floor(available / costs.epoch) if costs.epoch > 0 else 0
+    if epochs < 1:
+        raise UserError(f"--time_budget {budget_minutes:g} minutes is too short: the set-up and trial took "
+                        f"{elapsed:.0f} s, one epoch takes {costs.epoch:.1f} s and the end {costs.final:.1f} s "
+                        f"(measured); give a larger budget or a smaller model or data set")
+    if typed_warmup is not None and typed_warmup > epochs:
+        raise UserError(f"--warmup_epoch {typed_warmup} is longer than the {epochs} epochs that "
+                        f"--time_budget {budget_minutes:g} allows; leave it out (the warm-up is then "
+                        f"{warmup_share:.0%} of the run) or give a smaller one")
+    warmup = typed_warmup if typed_warmup is not None else math.floor(epochs * warmup_share)
+    return Plan(budget_minutes, epochs, warmup, costs.epoch, costs.evaluation, elapsed, costs.final)
+
+
+def agree(plan):
+    """Under torchrun every process trains the epochs rank 0 planned (their trials measure alike, not equal)."""
+    if not dist.is_initialized():
+        return plan
+    numbers = torch.tensor([plan.total_epoch, plan.warmup_epoch], dtype=torch.float64,
+                           device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.broadcast(numbers, 0)
+    plan.total_epoch, plan.warmup_epoch = int(numbers[0]), int(numbers[1])
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------ the trial
+
+
+class Trial:
+    """Runs ``measure()`` and then puts back everything it touched: the modules' weights and buffers, the
+    optimizer's state, a gradient scaler's, and every random stream (torch, CUDA, numpy, Python)."""
+
+    def __init__(self, modules, optimizer, scaler=None):
+        self.modules, self.optimizer, self.scaler = [m for m in modules if m is not None], optimizer, scaler
+
+    def __enter__(self):
+        import checkpoint  # here: checkpoint imports engine, which the scripts import before this module
+
+        self.rng = checkpoint.rng_state()
+        self.weights = [copy.deepcopy(m.state_dict()) for m in self.modules]
+        self.optimizer_state = copy.deepcopy(self.optimizer.state_dict())
+        self.scaler_state = copy.deepcopy(self.scaler.state_dict()) if self.scaler else None
+        return self
+
+    def __exit__(self, *exc):
+        import checkpoint
+
+        for module, weights in zip(self.modules, self.weights):
+            module.load_state_dict(weights)
+        self.optimizer.load_state_dict(self.optimizer_state)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler:
+            self.scaler.load_state_dict(self.scaler_state)
+        checkpoint.set_rng_state(self.rng)
+
+
+def time_steps(train_steps, batches, accum_steps, device, warm_steps=2):
+    """Seconds per optimizer step, steady: ``train_steps(batches)`` runs its optimizer steps and calls the
+    returned hook after each; the first ``warm_steps`` (compilation, allocator warm-up) are not counted."""
+    marks = []
+
+    def mark():
+        synchronize(device)
+        marks.append(time.perf_counter())
+
+    train_steps(batches, mark)
+    steady = marks[warm_steps - 1:]
+    if len(steady) < 2:
+        raise UserError("the time-budget trial needs at least 3 optimizer steps in an epoch; use a smaller "
+                        "--batch_size or more data")
+    return (steady[-1] - steady[0]) / (len(steady) - 1)
+
+
+def timed(fn, device):
+    """Seconds ``fn()`` takes, the device's queued work included."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def trial_batches(loader, accum_steps, steps):
+    """The first micro-batches of epoch 1, enough for ``steps`` optimizer steps (fewer if the epoch is short)."""
+    count = min(steps, len(loader) // accum_steps) * accum_steps
+    batches = []
+    for images, labels in loader:
+        if len(batches) == count:
+            break
+        batches.append((images, labels))
+    return batches
+
+
+def write_record(log_dir, record):
+    """``budget.json`` beside the metrics: the plan, and (at the end) the wall time it took."""
+    path = Path(log_dir) / "budget.json"
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"could not write {path} ({error.strerror or error})") from None
+
+
+def read_record(log_dir):
+    try:
+        return json.loads((Path(log_dir) / "budget.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def record_of(plan):
+    return {"time_budget_minutes": plan.budget_minutes, **{k: v for k, v in asdict(plan).items()
+                                                             if k != "budget_minutes"}}
+
+
+def long_run_warning_steps(steps_left, step_seconds):
+    """One line when the run would take more than a day at the measured speed (a CPU running the GPU
+    defaults, say); None otherwise."""
+    seconds = steps_left * step_seconds
+    if seconds <= LONG_RUN_SECONDS:
+        return None
+    return (f"note: at the measured {step_seconds:.2f} s per optimizer step, the {steps_left} steps left take "
+            f"{seconds / 86400:.1f} days on this machine; on a CPU try --preset small, or --time_budget MINUTES "
+            f"to train as much as fits in a given time")
+
+
+class LongRunCheck:
+    """An after-step hook for a process's first epoch: at the second optimizer step (the first holds the
+    compilation) it estimates the run's length once and prints ``long_run_warning``; then it only calls ``then``."""
+
+    def __init__(self, steps_left, device, then=None):
+        self.steps_left, self.device, self.then, self.marks = steps_left, device, then, []
+
+    def __call__(self):
+        if self.then is not None:
+            self.then()
+        if len(self.marks) >= 2:
+            return
+        synchronize(self.device)
+        self.marks.append(time.perf_counter())
+        if len(self.marks) == 2:
+            warning = long_run_warning_steps(self.steps_left, self.marks[1] - self.marks[0])
+            if warning:
+                print(f"\n{warning}", flush=True)

@@ -133,16 +133,23 @@ class Trial:
         checkpoint.set_rng_state(self.rng)
 
 
-def time_steps(train_steps, batches, accum_steps, device, warm_steps=2):
-    """Seconds per optimizer step, steady: ``train_steps(batches)`` runs its optimizer steps and calls the
-    returned hook after each; the first ``warm_steps`` (compilation, allocator warm-up) are not counted."""
+def time_steps(train_steps, batches, device, budget_minutes, warm_steps=2, most_steps=30):
+    """Seconds per optimizer step, steady. ``train_steps(batches, hook, stop)`` runs optimizer steps over
+    ``batches`` (one epoch's first, repeated as needed), calling ``hook`` after each and ending when ``stop()``
+    says so. The first ``warm_steps`` (compilation, allocator warm-up) are not counted; then up to ``most_steps``
+    are timed, but no more than 2 % of the budget's worth once three are in, so a slow model's trial stays short
+    and a fast one's is long enough not to be noise."""
     marks = []
 
     def mark():
         synchronize(device)
         marks.append(time.perf_counter())
 
-    train_steps(batches, mark)
+    def enough():
+        steady = len(marks) - warm_steps
+        return steady >= most_steps or (steady >= 3 and marks[-1] - marks[warm_steps - 1] > budget_minutes * 1.2)
+
+    train_steps(batches * (most_steps + warm_steps), mark, enough)
     steady = marks[warm_steps - 1:]
     if len(steady) < 2:
         raise UserError("the time-budget trial needs at least 3 optimizer steps in an epoch; use a smaller "
@@ -164,7 +171,7 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def trial_batches(loader, accum_steps, steps):
+def trial_batches(loader, accum_steps, steps=6):
     """The first micro-batches of epoch 1, enough for ``steps`` optimizer steps (fewer if the epoch is short)."""
     count = min(steps, len(loader) // accum_steps) * accum_steps
     batches = []

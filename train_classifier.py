@@ -186,13 +186,14 @@ def measure_costs(args, run, step, model, optimizer, train_model, scaler, ema, e
     timed on a few batches once they are compiled, and scaled to the whole test set."""
     device, test_batches = run.env.device, list(run.test_loader)
 
-    def train_steps(batches, hook):
+    def train_steps(batches, hook, stop):
         update = (lambda: (ema.update(model), hook())) if ema else hook
-        engine.train_epoch(step, batches, optimizer, run.accum_steps, train_model, after_step=update, scaler=scaler)
+        engine.train_epoch(step, batches, optimizer, run.accum_steps, train_model, after_step=update, scaler=scaler,
+                           stop=stop)
 
     with budget.Trial([model, ema.module if ema else None], optimizer, scaler):
-        step_seconds = budget.time_steps(train_steps, budget.trial_batches(run.loader, run.accum_steps, 6),
-                                         run.accum_steps, device)
+        step_seconds = budget.time_steps(train_steps, budget.trial_batches(run.loader, run.accum_steps), device,
+                                         args.time_budget)
         sample = test_batches[1:4] or test_batches
         evaluation = 0.0
         for evaluate in evaluations:

@@ -1,0 +1,158 @@
+"""--time_budget: the planning arithmetic (a fake clock), the trial that leaves no trace, and tiny real runs that
+plan, reproduce with --total_epoch, resume with their plan and end within the budget."""
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import budget
+import mae_pretrain
+import train_classifier
+from conftest import REPO, SUBPROCESS_ENV, load_state, read_metrics, run_dirs
+from test_resume_and_stop import same_weights, without
+from utils import UserError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ------------------------------------------------------------------------------------------------ arithmetic
+
+
+def test_the_plan_fits_the_epochs_and_the_end_into_what_is_left():
+    costs = budget.Costs(step=0.5, steps_per_epoch=10, evaluation=1.0, periodic=((2.0, 4),), final=3.0)
+    assert costs.epoch == 0.5 * 10 + 1.0 + 2.0 / 4
+    plan = budget.plan_epochs(1.0, elapsed=10.0, costs=costs, warmup_share=0.25)
+    # 60 s less the safety share, the 10 s already spent and the 3 s end: 45.8 s, 7 epochs of 6.5 s.
+    assert (plan.total_epoch, plan.warmup_epoch) == (7, 1)
+    assert plan.setup_seconds == 10.0 and plan.final_seconds == 3.0
+    assert "budget 1 min -> 7 epochs, warm-up 1" in plan.describe()
+
+
+def test_a_typed_warmup_is_kept_when_it_fits_and_refused_when_not():
+    costs = budget.Costs(step=1.0, steps_per_epoch=1)
+    assert budget.plan_epochs(1.0, 0.0, costs, 0.1, typed_warmup=5).warmup_epoch == 5
+    with pytest.raises(UserError, match="--warmup_epoch 100 is longer than the 58 epochs"):
+        budget.plan_epochs(1.0, 0.0, costs, 0.1, typed_warmup=100)
+
+
+def test_a_budget_too_short_for_one_epoch_is_one_error_line():
+    with pytest.raises(UserError, match="too short: the set-up and trial took 50 s, one epoch takes 20.0 s"):
+        budget.plan_epochs(1.0, elapsed=50.0, costs=budget.Costs(step=2.0, steps_per_epoch=10), warmup_share=0.1)
+
+
+def test_the_process_start_is_before_now_and_after_boot():
+    start = budget.process_start()
+    assert start <= time.monotonic()
+    assert start <= budget._IMPORTED_AT + 1e-3  # this process started before it imported budget.py
+
+
+def test_a_long_run_is_said_once_and_a_short_one_not():
+    assert budget.long_run_warning_steps(1000, 1.0) is None
+    warning = budget.long_run_warning_steps(200_000, 1.0)
+    assert "2.3 days" in warning and "--preset small" in warning and "--time_budget" in warning
+
+
+def test_the_long_run_check_measures_the_second_step_and_chains_its_hook(capsys):
+    calls = []
+    check = budget.LongRunCheck(10 ** 15, torch.device("cpu"), lambda: calls.append(1))
+    for _ in range(4):
+        check()
+    assert len(calls) == 4
+    assert capsys.readouterr().out.count("days on this machine") == 1
+
+
+def test_the_trial_leaves_weights_optimizer_and_random_streams_as_they_were():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    torch.nn.Linear(4, 2)  # the same draws as above, so the stream stands where it stood
+    with budget.Trial([model], optimizer):
+        for _ in range(3):
+            model(torch.randn(8, 4)).sum().backward()
+            optimizer.step()
+    assert same_weights(before, model.state_dict())
+    assert optimizer.state_dict()["state"] == {}
+    assert torch.equal(torch.rand(3), expected)
+
+
+# ------------------------------------------------------------------------------------------------ real runs
+
+
+@pytest.fixture
+def process_starts_now(monkeypatch):
+    """In-process runs: the budget counts from the call, not from when pytest started."""
+    start = time.monotonic()
+    monkeypatch.setattr(budget, "process_start", lambda: start)
+
+
+def budget_argv(argv_builder, workdir, minutes, *extra):
+    return without(argv_builder(workdir, *extra), "--total_epoch", "--warmup_epoch") + ["--time_budget", str(minutes)]
+
+
+def test_a_budgeted_run_records_its_plan_and_total_epoch_reproduces_it(tmp_path, mae_argv, process_starts_now,
+                                                                        capsys):
+    assert mae_pretrain.main(budget_argv(mae_argv, tmp_path / "budget", 0.15, "--run_name", "r")) == 0
+    out = capsys.readouterr().out
+    plan_line = next(line for line in out.splitlines() if line.startswith("budget 0.15 min -> "))
+    checkpoint = load_state(tmp_path / "budget" / "mae.pt")
+    epochs, warmup = checkpoint["args"]["total_epoch"], checkpoint["args"]["warmup_epoch"]
+    assert epochs >= 2 and f"-> {epochs} epochs, warm-up {warmup}" in plan_line
+    record = json.loads((tmp_path / "budget" / "logs" / "cifar10" / "r" / "budget.json").read_text())
+    assert record["time_budget_minutes"] == 0.15 and record["total_epoch"] == epochs
+    assert len(record["wall_seconds"]) == 1 and "wall time" in out
+    assert len(read_metrics(tmp_path / "budget" / "logs" / "cifar10" / "r")[1]) == epochs
+
+    # The same run by its epoch count: the trial left no trace, so the weights are the same to the bit.
+    mae_pretrain.main(without(mae_argv(tmp_path / "epochs", "--run_name", "r"), "--total_epoch", "--warmup_epoch")
+                      + ["--total_epoch", str(epochs), "--warmup_epoch", str(warmup)])
+    assert same_weights(checkpoint["model"], load_state(tmp_path / "epochs" / "mae.pt")["model"])
+
+
+def test_a_resumed_budgeted_run_keeps_its_plan(tmp_path, cls_argv, process_starts_now, stop_after_epoch, capsys):
+    argv = budget_argv(cls_argv, tmp_path, 0.15, "--run_name", "r")
+    with stop_after_epoch(1):
+        train_classifier.main(argv)
+    planned = load_state(tmp_path / "cls_last.pt")["args"]["total_epoch"]
+    capsys.readouterr()
+    train_classifier.main(argv + ["--resume", "auto"])  # even long after: no new plan, the same epochs
+    out = capsys.readouterr().out
+    assert "budget 0.15 min ->" not in out
+    assert load_state(tmp_path / "cls_last.pt")["epoch"] == planned
+    record = json.loads((tmp_path / "logs" / "cifar10" / "r" / "budget.json").read_text())
+    assert record["total_epoch"] == planned and len(record["wall_seconds"]) == 2
+
+
+def test_time_budget_with_a_typed_total_epoch_is_refused(tmp_path, mae_argv, cli_error):
+    line = cli_error(mae_pretrain.main, mae_argv(tmp_path, "--time_budget", 5))  # the tiny argv types 2 epochs
+    assert "--time_budget: 5.0 cannot be combined with --total_epoch 2" in line
+    assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "20000"])
+def test_time_budget_out_of_range_is_refused(tmp_path, mae_argv, cli_error, value):
+    line = cli_error(mae_pretrain.main, without(mae_argv(tmp_path), "--total_epoch") + ["--time_budget", value])
+    assert "argument --time_budget" in line
+
+
+def test_a_real_process_ends_within_its_budget(tmp_path, cls_argv):
+    """A fresh interpreter, so the budget counts Python's and torch's imports too: well under a minute, and the
+    process (start to exit, timed from outside) ends within the budget plus 5 %."""
+    minutes = 0.4
+    argv = budget_argv(cls_argv, tmp_path, minutes, "--run_name", "r")
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, str(REPO / "train_classifier.py"), *argv], cwd=tmp_path,
+                            env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)
+    wall = time.monotonic() - start
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads((tmp_path / "logs" / "cifar10" / "r" / "budget.json").read_text())
+    assert record["total_epoch"] >= 3
+    assert wall <= minutes * 60 * 1.05, (wall, record)
+    assert record["wall_seconds"][0] <= wall
+    (run_dir,) = run_dirs(tmp_path / "logs")
+    assert len(read_metrics(run_dir)[1]) == record["total_epoch"]

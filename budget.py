@@ -201,9 +201,28 @@ def read_record(log_dir):
         return {}
 
 
-def record_of(plan):
+def record_of(plan, device):
     return {"time_budget_minutes": plan.budget_minutes, **{k: v for k, v in asdict(plan).items()
-                                                             if k != "budget_minutes"}}
+                                                             if k != "budget_minutes"},
+            "machine": machine_description(device), "date": time.strftime("%Y-%m-%d", time.gmtime())}
+
+
+def machine_description(device):
+    """What the plan was measured on, for the tables that cite it: the GPU, or the CPU, its cores and whether it
+    has native bf16 (which decides the CPU's fast path)."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    name = "CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        name = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
+        flags = set(next(line for line in info.splitlines() if line.startswith("flags")).split())
+        name += ", " + ("AVX512-BF16" if "avx512_bf16" in flags else "AVX-512" if "avx512f" in flags
+                        else "AVX2" if "avx2" in flags else "no AVX2")
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def long_run_warning_steps(steps_left, step_seconds):

@@ -222,7 +222,7 @@ class Bookkeeping:
         unbudgeted run in the folder removes an older run's."""
         path = self.run.log_dir / "budget.json"
         if self.run.plan is not None:
-            budget.write_record(self.run.log_dir, budget.record_of(self.run.plan))
+            budget.write_record(self.run.log_dir, budget.record_of(self.run.plan, self.run.env.device))
         elif done == 0 and path.is_file():
             path.unlink()
 

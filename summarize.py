@@ -23,7 +23,7 @@ import checks
 
 WORDS = {"decoder_depth": "decoder depth", "mask_strategy": "mask strategy", "mask_ratio": "mask ratio",
          "pretrain_epochs": "pretraining epochs", "finetune_epochs": "fine-tuning epochs"}  # known ablations first
-RESULTS = ("loss", "val_acc", "knn_acc", "probe_acc", "best_val_acc", "seconds")  # of a run: in runs.csv
+RESULTS = ("loss", "val_acc", "knn_acc", "probe_acc", "best_val_acc", "seconds", "wall_seconds")  # in runs.csv
 TUNED, PRE = ("finetune", "scratch"), ("pretrain",)
 # Table columns: header, the stages whose runs give it, the run's result (accuracies shown in %).
 COLUMNS = [("final acc (%)", TUNED, "val_acc"), ("best acc (%)", TUNED, "best_val_acc"),
@@ -45,7 +45,12 @@ def read_run(path):
 
 def parse_run(path):
     record, metrics = json.loads(path.read_text()), path.with_name("metrics.csv")
+    plan = read_plan(path.parent)
+    if record.get("total_epochs") is None and plan:  # a --time_budget run: the epochs it planned
+        record["total_epochs"] = plan.get("total_epoch")
     if not isinstance(record.get("total_epochs"), int) or not isinstance(record.get("settings"), dict):
+        if isinstance(record.get("settings"), dict) and record["settings"].get("time_budget"):
+            return None, f"{path.parent} (not finished: it has not planned its budget yet)"
         raise ValueError("settings.json has no total_epochs and settings")
     rows = list(csv.DictReader(metrics.read_text().splitlines())) if metrics.is_file() else []
     if len(rows) < record["total_epochs"]:
@@ -55,9 +60,17 @@ def parse_run(path):
     results = {k: c[np.isfinite(c)][-1] for k, c in curves.items() if k in RESULTS}  # the last logged value
     results.update(seconds=np.nansum(curves.get("seconds", 0)), **(
         {"best_val_acc": np.nanmax(curves["val_acc"])} if "val_acc" in curves else {}))
+    if plan.get("wall_seconds"):  # a budgeted run: process start to exit, all its processes
+        results["wall_seconds"] = sum(plan["wall_seconds"])
     key = dict(record["settings"])  # the settings, less the stage and seed
     return dict(run=path.parent.name, sweep=path.parent.parent.name, stage=key.pop("stage"), seed=key.pop("seed"),
-                key=key, epochs=len(rows), curves=curves, results=results), None
+                key=key, epochs=len(rows), curves=curves, results=results, plan=plan), None
+
+
+def read_plan(run_dir):
+    """budget.json of a --time_budget run (its plan, machine and wall time), or {}."""
+    path = Path(run_dir) / "budget.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def show(value):
@@ -201,6 +214,75 @@ def summarize(runs, output_dir):
     return "\n".join(parts)
 
 
+BUDGET_FIELDS = ["arm", "budget_minutes", "pretrain_share", "seed", "test_acc", "pretrain_epochs", "finetune_epochs",
+                 "wall_minutes", "machine", "date"]
+
+
+def budget_rows(runs):
+    """Equal-compute comparisons (sweep.py --time_budget): one row per arm, budget and seed. The MAE arm's wall
+    time is its pretraining's plus its fine-tuning's; from scratch, its one run's."""
+    rows = []
+    for run in runs:
+        if run["stage"] not in TUNED or "time_budget" not in run["key"]:
+            continue
+        pretraining = [r for r in runs if r["stage"] == "pretrain" and r["seed"] == run["seed"] and all(
+            run["key"].get(k) == v for k, v in r["key"].items())] if run["stage"] == "finetune" else []
+        parts = [*pretraining[:1], run]
+        rows.append({"arm": "mae" if run["stage"] == "finetune" else "scratch",
+                     "budget_minutes": run["key"]["time_budget"],
+                     "pretrain_share": run["key"].get("pretrain_share", 0.0), "seed": run["seed"],
+                     "test_acc": round(100 * run["results"]["val_acc"], 2),
+                     "pretrain_epochs": pretraining[0]["epochs"] if pretraining else 0,
+                     "finetune_epochs": run["epochs"],
+                     "wall_minutes": round(sum(r["results"].get("wall_seconds", float("nan")) for r in parts) / 60, 2),
+                     "machine": run["plan"].get("machine", ""), "date": run["plan"].get("date", "")})
+    return sorted(rows, key=lambda r: (r["budget_minutes"], r["arm"], r["seed"]))
+
+
+def budget_section(rows, output_dir):
+    """Markdown: accuracy against the time budget, MAE (pretraining + fine-tuning) vs from scratch, and a figure."""
+    groups = {}
+    for row in rows:
+        groups.setdefault((row["budget_minutes"], row["arm"]), []).append(row)
+    lines = ["## Accuracy against the time budget (equal compute)", "", "| budget (min) | arm | n | final test acc (%) | per seed | epochs (pretrain + fine-tune) | "
+             "wall (min) |", "|---|---|---|---|---|---|---|"]
+    for (minutes, arm), group in sorted(groups.items()):
+        acc = [r["test_acc"] for r in group]
+        spread = f" ± {stdev(acc):.2f}" if len(acc) > 1 else ""
+        epochs = ", ".join(f"{r['pretrain_epochs']} + {r['finetune_epochs']}" if arm == "mae" else
+                           f"{r['finetune_epochs']}" for r in group)
+        walls = ", ".join(f"{r['wall_minutes']:.1f}" for r in group)
+        lines.append(f"| {minutes:g} | {'MAE + fine-tuning' if arm == 'mae' else 'from scratch'} | {len(group)} | "
+                     f"{mean(acc):.2f}{spread} | {', '.join(f'{a:.2f}' for a in acc)} | {epochs} | {walls} |")
+    figure = output_dir / "accuracy_vs_budget.png"
+    budget_figure(groups, figure)
+    return [*lines, "", "Each arm gets the same minutes, counted from each process's start to its exit: MAE "
+            "pretrains for the pretraining share of them and fine-tunes for the rest; from scratch fine-tunes for "
+            "all of them. Wall is what the processes took, per seed.", "",
+            f"![accuracy against the time budget]({figure.name})", ""]
+
+
+def budget_figure(groups, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for arm, name in (("mae", "MAE + fine-tuning"), ("scratch", "from scratch")):
+        points = sorted((m, [r["test_acc"] for r in g]) for (m, a), g in groups.items() if a == arm)
+        if points:
+            ax.errorbar([m for m, _ in points], [mean(v) for _, v in points], marker="o", capsize=3, label=name,
+                        yerr=[stdev(v) if len(v) > 1 else 0 for _, v in points])
+    ax.set_xlabel("minutes per arm")
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folders", nargs="+", type=Path, help="sweep folders, or any folders above them")
@@ -216,6 +298,12 @@ def main(argv=None):
         parser.error(f"no finished runs with a settings.json (from sweep.py) under {', '.join(map(str, args.folders))}")
     output_dir.mkdir(parents=True, exist_ok=True)
     report = summarize(runs, output_dir)
+    if budget := budget_rows(runs):
+        report += "\n" + "\n".join(budget_section(budget, output_dir))
+        with open(output_dir / "budget.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, BUDGET_FIELDS)
+            writer.writeheader()
+            writer.writerows(budget)
     report += "\nLeft out: " + "; ".join(unfinished) + "\n" if unfinished else ""
     (output_dir / "results.md").write_text(report + "\n")
     keys = sorted({k for run in runs for k in run["key"]})

@@ -67,6 +67,12 @@ def parse_args(argv=None):
     grid.add_argument("--mask_ratio", type=typed(float, lambda v: 0 < v < 1, "a number strictly between 0 and 1"),
                       nargs="+", default=[0.75])
     grid.add_argument("--pretrain_epochs", type=positive, nargs="+", default=[2000])
+    grid.add_argument("--time_budget", type=typed(float, lambda v: 0 < v <= 7 * 24 * 60, "minutes in (0, 10080]"),
+                      nargs="+", metavar="MINUTES", help="instead of epochs: each MAE setting gets --pretrain_share of "
+                      "it for pretraining and the rest for fine-tuning; --scratch fine-tunes for all of it (equal "
+                      "compute, each process timed from its start)")
+    grid.add_argument("--pretrain_share", type=typed(float, lambda v: 0 < v < 1, "a number strictly between 0 and 1"),
+                      default=0.5, help="with --time_budget (default 0.5)")
     grid.add_argument("--seeds", type=typed(int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"), nargs="+",
                       default=[0])
     stages = p.add_argument_group("what follows each pretraining")
@@ -99,6 +105,12 @@ def parse_args(argv=None):
         if taken := sorted({own for word in getattr(args, option) if word.startswith("--") for own in OWN_OPTIONS
                             if own.startswith(word.split("=")[0])}):
             p.error(f"argument --{option}: may not set {', '.join(taken)}: the sweep sets those itself")
+    if args.time_budget:
+        epochs_typed = [f for f in ("--pretrain_epochs", "--finetune_epochs", "--linear_probe_epochs")
+                        if any(w.split("=")[0] == f for w in (sys.argv[1:] if argv is None else argv))]
+        if epochs_typed:
+            p.error(f"argument {epochs_typed[0]}: --time_budget plans every run's epochs; give one or the other")
+        args.pretrain_epochs = [None]
     if args.no_linear_probe and (args.linear_probe_epochs or args.probe_args):
         flag = "--linear_probe_epochs" if args.linear_probe_epochs else "--probe_args"
         p.error(f"argument {flag}: sets up a linear probe that --no_linear_probe turns off; leave one out")
@@ -119,48 +131,58 @@ def plan(a):
     log_dir, the settings that make it (in settings.json, compared on every restart) and the run it needs."""
     runs, size = [], {k: getattr(a, k) for k in MODEL_SIZE if getattr(a, k) is not None}
 
-    def add(name, script, seed, epochs, warmup, options, extra, settings, checkpoint, needs=None):
+    def add(name, script, seed, epochs, warmup, options, extra, settings, checkpoint, needs=None, minutes=None):
         # The scripts log to <log_dir>/<dataset>/<run_name>/: a run name under the sweep's folder keeps it there.
-        script_args = [str(HERE / script), *flags(
-            seed=seed, total_epoch=epochs, warmup_epoch=round(epochs * warmup)), *options, *flags(
+        # With a budget, the script plans its epochs (its warm-up is then its defaults' share, as here).
+        length = dict(time_budget=f"{minutes:g}") if minutes else dict(total_epoch=epochs,
+                                                                       warmup_epoch=round(epochs * warmup))
+        script_args = [str(HERE / script), *flags(seed=seed, **length), *options, *flags(
             run_name=f"{a.folder.name}/{name}", log_dir=a.log_dir, dataset=a.dataset, data_dir=a.data_dir,
             device=a.device, max_device_batch_size=a.max_device_batch_size), *extra]  # the free-form options last
         runs.append(SimpleNamespace(name=name, command=[*(a.launcher or [sys.executable]), *script_args],
-                                    script_args=script_args, total_epochs=epochs, checkpoint=checkpoint,
+                                    script_args=script_args, total_epochs=None if minutes else epochs,
+                                    checkpoint=checkpoint,
                                     log_dir=a.folder / name, settings=settings, needs=needs))
         return runs[-1]
 
-    def classifier(stage, seed, pretrained=None):  # "finetune" or "linear_probe" from ``pretrained``, or "scratch"
-        probe = stage == "linear_probe"
+    def classifier(stage, seed, pretrained=None, budget=None):  # "finetune"/"linear_probe" from ``pretrained``,
+        probe = stage == "linear_probe"                             # or "scratch" (given the whole ``budget``)
         prefix, epochs, extra = ("lp", a.linear_probe_epochs or a.finetune_epochs, a.probe_args) if probe else (
             "ft" if pretrained else "scratch", a.finetune_epochs, a.finetune_args)
-        name = f"{prefix}_{pretrained.name.removeprefix('mae_')}" if pretrained else f"{prefix}_s{seed}"
+        minutes = budget and (budget * (1 - a.pretrain_share) if pretrained else budget)
+        name = f"{prefix}_{pretrained.name.removeprefix('mae_')}" if pretrained else \
+            f"{prefix}{f'_tb{budget:g}' if budget else ''}_s{seed}"
         best = a.folder / "checkpoints" / f"{name}.pt"
         options = [*flags(output_model_path=best, batch_size=a.finetune_batch_size, **(
             {"pretrained_model_path": pretrained.checkpoint} if pretrained else size)), *["--linear_probe"] * probe]
         # A fine-tuned result depends on its pretraining's settings too.
         settings = {**(pretrained.settings if pretrained else dict(seed=seed, dataset=a.dataset, model_size=size)),
-                    "stage": stage, "linear_probe_epochs" if probe else "finetune_epochs": epochs,
-                    "finetune_batch_size": a.finetune_batch_size, "probe_args" if probe else "finetune_args": extra}
+                    "stage": stage, "linear_probe_epochs" if probe else "finetune_epochs": None if budget else epochs,
+                    "finetune_batch_size": a.finetune_batch_size, "probe_args" if probe else "finetune_args": extra,
+                    **({"time_budget": budget} if budget else {})}
         add(name, "train_classifier.py", seed, epochs, 0.05, options, extra, settings,
-            best.with_name(f"{name}_last.pt"), pretrained)
+            best.with_name(f"{name}_last.pt"), pretrained, minutes)
 
     for seed in dict.fromkeys(a.seeds):  # a value given twice runs once
-        for epochs, depth, strategy, ratio in product(*map(dict.fromkeys, (
-                a.pretrain_epochs, a.decoder_depth, a.mask_strategy, a.mask_ratio))):
-            name = f"mae_dd{depth}_{strategy}_mr{ratio:g}_ep{epochs}_s{seed}"
-            checkpoint = a.folder / "checkpoints" / f"{name}.pt"
-            settings = {"stage": "pretrain", "seed": seed, "dataset": a.dataset, "decoder_depth": depth,
-                        "mask_strategy": strategy, "mask_ratio": ratio, "pretrain_epochs": epochs,
-                        "pretrain_batch_size": a.pretrain_batch_size, "model_size": size,
-                        "decoder_heads": a.decoder_heads, "pretrain_args": a.pretrain_args}
-            options = flags(decoder_depth=depth, mask_strategy=strategy, mask_ratio=ratio, model_path=checkpoint,
-                            batch_size=a.pretrain_batch_size, **size, decoder_heads=a.decoder_heads)
-            mae = add(name, "mae_pretrain.py", seed, epochs, 0.1, options, a.pretrain_args, settings, checkpoint)
-            for stage in ("finetune",) if a.no_linear_probe else ("finetune", "linear_probe"):
-                classifier(stage, seed, mae)
-        if a.scratch:
-            classifier("scratch", seed)
+        for budget in dict.fromkeys(a.time_budget or [None]):
+            for epochs, depth, strategy, ratio in product(*map(dict.fromkeys, (
+                    a.pretrain_epochs, a.decoder_depth, a.mask_strategy, a.mask_ratio))):
+                length = f"tb{budget:g}" if budget else f"ep{epochs}"
+                name = f"mae_dd{depth}_{strategy}_mr{ratio:g}_{length}_s{seed}"
+                checkpoint = a.folder / "checkpoints" / f"{name}.pt"
+                settings = {"stage": "pretrain", "seed": seed, "dataset": a.dataset, "decoder_depth": depth,
+                            "mask_strategy": strategy, "mask_ratio": ratio, "pretrain_epochs": epochs,
+                            "pretrain_batch_size": a.pretrain_batch_size, "model_size": size,
+                            "decoder_heads": a.decoder_heads, "pretrain_args": a.pretrain_args,
+                            **({"time_budget": budget, "pretrain_share": a.pretrain_share} if budget else {})}
+                options = flags(decoder_depth=depth, mask_strategy=strategy, mask_ratio=ratio, model_path=checkpoint,
+                                batch_size=a.pretrain_batch_size, **size, decoder_heads=a.decoder_heads)
+                mae = add(name, "mae_pretrain.py", seed, epochs, 0.1, options, a.pretrain_args, settings, checkpoint,
+                          minutes=budget and budget * a.pretrain_share)
+                for stage in ("finetune",) if a.no_linear_probe else ("finetune", "linear_probe"):
+                    classifier(stage, seed, mae, budget)
+            if a.scratch:
+                classifier("scratch", seed, budget=budget)
     return runs
 
 
@@ -213,23 +235,33 @@ def run_state(run):
         return "FAILED", f"{run.log_dir} was run with other settings ({changed}); use another --name"
     # Epochs logged, None when it never started.
     epochs = len(list(csv.DictReader(metrics.read_text().splitlines()))) if metrics.is_file() else None
+    total = planned_epochs(run)
     if run.checkpoint.is_file():
-        if epochs is not None and epochs >= run.total_epochs:
-            return "skipped", f"finished: {epochs}/{run.total_epochs} epochs"
+        if epochs is not None and total is not None and epochs >= total:
+            return "skipped", f"finished: {epochs}/{total} epochs"
         with suppress(Exception):  # --patience ended it early: finished all the same (unreadable: resume says why)
             if epochs and torch.load(run.checkpoint, map_location="cpu", weights_only=True).get("stopped_early"):
                 return "skipped", f"finished: stopped early (--patience) after {epochs}/{run.total_epochs} epochs"
-        return "resuming", f"{epochs or 0}/{run.total_epochs} epochs done"
+        return "resuming", f"{epochs or 0}/{total or 'planned'} epochs done"
     if not epochs:  # never started, or stopped in its first epoch: nothing to continue, nothing to lose
         return ("new", "") if epochs is None else ("restarting", "it stopped before its first checkpoint")
     return "FAILED", (f"{run.log_dir} has {epochs} epochs logged but no checkpoint {run.checkpoint} to continue "
                       f"from; delete that folder to run it again")
 
 
+def planned_epochs(run):
+    """The run's epochs: fixed by the sweep, or (with --time_budget) as the run planned them, once it has."""
+    if run.total_epochs is not None:
+        return run.total_epochs
+    with suppress(OSError, ValueError, KeyError, TypeError):
+        return int(json.loads((run.log_dir / "budget.json").read_text())["total_epoch"])
+    return None
+
+
 def write_settings(run, command):
     run.log_dir.mkdir(parents=True, exist_ok=True)
     (run.log_dir / "settings.json").write_text(json.dumps(
-        {"run": run.name, "settings": run.settings, "total_epochs": run.total_epochs,
+        {"run": run.name, "settings": run.settings, "total_epochs": planned_epochs(run),
          "checkpoint": str(run.checkpoint), "command": shlex.join(command)}, indent=1) + "\n")
 
 
@@ -289,6 +321,7 @@ def main(argv=None):
                 state, detail = run_state(run)
                 if code == 0 and state == "skipped":
                     finished.add(run.name)
+                    write_settings(run, command)  # now with the epochs a budgeted run planned
                     say(f"{prefix} finished in {time.perf_counter() - start:.1f} s")
                 else:
                     failures.append((run.name, f"exit code {code}" if code else f"ended unfinished ({detail})"))

@@ -214,3 +214,46 @@ def test_an_unreadable_run_is_left_out_by_name_and_the_rest_summarized(tmp_path,
     assert "ft_broken (unreadable:" in report
     assert [row["run"] for row in read_csv(tmp_path / "sweep" / "runs.csv")] == [
         "ft_dd2_random_s0", "lp_dd2_random_s0", "mae_dd2_random_s0"]
+
+
+# ------------------------------------------------------------------------------- accuracy against the budget
+
+
+def write_budget_run(folder, stage, seed, final, epochs, wall, minutes, **settings):
+    """A --time_budget run: total_epochs unknown to the sweep until the run planned it (budget.json)."""
+    write_run(folder, stage, seed, [{"val_acc": final - 0.1, "seconds": 1}] * (epochs - 1) +
+              [{"val_acc": final, "seconds": 1}], total_epochs=None, time_budget=minutes, **settings)
+    (folder / "budget.json").write_text(json.dumps({"total_epoch": epochs, "wall_seconds": wall,
+                                                    "machine": "test CPU", "date": "2026-11-30"}))
+
+
+def test_budget_runs_give_a_table_a_csv_and_a_figure_of_accuracy_against_minutes(tmp_path):
+    grid = {**GRID, "decoder_depth": 2, "mask_strategy": "random", "pretrain_share": 0.5}
+    for minutes in (10, 20):
+        for seed, (mae, scratch) in enumerate([(0.60, 0.55), (0.62, 0.54)]):
+            mae += minutes / 100
+            name = f"tb{minutes}_s{seed}"
+            write_budget_run(tmp_path / f"mae_{name}", "pretrain", seed, 0.0, 3, [minutes * 30.0], minutes, **grid)
+            write_budget_run(tmp_path / f"ft_{name}", "finetune", seed, mae, 2, [minutes * 29.0], minutes, **grid,
+                             finetune_epochs=None)
+            write_budget_run(tmp_path / f"scratch_{name}", "scratch", seed, scratch, 4, [minutes * 59.0, 1.0],
+                             minutes, dataset="cifar10", model_size={}, finetune_epochs=None)
+    write_run(tmp_path / "scratch_tb30_s0", "scratch", 0, [{"val_acc": 0.1, "seconds": 1}], total_epochs=None,
+              time_budget=30, dataset="cifar10", model_size={})  # still in its trial: left out, named
+    summarize.main([str(tmp_path), "--output_dir", str(tmp_path / "out")])
+    rows = read_csv(tmp_path / "out" / "budget.csv")
+    assert [(r["budget_minutes"], r["arm"], r["seed"]) for r in rows] == [
+        ("10", "mae", "0"), ("10", "mae", "1"), ("10", "scratch", "0"), ("10", "scratch", "1"),
+        ("20", "mae", "0"), ("20", "mae", "1"), ("20", "scratch", "0"), ("20", "scratch", "1")]
+    first = rows[0]
+    assert float(first["test_acc"]) == 70.0 and (first["pretrain_epochs"], first["finetune_epochs"]) == ("3", "2")
+    assert float(first["wall_minutes"]) == round((300 + 290) / 60, 2) and first["machine"] == "test CPU"
+    assert float(rows[2]["wall_minutes"]) == round((590 + 1) / 60, 2)  # a resumed run's processes add up
+    report = (tmp_path / "out" / "results.md").read_text()
+    table = table_after(report, "Accuracy against the time budget (equal compute)")
+    assert [(r["budget (min)"], r["arm"]) for r in table] == [("10", "MAE + fine-tuning"), ("10", "from scratch"),
+                                                              ("20", "MAE + fine-tuning"), ("20", "from scratch")]
+    assert table[0]["final test acc (%)"] == mean_std_text([0.70, 0.72])
+    assert table[1]["epochs (pretrain + fine-tune)"] == "4, 4"
+    assert (tmp_path / "out" / "accuracy_vs_budget.png").stat().st_size > 1000
+    assert "scratch_tb30_s0 (not finished: it has not planned its budget yet)" in report

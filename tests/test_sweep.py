@@ -349,3 +349,44 @@ def test_check_args_of_a_real_script_process(tiny_image_folder, tmp_path):
     assert code == 2 and "argument --mixup" in output
     assert REAL_CHECK([str(sweep.HERE / "train_classifier.py"), *base, "--check_args"])[0] == 0
     assert not (tmp_path / "logs").exists()
+
+
+# ----------------------------------------------------------------------------------- equal compute (budgets)
+
+
+def test_a_budget_sweep_splits_each_mae_budget_and_gives_scratch_all_of_it(tmp_path, tiny_image_folder, capfd):
+    argv = ["--name", "b", "--decoder_depth", "1", "--seeds", "0", "--time_budget", "10", "30", "--pretrain_share",
+            "0.4", "--scratch", "--no_linear_probe", "--device", "cpu", *TINY_MODEL, "--log_dir", str(tmp_path),
+            "--data_dir", str(tiny_image_folder), "--dry_run"]
+    runs = plan(argv)
+    assert list(runs) == ["mae_dd1_random_mr0.75_tb10_s0", "ft_dd1_random_mr0.75_tb10_s0", "scratch_tb10_s0",
+                          "mae_dd1_random_mr0.75_tb30_s0", "ft_dd1_random_mr0.75_tb30_s0", "scratch_tb30_s0"]
+    minutes = {name: float(option(run.command, "--time_budget")) for name, run in runs.items()}
+    assert minutes["mae_dd1_random_mr0.75_tb10_s0"] + minutes["ft_dd1_random_mr0.75_tb10_s0"] == 10
+    assert minutes["mae_dd1_random_mr0.75_tb10_s0"] == 4 and minutes["scratch_tb10_s0"] == 10
+    assert minutes["scratch_tb30_s0"] == 30
+    for run in runs.values():  # the scripts plan the epochs; the sweep sets none
+        assert "--total_epoch" not in run.command and "--warmup_epoch" not in run.command
+        assert run.total_epochs is None and run.settings["time_budget"] in (10, 30)
+    assert sweep.main(argv) == 0  # each script's --check_args accepts the budget
+    assert capfd.readouterr().out.count(": new") == 6
+
+
+@pytest.mark.parametrize("extra", [["--pretrain_epochs", "3"], ["--finetune_epochs", "3"]])
+def test_a_budget_sweep_refuses_epoch_counts(tmp_path, extra, capsys):
+    with pytest.raises(SystemExit):
+        sweep.parse_args(["--time_budget", "5", *extra, "--log_dir", str(tmp_path)])
+    assert "--time_budget plans every run's epochs" in capsys.readouterr().err
+
+
+def test_a_budget_run_counts_as_finished_by_the_epochs_it_planned(tmp_path):
+    (run,) = [r for r in sweep.plan(sweep.parse_args(["--time_budget", "5", "--scratch", "--no_linear_probe",
+                                                       "--log_dir", str(tmp_path)])) if r.name == "scratch_tb5_s0"]
+    assert sweep.run_state(run)[0] == "new"
+    run.log_dir.mkdir(parents=True)
+    run.checkpoint.parent.mkdir(parents=True)
+    run.checkpoint.write_bytes(b"x")
+    (run.log_dir / "metrics.csv").write_text("epoch,val_acc\n1,0.1\n2,0.2\n")
+    assert sweep.run_state(run) == ("resuming", "2/planned epochs done")  # it has not written its plan down yet
+    (run.log_dir / "budget.json").write_text(json.dumps({"total_epoch": 2}))
+    assert sweep.run_state(run) == ("skipped", "finished: 2/2 epochs")

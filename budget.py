@@ -65,11 +65,12 @@ class Plan:
     evaluation_seconds: float
     setup_seconds: float  # from the start of the process to the plan: imports, data, compilation, the trial
     final_seconds: float
+    step_seconds: float = 0.0
 
     def describe(self):
         return (f"budget {self.budget_minutes:g} min -> {self.total_epoch} epochs, warm-up {self.warmup_epoch} "
                 f"({self.epoch_seconds:.1f} s/epoch incl. {self.evaluation_seconds:.1f} s evaluation, after "
-                f"{self.setup_seconds:.0f} s of set-up and trial; measured)")
+                f"{self.setup_seconds:.0f} s of set-up and trial; {self.step_seconds:.3f} s a step; measured)")
 
 
 def plan_epochs(budget_minutes, elapsed, costs, warmup_share, typed_warmup=None):
@@ -81,14 +82,15 @@ def plan_epochs(budget_minutes, elapsed, costs, warmup_share, typed_warmup=None)
     epochs = math.floor(available / costs.epoch) if costs.epoch > 0 else 0
     if epochs < 1:
         raise UserError(f"--time_budget {budget_minutes:g} minutes is too short: the set-up and trial took "
-                        f"{elapsed:.0f} s, one epoch takes {costs.epoch:.1f} s and the end {costs.final:.1f} s "
+                        f"{elapsed:.0f} s, one epoch takes {costs.epoch:.1f} s ({costs.steps_per_epoch} steps of "
+                        f"{costs.step:.3f} s, {costs.evaluation:.1f} s evaluation) and the end {costs.final:.1f} s "
                         f"(measured); give a larger budget or a smaller model or data set")
     if typed_warmup is not None and typed_warmup > epochs:
         raise UserError(f"--warmup_epoch {typed_warmup} is longer than the {epochs} epochs that "
                         f"--time_budget {budget_minutes:g} allows; leave it out (the warm-up is then "
                         f"{warmup_share:.0%} of the run) or give a smaller one")
     warmup = typed_warmup if typed_warmup is not None else math.floor(epochs * warmup_share)
-    return Plan(budget_minutes, epochs, warmup, costs.epoch, costs.evaluation, elapsed, costs.final)
+    return Plan(budget_minutes, epochs, warmup, costs.epoch, costs.evaluation, elapsed, costs.final, costs.step)
 
 
 def agree(plan):

@@ -51,7 +51,8 @@ def parse_with_presets(parser, argv, **presets):
     """Parse twice: a named preset (``preset=PRESETS`` for ``--preset``) replaces the defaults, and what the user
     typed still wins. Returns the final arguments and the first parse (the flags as typed, no preset)."""
     argv = sys.argv[1:] if argv is None else argv
-    on_command_line = options_typed(parser, argv)
+    literal = options_typed(parser, argv)
+    on_command_line = set(literal)
     typed = parser.parse_known_args(argv)[0]
     for option, table in presets.items():
         chosen = table.get(getattr(typed, option), {})
@@ -60,7 +61,7 @@ def parse_with_presets(parser, argv, **presets):
             on_command_line |= set(chosen)
     args = parser.parse_args(argv)
     args.typed = sorted(on_command_line)
-    if getattr(args, "time_budget", None) and "total_epoch" in on_command_line:
+    if getattr(args, "time_budget", None) and "total_epoch" in literal:  # a preset's length gives way to a budget
         parser.error(f"argument --time_budget: {args.time_budget} cannot be combined with --total_epoch "
                      f"{args.total_epoch}: the budget plans the number of epochs; give one of the two")
     if getattr(args, "time_budget", None):  # its warm-up is planned with its length, as this share

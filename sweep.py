@@ -80,6 +80,8 @@ def parse_args(argv=None):
     stages.add_argument("--linear_probe_epochs", type=positive, help="default: --finetune_epochs")
     stages.add_argument("--no_linear_probe", action="store_true")
     stages.add_argument("--scratch", action="store_true", help="also fine-tune from scratch once per seed")
+    stages.add_argument("--scratch_only", action="store_true",
+                        help="only the from-scratch runs (e.g. a second sweep beside the MAE one, each on a core)")
     common = p.add_argument_group("passed on to every run (left out: the scripts' defaults; --finetune_batch_size "
                                   "also for scratch and the probe)")
     common.add_argument("--dataset", choices=["cifar10", "cifar100"], default="cifar10")
@@ -165,7 +167,7 @@ def plan(a):
 
     for seed in dict.fromkeys(a.seeds):  # a value given twice runs once
         for budget in dict.fromkeys(a.time_budget or [None]):
-            for epochs, depth, strategy, ratio in product(*map(dict.fromkeys, (
+            for epochs, depth, strategy, ratio in [] if a.scratch_only else product(*map(dict.fromkeys, (
                     a.pretrain_epochs, a.decoder_depth, a.mask_strategy, a.mask_ratio))):
                 length = f"tb{budget:g}" if budget else f"ep{epochs}"
                 name = f"mae_dd{depth}_{strategy}_mr{ratio:g}_{length}_s{seed}"
@@ -181,7 +183,7 @@ def plan(a):
                           minutes=budget and budget * a.pretrain_share)
                 for stage in ("finetune",) if a.no_linear_probe else ("finetune", "linear_probe"):
                     classifier(stage, seed, mae, budget)
-            if a.scratch:
+            if a.scratch or a.scratch_only:
                 classifier("scratch", seed, budget=budget)
     return runs
 

@@ -156,3 +156,11 @@ def test_a_real_process_ends_within_its_budget(tmp_path, cls_argv):
     assert record["wall_seconds"][0] <= wall
     (run_dir,) = run_dirs(tmp_path / "logs")
     assert len(read_metrics(run_dir)[1]) == record["total_epoch"]
+
+
+def test_a_presets_length_gives_way_to_a_budget():
+    args = mae_pretrain.parse_args(["--preset", "small", "--time_budget", "5", "--device", "cpu"])
+    assert args.time_budget == 5.0
+    assert args.warmup_share == 2 / 4  # the preset's warm-up share (2 of its 4 epochs)
+    args = train_classifier.parse_args(["--preset", "small", "--time_budget", "5", "--device", "cpu"])[0]
+    assert args.warmup_share == 0.0

@@ -390,3 +390,8 @@ def test_a_budget_run_counts_as_finished_by_the_epochs_it_planned(tmp_path):
     assert sweep.run_state(run) == ("resuming", "2/planned epochs done")  # it has not written its plan down yet
     (run.log_dir / "budget.json").write_text(json.dumps({"total_epoch": 2}))
     assert sweep.run_state(run) == ("skipped", "finished: 2/2 epochs")
+
+
+def test_scratch_only_plans_the_from_scratch_runs_alone(tmp_path):
+    runs = plan(["--time_budget", "30", "--seeds", "0", "1", "--scratch_only", "--log_dir", str(tmp_path)])
+    assert list(runs) == ["scratch_tb30_s0", "scratch_tb30_s1"]

@@ -89,7 +89,7 @@ def plan_epochs(budget_minutes, elapsed, costs, warmup_share, typed_warmup=None)
         raise UserError(f"--warmup_epoch {typed_warmup} is longer than the {epochs} epochs that "
                         f"--time_budget {budget_minutes:g} allows; leave it out (the warm-up is then "
                         f"{warmup_share:.0%} of the run) or give a smaller one")
-    warmup = typed_warmup if typed_warmup is not None else math.floor(epochs * warmup_share)
+    warmup = typed_warmup if typed_warmup is not None else round(epochs * warmup_share)  # as sweep.py rounds
     return Plan(budget_minutes, epochs, warmup, costs.epoch, costs.evaluation, elapsed, costs.final, costs.step)
 
 

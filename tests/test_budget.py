@@ -26,9 +26,9 @@ def test_the_plan_fits_the_epochs_and_the_end_into_what_is_left():
     assert costs.epoch == 0.5 * 10 + 1.0 + 2.0 / 4
     plan = budget.plan_epochs(1.0, elapsed=10.0, costs=costs, warmup_share=0.25)
     # 60 s less the safety share, the 10 s already spent and the 3 s end: 45.8 s, 7 epochs of 6.5 s.
-    assert (plan.total_epoch, plan.warmup_epoch) == (7, 1)
+    assert (plan.total_epoch, plan.warmup_epoch) == (7, 2)  # a quarter of 7, rounded
     assert plan.setup_seconds == 10.0 and plan.final_seconds == 3.0
-    assert "budget 1 min -> 7 epochs, warm-up 1" in plan.describe()
+    assert "budget 1 min -> 7 epochs, warm-up 2" in plan.describe()
 
 
 def test_a_typed_warmup_is_kept_when_it_fits_and_refused_when_not():

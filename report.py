@@ -15,6 +15,7 @@ run folders; this file builds the pages from what is committed.
 """
 import argparse
 import csv
+import math
 import os
 import statistics
 import sys
@@ -139,6 +140,22 @@ def run_minutes(seeds):
     """Each seed's training minutes: the epochs' seconds of its pretraining and fine-tuning (or scratch) run."""
     return {seed: sum(number(r["seconds"]) for r in runs.values() if r["stage"] != "linear_probe") / 60
             for seed, runs in sorted(seeds.items())}
+
+
+def within(values):
+    """'within X points': the range of ``values`` rounded up to a tenth."""
+    return f"{math.ceil(round((max(values) - min(values)) * 10, 6)) / 10:.1f}"
+
+
+def sweep_time(rows, sweep):
+    """The summed epoch seconds of a sweep's runs, as 'N runs add up to H h M min'."""
+    mine = [r for r in rows if r["sweep"] == sweep]
+    minutes = round(sum(number(r["seconds"]) for r in mine) / 60)
+    return f"{len(mine)} runs add up to {minutes // 60} h {minutes % 60} min"
+
+
+def seconds(study, key, stage, seed="1"):
+    return f"{number(study[key][seed][stage]['seconds']):.0f} s"
 
 
 # ---------------------------------------------------------------------------------------------- at a glance
@@ -316,6 +333,9 @@ def results_page(results):
                 "the training epochs' own seconds (the `seconds` column, pretraining plus fine-tuning), without loading "
                 "the data set, evaluation and the k-NN / probe pass.", ""]
     depth = sorted((k for k in study if k[0] == "mae" and k[2] == "random"), key=lambda k: int(k[1]))
+    runs = read_csv(results / "cpu_study" / "runs.csv")
+    depth_means = [statistics.mean(study_cells(study[k])["accs"]) for k in depth]
+    depth_sds = [statistics.stdev(study_cells(study[k])["accs"]) for k in depth]
     out += ["### Decoder depth", "", f"Source: {link('results/cpu_study/runs.csv', page)}; the same preset and "
             "seeds; mask strategy random. Command: the main one above, then "
             "`python sweep.py --name depth --decoder_depth 1 4 --seeds 0 1 --no_linear_probe --data_dir DATA "
@@ -326,12 +346,18 @@ def results_page(results):
                    c["per_seed"], c["loss"]] for k in depth for c in [study_cells(study[k])]])
     out += ["![accuracy per setting, each seed a dot](cpu_study_accuracy_per_setting.png)", "",
             "Compared with the seed paper (decoder depth 2 / 4 / 8 → 79.6 / 79.8 / 81.0 %, deeper is a little "
-            "better): **at this scale the trend does not show.** The depths are within the seed-to-seed spread of "
-            "each other, and seed for seed their order changes (seed 0: 1 > 2 > 4; seed 1: 2 > 1 > 4). Every depth "
+            f"better): **at this scale the trend does not show.** The depths are within {within(depth_means)} points "
+            f"of each other, less than the seed-to-seed spread ({min(depth_sds):.1f} to {max(depth_sds):.1f} "
+            "points), and seed for seed their order changes (seed 0: 1 > 2 > 4; seed 1: 2 > 1 > 4). Every depth "
             "beats training from scratch on both seeds. Four pretraining epochs on a 4-block encoder are far from "
             "the regime where the paper's decoder matters: the reconstruction loss is the same to 2 % at every "
-            "depth. On the idle machine (seed 1) the decoder sets the cost of pretraining (it sees all 64 patches, "
-            "the encoder only 16).", "",
+            "depth.", "",
+            f"Wall time (the epochs' `seconds`): the depth sweep's {sweep_time(runs, 'sweep_depth')} (part of it "
+            "shared the two cores with development, or paused for measurements). On the idle machine (seed 1), "
+            f"pretraining took {seconds(study, depth[0], 'pretrain')} at depth {depth[0][1]} and "
+            f"{seconds(study, depth[-1], 'pretrain')} at depth {depth[-1][1]} (the decoder sees all 64 patches, the "
+            f"encoder only 16, so the decoder sets the cost here), and fine-tuning "
+            f"{seconds(study, depth[-1], 'finetune')}.", "",
             "![fine-tuning test accuracy by decoder depth](cpu_study_finetune_acc_decoder_depth.png)", "",
             "![k-NN test accuracy during pretraining by decoder depth](cpu_study_knn_acc_decoder_depth.png)", ""]
     masks = sorted((k for k in study if k[0] == "mae" and k[1] == "2"), key=lambda k: (k[2] != "random", k[2]))
@@ -345,14 +371,32 @@ def results_page(results):
                   "pretraining loss"],
                  [[words.get(k[2], k[2]), c["n"], c["acc"], c["per_seed"], c["knn"], c["probe"], c["loss"]]
                   for k in masks for c in [study_cells(study[k])]])
-    out += ["Compared with the seed paper (random / block / grid → 79.8 / 82.8 / 80.2 %, block clearly on top): "
-            "**at this scale the order is not the paper's.** One visible square (`block`) is the worst on both "
-            "seeds, and its encoder is also the weakest under k-NN and the probe: the only difference here larger "
-            "than the seed spread. Random, grid and BEiT's blockwise masking are well inside the seed-to-seed "
-            "spread of each other, so nothing ranks them. That grid is about as good as random agrees with the "
-            "paper (80.2 vs 79.8); that block-style masking wins does not show after 4 pretraining epochs. "
-            "Pretraining losses under different masks do not compare (a hidden square is harder to fill in than a "
-            "hidden lattice).", "",
+    cells = {k[2]: study_cells(study[k]) for k in masks}
+    if {"random", "block", "grid", "blockwise"} <= set(cells):
+        random_, block, rest = cells["random"], cells["block"], [cells[m] for m in ("random", "grid", "blockwise")]
+        mean_of = lambda c, name: statistics.mean(percent(number(r[name])) for r in c["pre"])
+        out += ["Compared with the seed paper (random / block / grid → 79.8 / 82.8 / 80.2 %, block clearly on top): "
+                "**at this scale the order is not the paper's.** One visible square (`block`) is the worst on both "
+                "seeds, " + " and ".join(f"{r - b:.1f}" for r, b in zip(random_["accs"], block["accs"])) +
+                " points below random, and its encoder is also the weakest under k-NN and the probe: the only "
+                "difference here larger than the seed spread. Random, grid and BEiT's blockwise masking are within "
+                f"{within([statistics.mean(c['accs']) for c in rest])} points of each other, well inside the "
+                f"seed-to-seed spread ({min(statistics.stdev(c['accs']) for c in rest):.1f} to "
+                f"{max(statistics.stdev(c['accs']) for c in rest):.1f} points), so nothing ranks them. The blockwise "
+                "encoder has the best k-NN and probe accuracy by a hair ("
+                f"{mean_of(cells['blockwise'], 'knn_acc') - mean_of(random_, 'knn_acc'):.1f} and "
+                f"{mean_of(cells['blockwise'], 'probe_acc') - mean_of(random_, 'probe_acc'):.1f} points over "
+                "random, near the spread). That grid is about as good as random agrees with the paper (80.2 vs "
+                "79.8); that block-style masking wins does not show after 4 pretraining epochs. Pretraining losses "
+                "under different masks do not compare (a hidden square is harder to fill in than a hidden "
+                "lattice).", "",
+                f"Wall time: on the idle machine (seed 1) grid pretraining took "
+                f"{seconds(study, ('mae', '2', 'grid'), 'pretrain')} and fine-tuning "
+                f"{seconds(study, ('mae', '2', 'grid'), 'finetune')}, blockwise "
+                f"{seconds(study, ('mae', '2', 'blockwise'), 'pretrain')} and "
+                f"{seconds(study, ('mae', '2', 'blockwise'), 'finetune')}; the masking sweep's "
+                f"{sweep_time(runs, 'sweep_masking')} of epochs, part of it beside development.", ""]
+    out += [
             "![fine-tuning test accuracy by mask strategy](cpu_study_finetune_acc_mask_strategy.png)", "",
             "![k-NN test accuracy during pretraining by mask strategy](cpu_study_knn_acc_mask_strategy.png)", "",
             "## On a GPU", "",

@@ -29,7 +29,7 @@ PAGES = ("docs/results.md", "docs/speed.md")
 FIGURE = "docs/glance.png"
 HEADER = ("Built by `python report.py` from the CSV files under [results/]({results}) (edit report.py, not this "
           "page). Every number in a table is a value of the CSV named above it, or a mean ± sample standard "
-          "deviation over seeds of such values.")
+          "deviation over seeds, a sum or a ratio of such values.")
 # The CPU study: what its rows do not say (runs.csv holds the settings and results of each run).
 CPU_STUDY = dict(
     machine="2 cores of an AMD EPYC (Zen 1: AVX2, no native bf16), 24 GiB, CPU only", torch="2.14.1",
@@ -425,8 +425,9 @@ def speed_page(results):
                      [[f"`{short_command(r['command'])}`{notes.get(r['key'], '')}",
                        f"{number(r['seconds_per_epoch']):.2f}", f"{number(r['images_per_s']):,.0f}",
                        schedule(r), f"{number(r['images_per_s']) / REFERENCE[kind(r)]:.1f}×"] for r in rows])
-        out += ["The reference on one H100 (torch 2.11, its code unchanged, measured by this project) pretrains at "
-                "3,760 img/s (2000 epochs ≈ 7.4 h) and fine-tunes at 2,080 img/s at batch 128. The cards differ (the "
+        out += ["The reference on one H100 (torch 2.11, its code unchanged, measured by this project; these two rates "
+                "are not in a CSV, campaign.py holds them) pretrains at 3,760 img/s (2000 epochs ≈ 7.4 h) and "
+                "fine-tunes at 2,080 img/s at batch 128. The cards differ (the "
                 "H200 has the H100's compute with more, faster memory), so the same ratio on an H100 is still to be "
                 "measured.", ""]
     bench = read_csv(results / "bench.csv")

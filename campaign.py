@@ -35,6 +35,7 @@ STARTED = time.monotonic()  # a part's time counts from here, the import of torc
 import torch  # noqa: E402
 
 from checks import check_writable_folder, path_text  # noqa: E402
+from utils import auto_device  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 STEPS = ("epochs", "tta", "bench", "ablation", "report")
@@ -185,9 +186,11 @@ def execute(command, output, stop_at, kill_at):
 
 
 def machine_name(requested):
-    """What this machine's rows are keyed by: the GPU's name, or CPU."""
-    device = torch.device(requested if requested != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    """What this machine's rows are keyed by: the GPU's name, Apple MPS, or CPU (as --device auto resolves)."""
+    device = torch.device(auto_device() if requested == "auto" else requested)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "Apple MPS" if device.type == "mps" else "CPU"
 
 
 class Campaign:

@@ -72,7 +72,7 @@ def add_run_arguments(p):
     p.add_argument("--dataset", choices=["cifar10", "cifar100"], default="cifar10")
     p.add_argument("--data_dir", type=checks.path_text, default=None,
                    help="image folder with train/<class>/ and test/<class>/")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, mps, cuda or cuda:N")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 where the device has it natively, fp16 (with loss scaling) on GPUs without "
                         "bf16, else fp32")
@@ -251,7 +251,7 @@ def start_run(args, checkpoint_paths):
     check_batch_fits(args.batch_size, len(train_set.labels), env.world_size)
     precision = resolve_precision(args.precision, env.device)
     if env.is_main:
-        print(describe_speed_path(env.device, precision, not args.no_compile))
+        print(describe_speed_path(env.device, precision, not args.no_compile, args.precision))
     return Run(env, precision, log_dir, resume_path, train_set, test_set, list(checkpoint_paths))
 
 
@@ -261,7 +261,7 @@ def make_loader(run, args, augment, trial=None):
     requested = args.max_device_batch_size
     if requested == "auto":
         per_process = args.batch_size // run.env.world_size
-        with torch.random.fork_rng(devices=[run.env.device] if run.env.device.type == "cuda" else []):
+        with utils.kept_random_state(run.env.device):
             requested = largest_fitting_micro_batch(trial, per_process, run.env.device)
         if run.env.is_main:
             print(f"--max_device_batch_size auto: {requested}")

@@ -137,6 +137,8 @@ def main(argv=None):
                                                                   args, run_dir=str(run.log_dir)))
         if book.stopping:
             break
+    final = {"loss": loss, **monitor}  # the last epoch's loss, and its k-NN and probe accuracy if it had them
+    book.logger.log_hparams({**vars(args), **config.to_dict()}, final, epoch)
     return book.finish()
 
 

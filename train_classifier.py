@@ -256,6 +256,8 @@ def main(argv=None):
                   f"epoch {best['epoch']}); stopping early")
         if book.stopping or patience_over:
             break
+    final = {"val_acc": scores["val_acc"], "best_val_acc": best["val_acc"]}  # best: of the checkpoint kept
+    book.logger.log_hparams({**vars(args), **config.to_dict()}, final, epoch)
     return book.finish()
 
 

@@ -286,6 +286,26 @@ class RunLogger:
             writer.writerow({"epoch": epoch, **values})
         self.writer.flush()
 
+    def log_hparams(self, settings, final_metrics, epoch):
+        """The run's settings and final metrics for TensorBoard's HParams view, written through this run's own
+        writer (``SummaryWriter.add_hparams`` would start a timestamped subfolder: a second run in every view).
+
+        Only bool (shown as 0 / 1), int, float and str settings are kept: the view has no other types; None is
+        "none". A metric
+        is the scalar ``hparams/<name>`` at ``epoch``, so a resumed run's purge replaces it like any curve."""
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        kept = {name: "none" if value is None else value for name, value in settings.items()
+                if value is None or isinstance(value, (bool, int, float, str))}
+        metrics = {f"hparams/{name}": float(value) for name, value in final_metrics.items() if value is not None}
+        for summary in hparams(kept, metrics):  # the experiment, and this session's start and end
+            self.writer.file_writer.add_summary(summary)
+        for tag, value in metrics.items():
+            self.writer.add_scalar(tag, value, epoch)
+        self.writer.flush()
+
     def add_image(self, tag, image, epoch):
         if self.enabled:
             self.writer.add_image(tag, image, epoch)

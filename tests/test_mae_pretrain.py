@@ -55,6 +55,16 @@ def test_pretraining_writes_checkpoint_csv_and_tensorboard(mae_run):
     assert [i.step for i in accumulator.Images("mae_image")] == [1, 2]
 
 
+def test_the_run_records_its_settings_and_final_metrics_for_the_hparams_view(mae_run):
+    from conftest import read_hparams
+
+    settings, metrics = read_hparams(mae_run.run_dir)
+    assert settings["mask_ratio"] == pytest.approx(0.75) and settings["mask_strategy"] == "random"  # the model's
+    assert settings["emb_dim"] == 32 and settings["decoder_emb_dim"] == "none"
+    assert settings["total_epoch"] == 2 and settings["resume"] == "none"
+    assert metrics == {"loss": pytest.approx(float(read_metrics(mae_run.run_dir)[1][-1]["loss"]), rel=1e-6)}
+
+
 def test_reconstruction_grid_is_logged_every_n_epochs_and_at_both_ends(tmp_path, mae_argv):
     mae_pretrain.main(mae_argv(tmp_path, "--total_epoch", 5, "--warmup_epoch", 1, "--image_every", 2))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

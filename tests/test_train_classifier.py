@@ -42,6 +42,15 @@ def test_finetuning_writes_best_and_last_checkpoints_and_csv(classifier_run, mae
     assert not torch.equal(last["model"]["patchify.weight"], pretrained)
 
 
+def test_the_run_records_its_settings_and_final_metrics_for_the_hparams_view(classifier_run):
+    from conftest import read_hparams
+
+    settings, metrics = read_hparams(classifier_run.run_dir)
+    assert settings["pretrained_model_path"].endswith("mae.pt") and settings["batch_size"] == 16
+    val_accs = [float(row["val_acc"]) for row in read_metrics(classifier_run.run_dir)[1]]
+    assert metrics == pytest.approx({"val_acc": val_accs[-1], "best_val_acc": max(val_accs)})
+
+
 def test_pretrained_encoder_is_loaded_without_size_flags(tmp_path, cls_argv, mae_run):
     # lr 1e-30: an update below fp32's resolution, so the weights show what was loaded. No size flags: the
     # encoder's shape is the checkpoint's own (emb 32, depth 1), recorded in the new checkpoint's config.

@@ -19,7 +19,7 @@ def ranged(kind, low=None, high=None, low_open=False, high_open=False):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
         if value != value or value in (float("inf"), float("-inf")):  # nan and inf pass no range
             raise argparse.ArgumentTypeError(f"{text} is not a finite number")
         too_low = low is not None and (value <= low if low_open else value < low)

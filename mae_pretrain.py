@@ -22,9 +22,9 @@ from probe import evaluate_encoder
 
 # Settings that name a run when they differ from their defaults ("" = use the value itself, e.g. "block").
 RUN_NAME_KEYS = {"preset": "", "decoder_depth": "dd", "mask_strategy": "", "mask_ratio": "mr",
-                 "decoder_emb_dim": "dw", "norm_pix_loss": "normpix", "patch_size": "p", "emb_dim": "e", "encoder_depth": "ed",
-                 "augment": "aug", "total_epoch": "ep", "batch_size": "bs", "base_learning_rate": "lr",
-                 "seed": "s"}
+                 "decoder_emb_dim": "dw", "norm_pix_loss": "normpix", "patch_size": "p", "emb_dim": "e",
+                 "encoder_depth": "ed", "augment": "aug", "total_epoch": "ep", "batch_size": "bs",
+                 "base_learning_rate": "lr", "seed": "s"}
 # A model and schedule that pretrains on all of CIFAR-10 on a 2-core CPU in minutes (see the README's results).
 PRESETS = {"small": dict(patch_size=4, emb_dim=96, encoder_depth=4, encoder_heads=3, decoder_depth=2,
                          decoder_heads=2, decoder_emb_dim=64, batch_size=256, base_learning_rate=1.5e-3,

@@ -83,7 +83,8 @@ def test_save_checkpoint_replaces_an_older_one(tmp_path):
 def test_training_state_round_trips_with_weights_only(tmp_path):
     model, optimizer, scheduler = tiny_training()
     path = tmp_path / "ckpt.pt"
-    ckpt.save_checkpoint(path, ckpt.training_state("mae", model, ModelConfig(), optimizer, scheduler, 5, ARGS, best_acc=0.5))
+    ckpt.save_checkpoint(path, ckpt.training_state("mae", model, ModelConfig(), optimizer, scheduler, 5, ARGS,
+                                                   best_acc=0.5))
     expected_draw = torch.rand(3)  # drawn right after the state was captured
     assert torch.load(path, map_location="cpu", weights_only=True)["epoch"] == 5  # no pickled objects inside
 
@@ -97,7 +98,8 @@ def test_training_state_round_trips_with_weights_only(tmp_path):
     epoch = ckpt.restore_training_state(checkpoint, "mae", fresh_model, fresh_optimizer, fresh_scheduler, path)
     assert epoch == 5
     assert torch.equal(fresh_model.weight, model.weight)
-    assert torch.equal(fresh_optimizer.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    assert torch.equal(fresh_optimizer.state_dict()["state"][0]["exp_avg"],
+                       optimizer.state_dict()["state"][0]["exp_avg"])
     assert fresh_scheduler.last_epoch == scheduler.last_epoch
     assert torch.equal(torch.rand(3), expected_draw)  # the random streams continue where the run stopped
 

@@ -12,8 +12,7 @@ import data
 import mae_pretrain
 import run_setup
 import utils
-from conftest import (REPO, SUBPROCESS_ENV, assert_one_line_error, load_state, read_metrics, run_dirs,
-                      write_image_folder)
+from conftest import REPO, SUBPROCESS_ENV, assert_one_line_error, load_state, read_metrics, run_dirs, write_image_folder
 from model import MAE_ViT
 
 MAE_COLUMNS = ["epoch", "loss", "lr", "seconds", "images_per_s"]

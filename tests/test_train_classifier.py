@@ -8,7 +8,7 @@ import torch
 
 import run_setup
 import train_classifier
-from conftest import REPO, TINY_ENCODER, SUBPROCESS_ENV, assert_one_line_error, load_state, read_metrics, run_dirs
+from conftest import REPO, SUBPROCESS_ENV, TINY_ENCODER, assert_one_line_error, load_state, read_metrics, run_dirs
 from model import MAE_Encoder, MAE_ViT, ViT_Classifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")

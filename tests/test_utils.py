@@ -168,7 +168,8 @@ def test_run_lock_refuses_a_second_holder_and_is_released_with_the_process(tmp_p
     import sys
 
     holder = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(utils.__file__)!r}"
-                               f".rsplit('/', 1)[0]); import utils, time; lock = utils.RunLock({str(tmp_path)!r}).acquire(); "
+                               f".rsplit('/', 1)[0]); import utils, time; "
+                               f"lock = utils.RunLock({str(tmp_path)!r}).acquire(); "
                                f"print('locked', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"

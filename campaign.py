@@ -89,6 +89,8 @@ class Run:
 
 @dataclass
 class Unit:
+    """One measurement: its runs in order, then ``record(unit)`` turns what they wrote into rows of its step's CSV;
+    ``key`` names those rows, so a unit with a row for this machine is done."""
     step: str
     key: str
     runs: list

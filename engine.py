@@ -93,6 +93,7 @@ def largest_fitting_micro_batch(trial, per_process_batch, device, cpu_cap=256):
 
 
 def maybe_compile(fn, device, enabled=True, mode="default"):
+    """``fn`` under torch.compile when ``enabled`` and this device compiles (see why_eager), else ``fn`` itself."""
     if not enabled or not compiler_available(device):
         return fn
     return torch.compile(fn, mode=None if mode == "default" else mode)

@@ -182,6 +182,7 @@ def run_name(prefix, args, defaults, abbreviations):
 
 
 def parser_defaults(parser):
+    """{flag's dest: its default}, what ``run_name`` compares against (argparse keeps them only on its actions)."""
     return {action.dest: action.default for action in parser._actions}
 
 

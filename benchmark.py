@@ -49,7 +49,7 @@ PRESETS = {"small": dict(patch_size=4, emb_dim=96, encoder_depth=4, encoder_head
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, mps, cuda or cuda:N")
     p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
     p.add_argument("--batch_sizes", nargs="+", type=checks.POSITIVE_INT, default=None,
                    help=f"default {' '.join(map(str, CUDA_BATCH_SIZES))} on CUDA, "
@@ -325,7 +325,8 @@ def markdown_table(rows):
 
 
 def describe_setup(args, device, flops, peak_tflops, matmul_tflops):
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda" else "Apple MPS" if device.type == "mps"
+             else f"CPU, {torch.get_num_threads()} threads")
     peak = f"{peak_tflops:g} TFLOP/s spec peak" if peak_tflops else "spec peak unknown (pass --peak_tflops)"
     lines = [f"{where}; torch {torch.__version__}; {peak}; a large matmul measures "
              + ", ".join(f"{v:.3g} TFLOP/s in {k}" for k, v in matmul_tflops.items()),

@@ -35,6 +35,7 @@ STARTED = time.monotonic()  # a part's time counts from here, the import of torc
 import torch  # noqa: E402
 
 from checks import check_writable_folder, path_text  # noqa: E402
+from utils import auto_device  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 STEPS = ("epochs", "tta", "bench", "ablation", "report")
@@ -88,6 +89,8 @@ class Run:
 
 @dataclass
 class Unit:
+    """One measurement: its runs in order, then ``record(unit)`` turns what they wrote into rows of its step's CSV;
+    ``key`` names those rows, so a unit with a row for this machine is done."""
     step: str
     key: str
     runs: list
@@ -184,20 +187,27 @@ def execute(command, output, stop_at, kill_at):
             execute.child = None
 
 
+def machine_name(requested):
+    """What this machine's rows are keyed by: the GPU's name, Apple MPS, or CPU (as --device auto resolves)."""
+    device = torch.device(auto_device() if requested == "auto" else requested)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "Apple MPS" if device.type == "mps" else "CPU"
+
+
 class Campaign:
+    """What every job of the campaign shares: the profile, this machine, the time limit, the run folders, and the
+    step CSVs in the results folder (this machine's rows are read; a CSV is only appended to)."""
+
     def __init__(self, args):
         self.args, self.p = args, PROFILES["tiny" if args.tiny else "gpu"]
         self.results, self.work = Path(args.results_dir), Path(args.work_dir)
-        device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else
-                              "cpu")
-        self.gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+        self.gpu = machine_name(args.device)
         self.slug = "".join(c if c.isalnum() else "-" for c in self.gpu.lower())
         self.limit = args.time_limit * 60
         self.margin = min(30.0, 0.1 * self.limit)  # for the start-up of this script and the report at the end
         self.encoder = self.results / f"tta_mae_{self.slug}.pt"  # what travels from pretraining to fine-tuning
-        self.commit, self.stopping = "unknown", 0
-
-    # ------------------------------------------------------------------------------------------ bookkeeping
+        self.folders = RunFolders(self.work, args.device, args.data_dir)
 
     def rows(self, step, everywhere=False):
         return [r for r in read_csv(self.results / f"{step}.csv") if everywhere or r.get("gpu") == self.gpu]
@@ -217,6 +227,13 @@ class Campaign:
                 writer.writeheader()
             writer.writerows(rows)
 
+
+class RunFolders:
+    """Each run's log folder and checkpoints under --work_dir, and the command that starts or continues it."""
+
+    def __init__(self, work, device, data_dir):
+        self.work, self.device, self.data_dir = work, device, data_dir
+
     def paths(self, run):
         """(the run's log folder, the checkpoint --resume auto continues from, the flags for its checkpoints)."""
         checkpoint = self.work / "checkpoints" / f"{run.name}.pt"
@@ -232,21 +249,29 @@ class Campaign:
         return bool(run.epochs) and self.paths(run)[1].is_file() and len(self.metrics(run)) >= run.epochs
 
     def command(self, run, bookkeeping=True):
-        words = [sys.executable, run.script, *run.options, "--device", self.args.device]
+        words = [sys.executable, run.script, *run.options, "--device", self.device]
         if run.epochs:
             resume = self.paths(run)[1].is_file()
-            words += [*(["--data_dir", self.args.data_dir] if self.args.data_dir else []), *self.paths(run)[2],
+            words += [*(["--data_dir", self.data_dir] if self.data_dir else []), *self.paths(run)[2],
                       "--run_name", run.name, "--log_dir", str(self.work / "logs"),
                       *(["--resume", "auto"] if resume else ["--overwrite"]) * bookkeeping]
         return words
 
     def display(self, run):
         """The command as a reader types it: python, DATA, paths inside the repository relative to it."""
-        shown = {sys.executable: "python", self.args.data_dir: "DATA"}
+        shown = {sys.executable: "python", self.data_dir: "DATA"}
         return shlex.join(shown.get(w, os.path.relpath(w, HERE) if w.startswith(str(HERE) + os.sep) else w)
                           for w in self.command(run, bookkeeping=False))
 
-    # ------------------------------------------------------------------------------------ time estimates
+
+# ----------------------------------------------------------------------------------------- time estimates
+
+
+class Estimates:
+    """How long a run or a unit takes on this machine: from its own rows where it has them, else a guess."""
+
+    def __init__(self, campaign):
+        self.c = campaign
 
     def speed(self, kind):
         """(start-up + compile seconds, seconds per epoch) of a run like ``kind``: step 2's measurement of it on
@@ -256,36 +281,50 @@ class Campaign:
         workload = kind.split("_")[0]
         for key, scale in ((kind, 1.0), ("pretrain_dd4" if workload == "pretrain" else workload,
                                          DEPTH_COST.get(kind, 1.0))):
-            row = next((r for r in reversed(self.rows("epochs")) if r["key"] == key), None)
+            row = next((r for r in reversed(self.c.rows("epochs")) if r["key"] == key), None)
             if row and number(row["seconds_per_epoch"]):
                 per_epoch = 1.2 * number(row["seconds_per_epoch"])  # + evaluation, logging and the checkpoint
                 return max(number(row["wall_s"]) - int(row["epochs"]) * per_epoch, 0), per_epoch * scale
-        guess = self.p["guess"]
+        guess = self.c.p["guess"]
         return guess["overhead"], guess[workload] * DEPTH_COST.get(kind, 1.0)
 
-    def estimate(self, unit):
+    def seconds(self, unit):
+        """Seconds until ``unit`` has its rows: what is left of its runs, or a benchmark's compilations."""
         if unit.step == "bench":  # compilation dominates; each augmentation compiles again
-            seen = [number(r["wall_s"]) for r in self.rows("bench") if r["key"].endswith("_aug") == unit.info["aug"]
-                    and r["key"].split("_")[3] == unit.info["compile"]]
-            return statistics.median(seen) if seen else self.p["guess"][unit.info["compile"]] * (
+            seen = [number(r["wall_s"]) for r in self.c.rows("bench")
+                    if r["key"].endswith("_aug") == unit.info["aug"] and r["key"].split("_")[3] == unit.info["compile"]]
+            return statistics.median(seen) if seen else self.c.p["guess"][unit.info["compile"]] * (
                 3 if unit.info["aug"] else 1)
-        return sum(self.speed(run.kind)[0] + (run.epochs - len(self.metrics(run))) * self.speed(run.kind)[1]
-                   for run in unit.runs if not self.finished(run))
+        folders = self.c.folders
+        return sum(self.speed(run.kind)[0] + (run.epochs - len(folders.metrics(run))) * self.speed(run.kind)[1]
+                   for run in unit.runs if not folders.finished(run))
 
     def fit(self, kind, budget, cap):
         """Epochs of a run like ``kind`` that end within ``budget`` seconds, also when a part starts with it."""
         overhead, per_epoch = self.speed(kind)
-        return max(1, min(cap, int((budget - overhead - self.margin) / per_epoch) - 1))
+        return max(1, min(cap, int((budget - overhead - self.c.margin) / per_epoch) - 1))
 
-    # ------------------------------------------------------------------------------------------ the plan
+
+# ------------------------------------------------------------------------------------------------ the plan
+
+
+class Planner:
+    """Each step's units: the runs that measure them, sized to fit a part; planned when needed, from the rows
+    the earlier units left."""
+
+    def __init__(self, campaign, estimates):
+        self.c, self.p, self.estimates = campaign, campaign.p, estimates
+
+    def plan(self, step):
+        return getattr(self, f"plan_{step}", lambda: [])()
+
+    def missing(self):
+        return [unit for step in STEPS for unit in self.plan(step) if not self.c.done(unit)]
 
     def train(self, name, script, epochs, kind, *options):
         warmup = max(1, round(epochs * (0.1 if script == "mae_pretrain.py" else 0.05)))
         return Run(script, [*options, *self.p["batch"], *self.p["speed"], "--total_epoch", str(epochs),
                             "--warmup_epoch", str(warmup)], name, epochs, kind)
-
-    def plan(self, step):
-        return getattr(self, f"plan_{step}", lambda: [])()
 
     def plan_bench(self):
         p, units = self.p, {}
@@ -299,9 +338,10 @@ class Campaign:
                     options = [*p["model"], *p["decoder"], *p["bench"], "--workloads", workload, "--batch_sizes",
                                str(batch), "--precisions", precision, "--compile_modes", mode, "--augments",
                                *(["none", "crop_flip", "randaug"] if aug else ["none"]), "--no_baseline",
-                               "--output", str(self.work / "bench" / f"{key}.csv")]
-                    units[key] = Unit("bench", key, [Run("benchmark.py", options)], self.record_bench, info=dict(
-                        workload=workload, batch=batch, precision=precision, compile=mode, aug=aug))
+                               "--output", str(self.c.work / "bench" / f"{key}.csv")]
+                    units[key] = Unit("bench", key, [Run("benchmark.py", options)], partial(record_bench, self.c),
+                                      info=dict(workload=workload, batch=batch, precision=precision, compile=mode,
+                                                aug=aug))
         return list(units.values())  # the baseline is the chosen path on a CPU without a compiler: once
 
     def plan_epochs(self):
@@ -309,34 +349,28 @@ class Campaign:
         return [Unit("epochs", key, [self.train(f"speed_{key}", "mae_pretrain.py" if key.startswith("pretrain") else
                                                 "train_classifier.py", self.p["speed_epochs"], key,
                                                 *(mae if key.startswith("pretrain") else self.p["model"]), *extra)],
-                     self.record_epochs) for key, extra in SPEED_RUNS.items()]
+                     partial(record_epochs, self.c)) for key, extra in SPEED_RUNS.items()]
 
     def plan_tta(self):
-        done, caps, budget = {r["key"]: r for r in self.rows("tta")}, self.p["caps"], self.limit - 2 * self.margin
+        done, caps, budget = {r["key"]: r for r in self.c.rows("tta")}, self.p["caps"], self.c.limit - 2 * self.c.margin
         pe = int(done["tta_pretrain"]["epochs"]) if "tta_pretrain" in done else \
-            self.fit("pretrain_dd2", budget, caps["tta_pretrain"])
+            self.estimates.fit("pretrain_dd2", budget, caps["tta_pretrain"])
         fe = next((int(done[k]["epochs"]) for k in ("tta_finetune", "tta_scratch") if k in done), None) or \
-            self.fit("finetune_strong", budget, caps["tta_finetune"])
+            self.estimates.fit("finetune_strong", budget, caps["tta_finetune"])
         pretrain = self.train(f"tta_mae_dd2_ep{pe}", "mae_pretrain.py", pe, "pretrain_dd2", *self.p["model"],
                               *self.p["decoder"], "--decoder_depth", "2")
-        finetune = self.train(f"tta_ft_ep{fe}_{self.slug}", "train_classifier.py", fe, "finetune_strong", "--recipe",
-                              "strong", "--pretrained_model_path", str(self.encoder))
+        finetune = self.train(f"tta_ft_ep{fe}_{self.c.slug}", "train_classifier.py", fe, "finetune_strong",
+                              "--recipe", "strong", "--pretrained_model_path", str(self.c.encoder))
         scratch = self.train(f"tta_scratch_ep{fe}", "train_classifier.py", fe, "finetune_strong", "--recipe",
                              "strong", *self.p["model"])
-        return [Unit("tta", "tta_pretrain", [pretrain], self.record_tta),
-                Unit("tta", "tta_finetune", [finetune], self.record_tta, needs=self.encoder),
-                Unit("tta", "tta_scratch", [scratch], self.record_tta)]
+        record = partial(record_tta, self.c)
+        return [Unit("tta", "tta_pretrain", [pretrain], record),
+                Unit("tta", "tta_finetune", [finetune], record, needs=self.c.encoder),
+                Unit("tta", "tta_scratch", [scratch], record)]
 
     def plan_ablation(self):
-        """One schedule for every setting and seed: the slowest (decoder depth 8) with its fine-tuning fits a part."""
-        old, caps = self.rows("ablation"), self.p["caps"]
-        if old:
-            pe, fe = int(old[0]["pretrain_epochs"]), int(old[0]["finetune_epochs"])
-        else:
-            pe = self.fit("pretrain_dd8", 0.6 * (self.limit - 2 * self.margin), caps["abl_pretrain"])
-            overhead, per_epoch = self.speed("pretrain_dd8")
-            fe = self.fit("finetune_strong", self.limit - 3 * self.margin - overhead - pe * per_epoch,
-                          caps["abl_finetune"])
+        """Every setting and seed: pretraining with k-NN and probe, then fine-tuning, all on one schedule."""
+        pe, fe = self.ablation_schedule()
         units = []
         for seed in SEEDS:
             for depth, strategy in ABLATIONS:
@@ -348,206 +382,148 @@ class Campaign:
                                       str(self.p["probe_epochs"]))
                 finetune = self.train(f"abl_{key}_ep{pe}_ft{fe}", "train_classifier.py", fe, "finetune_strong",
                                       "--recipe", "strong", "--seed", str(seed), "--pretrained_model_path",
-                                      str(self.paths(pretrain)[1]))
-                units.append(Unit("ablation", key, [pretrain, finetune], self.record_ablation,
+                                      str(self.c.folders.paths(pretrain)[1]))
+                units.append(Unit("ablation", key, [pretrain, finetune], partial(record_ablation, self.c),
                                   info=dict(decoder_depth=depth, mask_strategy=strategy, seed=seed,
                                             pretrain_epochs=pe, finetune_epochs=fe)))
         return units
 
-    # ------------------------------------------------------------------------------------ recording rows
+    def ablation_schedule(self):
+        """(pretraining, fine-tuning epochs): the first row's, else the slowest setting (decoder depth 8) with its
+        fine-tuning fitted into one part."""
+        old, caps, limit, margin = self.c.rows("ablation"), self.p["caps"], self.c.limit, self.c.margin
+        if old:
+            return int(old[0]["pretrain_epochs"]), int(old[0]["finetune_epochs"])
+        pe = self.estimates.fit("pretrain_dd8", 0.6 * (limit - 2 * margin), caps["abl_pretrain"])
+        overhead, per_epoch = self.estimates.speed("pretrain_dd8")
+        return pe, self.estimates.fit("finetune_strong", limit - 3 * margin - overhead - pe * per_epoch,
+                                     caps["abl_finetune"])
 
-    def record_bench(self, unit):
-        return read_csv(self.work / "bench" / f"{unit.key}.csv")
 
-    def summary(self, run):
-        """What metrics.csv says of a run: the median epoch after the first (which includes the compilation)."""
-        rows = self.metrics(run)
-        median = lambda column: statistics.median(number(r[column]) for r in rows[1:] or rows)
-        return dict(epochs=len(rows), seconds_per_epoch=median("seconds"), images_per_s=median("images_per_s"),
-                    first_epoch_s=rows[0]["seconds"], compile_s=rows[0].get("compile_seconds"),
-                    train_s=sum(number(r["seconds"]) for r in rows),
-                    final_loss=rows[-1].get("loss"), val_acc=rows[-1].get("val_acc"),
-                    best_val_acc=max((number(r.get("val_acc")) for r in rows), default=None, key=lambda v: v or 0),
-                    knn_acc=rows[-1].get("knn_acc"), probe_acc=rows[-1].get("probe_acc"))
+# ------------------------------------------------------------------------------------------ recording rows
 
-    def record_epochs(self, unit):
-        return [self.summary(unit.runs[0])]
 
-    def record_tta(self, unit):
-        row = self.summary(unit.runs[0])
-        if unit.key == "tta_pretrain":
-            row["encoder_mb"] = self.export_encoder(self.paths(unit.runs[0])[1], self.encoder)
-        return [row]
+def summary(folders, run):
+    """What metrics.csv says of a run: the median epoch after the first (which includes the compilation)."""
+    rows = folders.metrics(run)
+    median = lambda column: statistics.median(number(r[column]) for r in rows[1:] or rows)
+    return dict(epochs=len(rows), seconds_per_epoch=median("seconds"), images_per_s=median("images_per_s"),
+                first_epoch_s=rows[0]["seconds"], compile_s=rows[0].get("compile_seconds"),
+                train_s=sum(number(r["seconds"]) for r in rows),
+                final_loss=rows[-1].get("loss"), val_acc=rows[-1].get("val_acc"),
+                best_val_acc=max((number(r.get("val_acc")) for r in rows), default=None, key=lambda v: v or 0),
+                knn_acc=rows[-1].get("knn_acc"), probe_acc=rows[-1].get("probe_acc"))
 
-    def record_ablation(self, unit):
-        pretrain, finetune = (self.summary(run) for run in unit.runs)
-        return [dict(unit.info, pretrain_loss=pretrain["final_loss"], knn_acc=pretrain["knn_acc"],
-                     probe_acc=pretrain["probe_acc"], val_acc=finetune["val_acc"], pretrain_s=pretrain["train_s"],
-                     finetune_s=finetune["train_s"])]
 
-    def export_encoder(self, source, target):
-        """The pretrained weights in bf16 (the encoder alone if with the decoder they pass 16 MB), for
-        train_classifier.py --pretrained_model_path on another machine; returns the file's size in MB."""
-        state = torch.load(source, map_location="cpu", weights_only=True)
-        weights = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state["model"].items()}
-        tmp = target.with_name(f".{target.name}.tmp")
-        for keep in ("", "encoder."):
-            torch.save({"kind": "mae", "model": {k: v for k, v in weights.items() if k.startswith(keep)},
-                        "config": state["config"], "epoch": state["epoch"]}, tmp)
-            if tmp.stat().st_size < ENCODER_LIMIT:
-                break
-        os.replace(tmp, target)
-        return round(target.stat().st_size / 2 ** 20, 2)
+def record_bench(campaign, unit):
+    return read_csv(campaign.work / "bench" / f"{unit.key}.csv")
 
-    # ----------------------------------------------------------------------------------------- a part
 
-    def run_unit(self, unit, part_end):
-        """Run what is left of the unit, then append its rows; returns 0, or the first non-zero exit code."""
-        start, output = time.monotonic(), self.work / "output" / f"{unit.step}_{unit.key}.txt"
-        output.parent.mkdir(parents=True, exist_ok=True)
-        for run in unit.runs:
-            if self.finished(run):
-                continue
-            if run.epochs and not self.paths(run)[1].is_file():  # new, or stopped before its first checkpoint
-                shutil.rmtree(self.paths(run)[0], ignore_errors=True)
-            grace = self.margin + (self.speed(run.kind)[1] if run.kind else 0)  # its last epoch ends in time
-            code = execute(self.command(run), output, part_end - grace, part_end)
-            if code:
-                return code
-        rows = unit.record(unit)
-        self.append(unit.step, [{**row, **self.meta(unit, start)} for row in rows])
-        return 0 if rows else 1
+def record_epochs(campaign, unit):
+    return [summary(campaign.folders, unit.runs[0])]
 
-    def meta(self, unit, start):
-        return dict(gpu=self.gpu, torch=torch.__version__, commit=self.commit, key=unit.key,
-                    date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    command=" && ".join(map(self.display, unit.runs)), wall_s=round(time.monotonic() - start, 1))
 
-    def run_part(self, steps, part_end):
+def record_tta(campaign, unit):
+    row = summary(campaign.folders, unit.runs[0])
+    if unit.key == "tta_pretrain":
+        row["encoder_mb"] = export_encoder(campaign.folders.paths(unit.runs[0])[1], campaign.encoder)
+    return [row]
+
+
+def record_ablation(campaign, unit):
+    pretrain, finetune = (summary(campaign.folders, run) for run in unit.runs)
+    return [dict(unit.info, pretrain_loss=pretrain["final_loss"], knn_acc=pretrain["knn_acc"],
+                 probe_acc=pretrain["probe_acc"], val_acc=finetune["val_acc"], pretrain_s=pretrain["train_s"],
+                 finetune_s=finetune["train_s"])]
+
+
+def export_encoder(source, target):
+    """The pretrained weights in bf16 (the encoder alone if with the decoder they pass 16 MB), for
+    train_classifier.py --pretrained_model_path on another machine; returns the file's size in MB."""
+    state = torch.load(source, map_location="cpu", weights_only=True)
+    weights = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state["model"].items()}
+    tmp = target.with_name(f".{target.name}.tmp")
+    for keep in ("", "encoder."):
+        torch.save({"kind": "mae", "model": {k: v for k, v in weights.items() if k.startswith(keep)},
+                    "config": state["config"], "epoch": state["epoch"]}, tmp)
+        if tmp.stat().st_size < ENCODER_LIMIT:
+            break
+    os.replace(tmp, target)
+    return round(target.stat().st_size / 2 ** 20, 2)
+
+
+# ----------------------------------------------------------------------------------------------- a part
+
+
+class Part:
+    """One part: the units still to run, in order, until the next would not fit before ``end``
+    (time.monotonic() seconds) or a stop signal comes; each unit's rows are appended when its runs end."""
+
+    def __init__(self, campaign, planner, end):
+        self.c, self.planner, self.end = campaign, planner, end
+        self.commit, self.stopping = git_commit(), 0
+
+    def run(self, steps):
         """Units in order until one would not fit (the first always runs); returns (failures, stopped early)."""
         ran, failures = False, 0
         for step in steps:
-            for unit in self.plan(step):  # planned step by step: later steps are sized from earlier rows
-                if self.done(unit):
+            for unit in self.planner.plan(step):  # planned step by step: later steps are sized from earlier rows
+                if self.c.done(unit):
                     continue
                 if unit.needs and not unit.needs.is_file():
                     say(f"{step} {unit.key}: waits for {unit.needs.name}")
                     continue
-                estimate, left = self.estimate(unit), part_end - self.margin - time.monotonic()
+                estimate, left = self.planner.estimates.seconds(unit), self.end - self.c.margin - time.monotonic()
                 if self.stopping or ran and SAFETY * estimate > left:
                     say(f"{step} {unit.key}: ~{estimate:.0f} s does not fit in the {left:.0f} s left")
                     return failures, True
                 first, ran, start = not ran, True, time.monotonic()
                 say(f"{step} {unit.key}: running (~{estimate:.0f} s)")
-                code = self.run_unit(unit, part_end)
+                code = self.run_unit(unit)
                 if code in (130, 143, -signal.SIGTERM, -signal.SIGKILL) or self.stopping:
                     if step == "bench" and first and not self.stopping:  # a whole part was not enough: recorded
-                        self.append(step, [dict(unit.info, **self.meta(unit, start), augment="none",
-                                                status="timeout")])
+                        self.c.append(step, [dict(unit.info, **self.meta(unit, start), augment="none",
+                                                  status="timeout")])
                     say(f"{step} {unit.key}: stopped at the end of the part; the next part continues it")
                     return failures, True
-                if code:
-                    failures += 1
-                    output = self.work / "output" / f"{step}_{unit.key}.txt"
-                    tail = output.read_text().splitlines()[-15:] if output.is_file() else []
-                    say(f"{step} {unit.key}: FAILED (exit code {code}); its output ends with\n" + "\n".join(tail))
-                else:
-                    say(f"{step} {unit.key}: done in {time.monotonic() - start:.0f} s")
+                failures += bool(code)
+                self.tell_end(unit, code, start)
         return failures, False
 
-    def dry_run(self, steps):
-        """The plan packed into parts as run_part would go through it, if every estimate held."""
-        parts, load = [[]], 0.0
-        for step in steps:
-            for unit in self.plan(step):
-                if self.done(unit):
-                    say(f"{step} {unit.key}: done")
-                    continue
-                estimate = self.estimate(unit)
-                if parts[-1] and load + SAFETY * estimate > self.limit - 2 * self.margin:
-                    parts.append([])
-                    load = 0.0
-                parts[-1].append(unit)
-                load += estimate
-        parts = [part for part in parts if part]
-        for i, part in enumerate(parts, 1):
-            say(f"part {i}: ~{sum(map(self.estimate, part)) / 60:.1f} min")
-            for unit in part:
-                say(f"  {unit.step} {unit.key} (~{self.estimate(unit):.0f} s): "
-                    + " && ".join(map(self.display, unit.runs)))
-        say(f"{sum(map(len, parts))} units still to run on {self.gpu}: about {len(parts)} parts of "
-            f"{self.args.time_limit:g} min")
+    def run_unit(self, unit):
+        """Run what is left of the unit, then append its rows; returns 0, or the first non-zero exit code."""
+        folders, start, output = self.c.folders, time.monotonic(), self.output(unit)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        for run in unit.runs:
+            if folders.finished(run):
+                continue
+            if run.epochs and not folders.paths(run)[1].is_file():  # new, or stopped before its first checkpoint
+                shutil.rmtree(folders.paths(run)[0], ignore_errors=True)
+            grace = self.c.margin + (self.planner.estimates.speed(run.kind)[1] if run.kind else 0)  # last epoch ends
+            code = execute(folders.command(run), output, self.end - grace, self.end)
+            if code:
+                return code
+        rows = unit.record(unit)
+        self.c.append(unit.step, [{**row, **self.meta(unit, start)} for row in rows])
+        return 0 if rows else 1
 
-    def missing(self):
-        return [unit for step in STEPS for unit in self.plan(step) if not self.done(unit)]
+    def output(self, unit):
+        return self.c.work / "output" / f"{unit.step}_{unit.key}.txt"
 
-    # ------------------------------------------------------------------------------------------ the report
+    def meta(self, unit, start):
+        return dict(gpu=self.c.gpu, torch=torch.__version__, commit=self.commit, key=unit.key,
+                    date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    command=" && ".join(map(self.c.folders.display, unit.runs)),
+                    wall_s=round(time.monotonic() - start, 1))
 
-    def report(self):
-        notes = {}
-
-        def cite(row):  # a row's number in the list of runs
-            note = (f"{row['gpu']}, torch {row['torch']}, commit {row['commit']}, {row['date']}, {row['wall_s']} s: "
-                    f"`{row['command']}`")
-            return f"[{notes.setdefault(note, len(notes) + 1)}]"
-
-        vs_ref = lambda row, name: fmt(row["images_per_s"], ".2f", 1 / REFERENCE[name.split("_")[0]])
-        out = ["# GPU measurement campaign", "", "Rebuilt by `python campaign.py` after every part from the CSV files "
-               "beside it. Every number is a row there; its command, machine, torch, commit and date are listed "
-               "under Runs. The reference (IcarusWizard/MAE, its code unchanged) does 3,760 img/s pretraining and "
-               "2,080 img/s fine-tuning (batch 128) on one H100.", "",
-               "## Training-step throughput (benchmark.py, synthetic data on the device)", ""]
-        bench = self.rows("bench", everywhere=True)
-        base = {(r["gpu"], r["workload"], r["batch"]): number(r["images_per_s"]) for r in bench
-                if (r["precision"], r["compile"], r["augment"]) == ("fp32", "none", "none")}
-        out += table(["machine", "workload", "batch", "precision", "compile", "augment", "img/s", "vs fp32 eager",
-                      "vs reference", "TFLOP/s", "% of peak", "memory GiB", "run"],
-                     [[r["gpu"], r["workload"], r["batch"], r["precision"], r["compile"], r["augment"],
-                       fmt(r["images_per_s"]) if r["status"] == "ok" else r["status"],
-                       fmt(r["images_per_s"], ".2f", 1 / base[(r["gpu"], r["workload"], r["batch"])])
-                       if base.get((r["gpu"], r["workload"], r["batch"])) else "-", vs_ref(r, r["workload"]),
-                       fmt(r["tflops"], ".3g"), fmt(r["percent_of_peak"]), fmt(r["peak_memory_gib"], ".2f"),
-                       cite(r)] for r in bench])
-        out += ["## Epoch times on CIFAR-10 (the design card's commands)", "", "From each run's metrics.csv: the "
-                "median epoch after the first, which includes the compilation; data loading, masking and "
-                "augmentation included. Full schedule: 2000 pretraining or 100 fine-tuning epochs at that speed.", ""]
-        out += table(["machine", "run", "epochs", "s/epoch", "img/s", "vs reference", "first epoch s",
-                      "compile s", "full schedule h", "run"],
-                     [[r["gpu"], r["key"], r["epochs"], fmt(r["seconds_per_epoch"], ".2f"), fmt(r["images_per_s"]),
-                       vs_ref(r, r["key"]), fmt(r["first_epoch_s"]), fmt(r.get("compile_s")),
-                       fmt(r["seconds_per_epoch"], ".2f", (2000 if r["key"].startswith("pretrain") else 100) / 3600),
-                       cite(r)]
-                      for r in self.rows("epochs", everywhere=True)])
-        out += ["## Time to accuracy", "", "Pretraining (decoder depth 2) sized to fill one part, then the strong "
-                "recipe from its encoder, and the same fine-tuning from scratch. Training s: the epochs' own time; "
-                "wall s: the processes of the part that ended it, start-up and compilation included.", ""]
-        out += table(["machine", "run", "epochs", "training s", "wall s", "final loss", "test acc %", "best %",
-                      "run"], [[r["gpu"], r["key"], r["epochs"], fmt(r["train_s"]), fmt(r["wall_s"]),
-                                fmt(r["final_loss"], ".4f"), fmt(r["val_acc"], ".2f", 100),
-                                fmt(r["best_val_acc"], ".2f", 100), cite(r)] for r in self.rows("tta", True)])
-        ablation = self.rows("ablation", everywhere=True)
-        for title, axis, keep in (("decoder depth", "decoder_depth", ("mask_strategy", "random")),
-                                  ("mask strategy", "mask_strategy", ("decoder_depth", "4"))):
-            groups = {}
-            for r in ablation:
-                if r[keep[0]] == keep[1]:
-                    groups.setdefault((r["gpu"], r[axis], r["pretrain_epochs"], r["finetune_epochs"]), []).append(r)
-            stat = lambda rs, column, scale=100: mean_std([number(r[column]) for r in rs], scale)
-            out += [f"## Ablation: {title} (mean ± std over seeds; final epoch)", ""]
-            out += table(["machine", title, "seeds", "fine-tune acc %", "linear probe acc %", "k-NN acc %",
-                          "pretrain loss", "epochs (pretrain + fine-tune)", "runs"],
-                         [[*key[:2], len(rs), stat(rs, "val_acc"), stat(rs, "probe_acc"), stat(rs, "knn_acc"),
-                           stat(rs, "pretrain_loss", 1), f"{key[2]} + {key[3]}", " ".join(map(cite, rs))]
-                          for key, rs in groups.items()])
-        missing = self.missing()
-        steps = dict.fromkeys(unit.step for unit in missing)
-        out += [f"## Still to be measured on {self.gpu}", ""]
-        out += [f"- {step}: " + ", ".join(u.key for u in missing if u.step == step) for step in steps] or [
-            "Nothing: every unit has its row."]
-        out += ["", "## Runs", "", *(f"[{i}] {note}" for note, i in notes.items())]
-        self.results.mkdir(parents=True, exist_ok=True)
-        (self.results / "REPORT.md").write_text("\n".join(out) + "\n")
-        return missing
+    def tell_end(self, unit, code, start):
+        """Done, or failed with the end of its output."""
+        if not code:
+            say(f"{unit.step} {unit.key}: done in {time.monotonic() - start:.0f} s")
+            return
+        output = self.output(unit)
+        tail = output.read_text().splitlines()[-15:] if output.is_file() else []
+        say(f"{unit.step} {unit.key}: FAILED (exit code {code}); its output ends with\n" + "\n".join(tail))
 
     def stop(self, signum, frame):
         """SIGTERM / SIGINT: the running script saves (SIGINT from a terminal reaches it by itself), then we stop."""
@@ -557,22 +533,146 @@ class Campaign:
             child.terminate()
 
 
+def dry_run(campaign, planner, steps):
+    """The plan packed into parts as Part.run would go through it, if every estimate held."""
+    parts, load = [[]], 0.0
+    for step in steps:
+        for unit in planner.plan(step):
+            if campaign.done(unit):
+                say(f"{step} {unit.key}: done")
+                continue
+            estimate = planner.estimates.seconds(unit)
+            if parts[-1] and load + SAFETY * estimate > campaign.limit - 2 * campaign.margin:
+                parts.append([])
+                load = 0.0
+            parts[-1].append(unit)
+            load += estimate
+    parts = [part for part in parts if part]
+    for i, part in enumerate(parts, 1):
+        say(f"part {i}: ~{sum(map(planner.estimates.seconds, part)) / 60:.1f} min")
+        for unit in part:
+            say(f"  {unit.step} {unit.key} (~{planner.estimates.seconds(unit):.0f} s): "
+                + " && ".join(map(campaign.folders.display, unit.runs)))
+    say(f"{sum(map(len, parts))} units still to run on {campaign.gpu}: about {len(parts)} parts of "
+        f"{campaign.args.time_limit:g} min")
+
+
+# ---------------------------------------------------------------------------------------------- the report
+
+
+class Citations:
+    """Each row's run as a numbered note: the machine, torch, commit, date, wall time and command."""
+
+    def __init__(self):
+        self.notes = {}
+
+    def __call__(self, row):
+        note = (f"{row['gpu']}, torch {row['torch']}, commit {row['commit']}, {row['date']}, {row['wall_s']} s: "
+                f"`{row['command']}`")
+        return f"[{self.notes.setdefault(note, len(self.notes) + 1)}]"
+
+    def lines(self):
+        return [f"[{i}] {note}" for note, i in self.notes.items()]
+
+
+def vs_reference(row, name):
+    """The row's images per second over the reference's for its workload."""
+    return fmt(row["images_per_s"], ".2f", 1 / REFERENCE[name.split("_")[0]])
+
+
+def write_report(campaign, missing):
+    """results/REPORT.md: every table from the step CSVs (every machine's rows), then what this one still lacks."""
+    cite = Citations()
+    out = ["# GPU measurement campaign", "", "Rebuilt by `python campaign.py` after every part from the CSV files "
+           "beside it. Every number is a row there; its command, machine, torch, commit and date are listed "
+           "under Runs. The reference (IcarusWizard/MAE, its code unchanged) does 3,760 img/s pretraining and "
+           "2,080 img/s fine-tuning (batch 128) on one H100.", ""]
+    out += bench_section(campaign.rows("bench", everywhere=True), cite)
+    out += epochs_section(campaign.rows("epochs", everywhere=True), cite)
+    out += tta_section(campaign.rows("tta", everywhere=True), cite)
+    out += ablation_sections(campaign.rows("ablation", everywhere=True), cite)
+    steps = dict.fromkeys(unit.step for unit in missing)
+    out += [f"## Still to be measured on {campaign.gpu}", ""]
+    out += [f"- {step}: " + ", ".join(u.key for u in missing if u.step == step) for step in steps] or [
+        "Nothing: every unit has its row."]
+    out += ["", "## Runs", "", *cite.lines()]
+    campaign.results.mkdir(parents=True, exist_ok=True)
+    (campaign.results / "REPORT.md").write_text("\n".join(out) + "\n")
+
+
+def bench_section(bench, cite):
+    base = {(r["gpu"], r["workload"], r["batch"]): number(r["images_per_s"]) for r in bench
+            if (r["precision"], r["compile"], r["augment"]) == ("fp32", "none", "none")}
+    return ["## Training-step throughput (benchmark.py, synthetic data on the device)", "", *table(
+        ["machine", "workload", "batch", "precision", "compile", "augment", "img/s", "vs fp32 eager",
+         "vs reference", "TFLOP/s", "% of peak", "memory GiB", "run"],
+        [[r["gpu"], r["workload"], r["batch"], r["precision"], r["compile"], r["augment"],
+          fmt(r["images_per_s"]) if r["status"] == "ok" else r["status"],
+          fmt(r["images_per_s"], ".2f", 1 / base[(r["gpu"], r["workload"], r["batch"])])
+          if base.get((r["gpu"], r["workload"], r["batch"])) else "-", vs_reference(r, r["workload"]),
+          fmt(r["tflops"], ".3g"), fmt(r["percent_of_peak"]), fmt(r["peak_memory_gib"], ".2f"), cite(r)]
+         for r in bench])]
+
+
+def epochs_section(epochs, cite):
+    return ["## Epoch times on CIFAR-10 (the design card's commands)", "", "From each run's metrics.csv: the "
+            "median epoch after the first, which includes the compilation; data loading, masking and "
+            "augmentation included. Full schedule: 2000 pretraining or 100 fine-tuning epochs at that speed.", "",
+            *table(["machine", "run", "epochs", "s/epoch", "img/s", "vs reference", "first epoch s", "compile s",
+                    "full schedule h", "run"],
+                   [[r["gpu"], r["key"], r["epochs"], fmt(r["seconds_per_epoch"], ".2f"), fmt(r["images_per_s"]),
+                     vs_reference(r, r["key"]), fmt(r["first_epoch_s"]), fmt(r.get("compile_s")),
+                     fmt(r["seconds_per_epoch"], ".2f", (2000 if r["key"].startswith("pretrain") else 100) / 3600),
+                     cite(r)] for r in epochs])]
+
+
+def tta_section(tta, cite):
+    return ["## Time to accuracy", "", "Pretraining (decoder depth 2) sized to fill one part, then the strong "
+            "recipe from its encoder, and the same fine-tuning from scratch. Training s: the epochs' own time; "
+            "wall s: the processes of the part that ended it, start-up and compilation included.", "",
+            *table(["machine", "run", "epochs", "training s", "wall s", "final loss", "test acc %", "best %", "run"],
+                   [[r["gpu"], r["key"], r["epochs"], fmt(r["train_s"]), fmt(r["wall_s"]),
+                     fmt(r["final_loss"], ".4f"), fmt(r["val_acc"], ".2f", 100), fmt(r["best_val_acc"], ".2f", 100),
+                     cite(r)] for r in tta])]
+
+
+def ablation_sections(ablation, cite):
+    """One table per axis, the other axis at its default; each row a machine, setting and schedule over seeds."""
+    out = []
+    for title, axis, keep in (("decoder depth", "decoder_depth", ("mask_strategy", "random")),
+                              ("mask strategy", "mask_strategy", ("decoder_depth", "4"))):
+        groups = {}
+        for r in ablation:
+            if r[keep[0]] == keep[1]:
+                groups.setdefault((r["gpu"], r[axis], r["pretrain_epochs"], r["finetune_epochs"]), []).append(r)
+        stat = lambda rs, column, scale=100: mean_std([number(r[column]) for r in rs], scale)
+        out += [f"## Ablation: {title} (mean ± std over seeds; final epoch)", ""]
+        out += table(["machine", title, "seeds", "fine-tune acc %", "linear probe acc %", "k-NN acc %",
+                      "pretrain loss", "epochs (pretrain + fine-tune)", "runs"],
+                     [[*key[:2], len(rs), stat(rs, "val_acc"), stat(rs, "probe_acc"), stat(rs, "knn_acc"),
+                       stat(rs, "pretrain_loss", 1), f"{key[2]} + {key[3]}", " ".join(map(cite, rs))]
+                      for key, rs in groups.items()])
+    return out
+
+
 def main(argv=None, start=None):
     start = start or time.monotonic()
     args = parse_args(argv)
     campaign = Campaign(args)
+    planner = Planner(campaign, Estimates(campaign))
     steps = [args.only] if args.only else list(STEPS)
     if args.dry_run:
-        campaign.dry_run(steps)
+        dry_run(campaign, planner, steps)
         return 0
-    campaign.commit = git_commit()
+    part = Part(campaign, planner, start + campaign.limit - campaign.margin)
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, campaign.stop)
-    failures, more = campaign.run_part(steps, start + campaign.limit - campaign.margin)
-    missing = campaign.report()
+        signal.signal(signum, part.stop)
+    failures, more = part.run(steps)
+    missing = planner.missing()
+    write_report(campaign, missing)
     say(f"{campaign.results / 'REPORT.md'} rebuilt; {len(missing)} units still to be measured on {campaign.gpu}" +
         ("; run the same command again for the next part" if more else ""))
-    return campaign.stopping or (1 if failures else 0)
+    return part.stopping or (1 if failures else 0)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 A checkpoint is a dict that ``torch.load(path, weights_only=True)`` reads:
 ``{"kind": "mae" | "classifier", "model": state_dict, "config": ModelConfig as a dict, "args": vars(args),
-"epoch": ..., "optimizer": ..., "rng": ...}``, plus ``"position"`` when a stop ended an epoch early. Older checkpoints without ``config`` (and the
-reference's pickled modules, behind ``--trust_checkpoint``) are rebuilt from their weights' shapes.
+"epoch": ..., "optimizer": ..., "rng": ...}``, plus ``"position"`` when a stop ended an epoch early. Older
+checkpoints without ``config`` (and the reference's pickled modules, behind ``--trust_checkpoint``) are rebuilt
+from their weights' shapes.
 """
 import contextlib
 import io
@@ -304,8 +305,9 @@ def check_resume_model(checkpoint, config, source):
 def settle_resume_settings(checkpoint, args, fixed, source):
     """Decide, flag by flag, what a resumed run trains with, so that it trains as its command line says.
 
-    - The model (checked apart, once it is built: check_resume_model), and the ``fixed`` flags (the data, the objective, the seed whose random streams the checkpoint
-      restores), may not change: one error line lists the differences.
+    - The model (checked apart, once it is built: check_resume_model), and the ``fixed`` flags (the data, the
+      objective, the seed whose random streams the checkpoint restores), may not change: one error line lists
+      the differences.
     - A flag left off the command line continues with the run's own value: ``--resume auto`` alone continues
       the run as it was (its schedule, its time-budget plan).
     - A flag typed with another value (``args.typed``) is applied from the resumed epoch (the learning-rate

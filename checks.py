@@ -19,7 +19,7 @@ def ranged(kind, low=None, high=None, low_open=False, high_open=False):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
         if value != value or value in (float("inf"), float("-inf")):  # nan and inf pass no range
             raise argparse.ArgumentTypeError(f"{text} is not a finite number")
         too_low = low is not None and (value <= low if low_open else value < low)
@@ -133,7 +133,7 @@ def check_figure_file(parser, flag, path, overwrite):
 
 
 def check_device(parser, requested):
-    """--device: auto, cpu or cuda[:N] that exists here."""
+    """--device: auto, cpu, mps where Apple's GPU is available, or cuda[:N] that exists here."""
     if requested in (None, "auto", "cpu"):
         return
     import torch  # here, not at the top: summarize.py uses these checks and needs no torch
@@ -141,9 +141,16 @@ def check_device(parser, requested):
     try:
         device = torch.device(requested)
     except RuntimeError:
-        parser.error(f"argument --device: {requested!r} is not a device; use auto, cpu, cuda or cuda:N")
+        parser.error(f"argument --device: {requested!r} is not a device; use auto, cpu, mps, cuda or cuda:N")
+    if device.type == "mps":
+        from utils import mps_available
+
+        if not mps_available():
+            parser.error(f"argument --device: {requested} was asked for but Apple's MPS is not available here; "
+                         f"use --device cpu")
+        return
     if device.type != "cuda":
-        parser.error(f"argument --device: {requested!r} is not supported; use auto, cpu, cuda or cuda:N")
+        parser.error(f"argument --device: {requested!r} is not supported; use auto, cpu, mps, cuda or cuda:N")
     if not torch.cuda.is_available():
         parser.error(f"argument --device: {requested} was asked for but no CUDA GPU is visible; use --device cpu")
     if device.index is not None and device.index >= torch.cuda.device_count():

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model import mae_loss
-from utils import UserError, all_reduce_sum
+from utils import UserError, all_reduce_sum, synchronize
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
@@ -34,11 +34,15 @@ def cpu_has_native_bf16():
 
 
 def resolve_precision(requested, device):
-    """``--precision auto``: bf16 where the device has it natively, fp16 on older GPUs, fp32 on other CPUs."""
+    """``--precision auto``: bf16 where the device has it natively, fp16 on older GPUs, else fp32 (MPS, most CPUs)."""
     if requested != "auto":
         return requested
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "mps":
+        # Autocast on MPS depends on the versions: it came late in torch 2.x, bf16 there needs macOS 14 or later,
+        # and fp16 needs the loss scaler too. fp32 runs on every Mac and torch 2.x; --precision fp16 asks for more.
+        return "fp32"
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
@@ -54,17 +58,27 @@ def grad_scaler(device, precision):
     return torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
 
+def why_eager(device):
+    """Why torch.compile is not used on ``device``, or None where it is: it needs Triton on a GPU (bundled with
+    CUDA torch) and a C++ compiler on the CPU; on MPS it is experimental in torch 2.x, so the step runs eagerly."""
+    if device.type == "mps":
+        return "torch.compile on MPS is experimental in torch 2.x"
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        return "no C++ compiler found"
+    return None
+
+
 def compiler_available(device):
-    """torch.compile needs Triton on a GPU (bundled with CUDA torch) and a C++ compiler on the CPU."""
-    return device.type == "cuda" or any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+    return why_eager(device) is None
 
 
 def largest_fitting_micro_batch(trial, per_process_batch, device, cpu_cap=256):
     """``--max_device_batch_size auto``: the largest power of two that divides the batch and fits in memory.
 
     ``trial(size)`` runs one forward and backward at that micro-batch size; on a GPU each size is tried from the
-    largest down until one runs without running out of memory. The CPU has no such limit worth a trial:
-    ``cpu_cap`` (cache-friendly, and fast on few cores) or the batch, whichever is smaller.
+    largest down until one runs without running out of memory. The CPU has no such limit worth a trial, and
+    Apple's MPS (memory shared with the CPU) runs out differently: there ``cpu_cap`` (cache-friendly, and fast on
+    few cores) or the batch, whichever is smaller.
     """
     sizes = [1 << k for k in range(per_process_batch.bit_length() - 1, -1, -1) if per_process_batch % (1 << k) == 0]
     if device.type != "cuda":
@@ -80,16 +94,18 @@ def largest_fitting_micro_batch(trial, per_process_batch, device, cpu_cap=256):
 
 
 def maybe_compile(fn, device, enabled=True, mode="default"):
+    """``fn`` under torch.compile when ``enabled`` and this device compiles (see why_eager), else ``fn`` itself."""
     if not enabled or not compiler_available(device):
         return fn
     return torch.compile(fn, mode=None if mode == "default" else mode)
 
 
-def describe_speed_path(device, precision, compiled):
-    """One line for the log: what the step will run as."""
+def describe_speed_path(device, precision, compiled, requested_precision=None):
+    """One line for the log: what the step will run as (and that ``--precision auto`` chose the precision)."""
     compile_note = "torch.compile" if compiled and compiler_available(device) else (
-        "eager (no C++ compiler found)" if compiled else "eager")
-    return f"device {device}, precision {precision}, {compile_note}, {torch.get_num_threads()} CPU threads"
+        f"eager ({why_eager(device)})" if compiled else "eager")
+    chosen = " (chosen by --precision auto)" if requested_precision == "auto" else ""
+    return f"device {device}, precision {precision}{chosen}, {compile_note}, {torch.get_num_threads()} CPU threads"
 
 
 # ------------------------------------------------------------------------------------------------- steps
@@ -299,8 +315,7 @@ class EpochTimer:
         return (images_seen - images_per_step) / max(self.seconds - self.first_step_seconds, 1e-9)
 
     def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
 
 
 class StopFlag:

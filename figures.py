@@ -6,6 +6,7 @@ from torchvision.utils import make_grid
 
 from data import denormalize
 from model import MASK_STRATEGIES, PatchShuffle
+from utils import kept_random_state
 
 SCALE = 4  # CIFAR's 32 px are too small to read: draw each image 4x larger
 
@@ -19,8 +20,7 @@ def reconstruction_grid(model, images, seed=0):
     """
     was_training = model.training
     model.eval()
-    devices = [images.device] if images.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):  # fp32: a figure is cheap, and exact
+    with kept_random_state(images.device):  # fp32: a figure is cheap, and exact
         torch.manual_seed(seed)
         predicted, mask = model(images)
     model.train(was_training)

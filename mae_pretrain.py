@@ -23,9 +23,9 @@ from probe import evaluate_encoder
 
 # Settings that name a run when they differ from their defaults ("" = use the value itself, e.g. "block").
 RUN_NAME_KEYS = {"preset": "", "decoder_depth": "dd", "mask_strategy": "", "mask_ratio": "mr",
-                 "decoder_emb_dim": "dw", "norm_pix_loss": "normpix", "patch_size": "p", "emb_dim": "e", "encoder_depth": "ed",
-                 "augment": "aug", "total_epoch": "ep", "batch_size": "bs", "base_learning_rate": "lr",
-                 "seed": "s"}
+                 "decoder_emb_dim": "dw", "norm_pix_loss": "normpix", "patch_size": "p", "emb_dim": "e",
+                 "encoder_depth": "ed", "augment": "aug", "total_epoch": "ep", "batch_size": "bs",
+                 "base_learning_rate": "lr", "seed": "s"}
 # A model and schedule that pretrains on all of CIFAR-10 on a 2-core CPU in minutes (see the README's results).
 PRESETS = {"small": dict(patch_size=4, emb_dim=96, encoder_depth=4, encoder_heads=3, decoder_depth=2,
                          decoder_heads=2, decoder_emb_dim=64, batch_size=256, base_learning_rate=1.5e-3,
@@ -159,6 +159,7 @@ def main(argv=None):
         if env.is_main and args.knn_every and (epoch % args.knn_every == 0 or epoch == args.total_epoch):
             monitor = evaluate_encoder(model.encoder, run.train_set, run.test_set, device, args.knn_k,
                                        args.knn_pool, args.probe_epochs, run.precision)
+        book.final = (epoch, {"loss": result.loss, **monitor})  # for the HParams view: loss, k-NN, probe
         book.logger.log(epoch, loss=result.loss, lr=lr, seconds=timer.seconds, **monitor,
                         images_per_s=timer.steady_rate(result.images_seen, args.batch_size),
                         compile_seconds=timer.first_step_seconds if first and not args.no_compile else None)
@@ -169,7 +170,7 @@ def main(argv=None):
                                                                   run_dir=str(run.log_dir)))
         if book.stopping:
             break
-    return book.finish()
+    return book.finish({**vars(args), **config.to_dict()})
 
 
 if __name__ == "__main__":

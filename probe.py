@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine import autocast
 from data import normalize
+from engine import autocast
 
 
 @torch.no_grad()

@@ -231,8 +231,8 @@ def glance(results):
             f"**Not an equal-compute comparison**: the MAE arm trained {mae_epochs(mae)} pretraining epochs and then "
             f"the same {scratch_epochs(scratch)} fine-tuning epochs that the from-scratch arm had alone "
             f"(on the idle seed 1: {m['1']:.1f} against {s['1']:.1f} minutes; seed 0 shared the two cores with "
-            "development, so its minutes are longer; minutes are the training epochs' own seconds). The time-budget study, which gives both arms the same "
-            "minutes, replaces these rows when its CSV lands in results/budget/.")
+            "development, so its minutes are longer; minutes are the training epochs' own seconds). "
+            "The time-budget study, which gives both arms the same minutes, replaces these rows when its CSV lands in results/budget/.")
     notes.append("GPU accuracy is not measured yet; its minutes are projected: the measured seconds per epoch times "
                  "the default schedule's epochs (2000 pretraining, 100 fine-tuning).")
     caption = [f"CPU study: {CPU_STUDY['machine']}, torch {CPU_STUDY['torch']}, {CPU_STUDY['date']}",

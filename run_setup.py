@@ -103,7 +103,7 @@ def add_run_arguments(p):
     p.add_argument("--dataset", choices=["cifar10", "cifar100"], default="cifar10")
     p.add_argument("--data_dir", type=checks.path_text, default=None,
                    help="image folder with train/<class>/ and test/<class>/")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, mps, cuda or cuda:N")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 where the device has it natively, fp16 (with loss scaling) on GPUs without "
                         "bf16, else fp32")
@@ -215,6 +215,7 @@ class Bookkeeping:
         self.bar = engine.progress_bar(args.total_epoch * steps_per_epoch, done_steps, run.env.is_main)
         self.steps_left = (args.total_epoch - done) * steps_per_epoch // run.accum_steps
         self.budgeted = bool(getattr(args, "time_budget", None))
+        self.final = None  # (epoch, metrics) of the last epoch this process finished
         if self.is_main:
             self._record_plan(done)
 
@@ -247,8 +248,11 @@ class Bookkeeping:
         if self.is_main:
             self.writer.save(path, state)
 
-    def finish(self):
-        """Wait for the last write, close the logs; the exit code: 130 / 143 after a graceful stop, else 0."""
+    def finish(self, settings=None):
+        """Wait for the last write, record the settings and final metrics for TensorBoard's HParams view (when
+        this process finished an epoch), close the logs; the exit code: 130 / 143 after a graceful stop, else 0."""
+        if self.final and settings is not None:
+            self.logger.log_hparams(settings, self.final[1], self.final[0])
         self.writer.wait()
         self.bar.close()
         self.logger.close()
@@ -325,7 +329,7 @@ def start_run(args, checkpoint_paths):
     check_batch_fits(args.batch_size, len(train_set.labels), env.world_size)
     precision = resolve_precision(args.precision, env.device)
     if env.is_main:
-        print(describe_speed_path(env.device, precision, not args.no_compile))
+        print(describe_speed_path(env.device, precision, not args.no_compile, args.precision))
     return Run(env, precision, log_dir, resume_path, train_set, test_set, list(checkpoint_paths))
 
 
@@ -335,7 +339,7 @@ def make_loader(run, args, augment, trial=None):
     requested = args.max_device_batch_size
     if requested == "auto":
         per_process = args.batch_size // run.env.world_size
-        with torch.random.fork_rng(devices=[run.env.device] if run.env.device.type == "cuda" else []):
+        with utils.kept_random_state(run.env.device):
             requested = largest_fitting_micro_batch(trial, per_process, run.env.device)
         if run.env.is_main:
             print(f"--max_device_batch_size auto: {requested}")

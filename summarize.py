@@ -199,8 +199,9 @@ def summarize(runs, output_dir):
         groups = [(key, group) for key, group in groups.items() if len(group) > 1 or not axis]
         if axis:
             axes = [*others, axis]
+            # table() calls the row function at once, while ``axes`` still holds this axis's columns.
             parts += [f"## {word(axis).capitalize()}", "", table([r for _, g in groups for r in g], [
-                word(a) for a in axes], lambda r: [show(r["key"].get(a)) for a in axes], columns), ""]
+                word(a) for a in axes], lambda r: [show(r["key"].get(a)) for a in axes], columns), ""]  # noqa: B023
         for curve, (*_, ylabel) in CURVES.items():
             title = ylabel.split(" (")[0] + (f" by {word(axis)}" if axis else "")
             parts += curve_figure(groups, curve, [axis] if axis else [], title,
@@ -244,8 +245,9 @@ def budget_section(rows, output_dir):
     groups = {}
     for row in rows:
         groups.setdefault((row["budget_minutes"], row["arm"]), []).append(row)
-    lines = ["## Accuracy against the time budget (equal compute)", "", "| budget (min) | arm | n | final test acc (%) | per seed | epochs (pretrain + fine-tune) | "
-             "wall (min) |", "|---|---|---|---|---|---|---|"]
+    lines = ["## Accuracy against the time budget (equal compute)", "",
+             "| budget (min) | arm | n | final test acc (%) | per seed | epochs (pretrain + fine-tune) | wall (min) |",
+             "|---|---|---|---|---|---|---|"]
     for (minutes, arm), group in sorted(groups.items()):
         acc = [r["test_acc"] for r in group]
         spread = f" ± {stdev(acc):.2f}" if len(acc) > 1 else ""

@@ -5,6 +5,7 @@
     python train_classifier.py --pretrained_model_path vit-t-mae.pt --trust_checkpoint   # the reference's pickle
 """
 import argparse
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -198,7 +199,7 @@ def measure_costs(args, run, step, model, optimizer, train_model, scaler, ema, e
         evaluation = 0.0
         for evaluate in evaluations:
             evaluate(test_batches[:1])  # the first call compiles
-            evaluation += budget.timed(lambda: evaluate(sample), device) * len(test_batches) / len(sample)
+            evaluation += budget.timed(partial(evaluate, sample), device) * len(test_batches) / len(sample)
         save = budget.timed(lambda: ckpt.save_to_memory({"model": model.state_dict(),
                                                          "optimizer": optimizer.state_dict()}), device)
     return budget.Costs(step_seconds, steps_per_epoch, evaluation=evaluation, final=2 * save)
@@ -283,6 +284,7 @@ def main(argv=None):
         kept_acc = scores["val_acc_ema" if ema else "val_acc"]
         if kept_acc > best["val_acc"]:
             best = {"val_acc": kept_acc, "epoch": epoch}
+        book.final = (epoch, {"val_acc": scores["val_acc"], "best_val_acc": best["val_acc"]})  # best: the kept one
             if env.is_main:
                 book.writer.save(args.output_model_path, {"kind": "classifier", "model": kept.state_dict(),
                                                           "config": config.to_dict(), "args": vars(args),
@@ -295,7 +297,7 @@ def main(argv=None):
                   f"epoch {best['epoch']}); stopping early")
         if book.stopping or patience_over:
             break
-    return book.finish()
+    return book.finish({**vars(args), **config.to_dict()})
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ import csv
 import os
 import random
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,15 +76,55 @@ class Dist:
         return self.rank == 0
 
 
+def mps_available():
+    """Whether Apple's Metal GPU (MPS) can run here (torch built with it, and a Mac that has it)."""
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def auto_device():
+    """``--device auto``: a CUDA GPU, else Apple's MPS, else the CPU."""
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if mps_available() else "cpu"
+
+
+def synchronize(device):
+    """Wait for the work queued on ``device`` (the CPU runs in order), so a clock read after it is fair."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+@contextmanager
+def kept_random_state(device):
+    """Random draws inside leave the run's CPU and ``device`` generators as they were (a figure, a trial step).
+
+    torch.random.fork_rng forks the CUDA generator; the MPS one is saved and restored here, through the calls
+    every torch 2.x has.
+    """
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        mps_state = torch.mps.get_rng_state() if device.type == "mps" else None
+        try:
+            yield
+        finally:
+            if mps_state is not None:
+                torch.mps.set_rng_state(mps_state)
+
+
 def setup_device(requested=None, threads=None):
     """The device, and the process group when launched by torchrun (RANK / WORLD_SIZE in the environment)."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if threads:
         torch.set_num_threads(threads)
-    if requested in (None, "auto"):
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(requested)
+    device = torch.device(auto_device() if requested in (None, "auto") else requested)
+    if device.type == "mps":
+        if not mps_available():
+            raise UserError("--device mps was asked for but Apple's MPS is not available here; use --device cpu")
+        if world_size > 1:  # one Apple GPU per machine, and no collective backend for its tensors
+            raise UserError("--device mps runs in one process; start it without torchrun")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
@@ -141,6 +182,7 @@ def run_name(prefix, args, defaults, abbreviations):
 
 
 def parser_defaults(parser):
+    """{flag's dest: its default}, what ``run_name`` compares against (argparse keeps them only on its actions)."""
     return {action.dest: action.default for action in parser._actions}
 
 
@@ -243,6 +285,26 @@ class RunLogger:
             if new_file:
                 writer.writeheader()
             writer.writerow({"epoch": epoch, **values})
+        self.writer.flush()
+
+    def log_hparams(self, settings, final_metrics, epoch):
+        """The run's settings and final metrics for TensorBoard's HParams view, written through this run's own
+        writer (``SummaryWriter.add_hparams`` would start a timestamped subfolder: a second run in every view).
+
+        Only bool (shown as 0 / 1), int, float and str settings are kept: the view has no other types; None is
+        "none". A metric
+        is the scalar ``hparams/<name>`` at ``epoch``, so a resumed run's purge replaces it like any curve."""
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        kept = {name: "none" if value is None else value for name, value in settings.items()
+                if value is None or isinstance(value, (bool, int, float, str))}
+        metrics = {f"hparams/{name}": float(value) for name, value in final_metrics.items() if value is not None}
+        for summary in hparams(kept, metrics):  # the experiment, and this session's start and end
+            self.writer.file_writer.add_summary(summary)
+        for tag, value in metrics.items():
+            self.writer.add_scalar(tag, value, epoch)
         self.writer.flush()
 
     def add_image(self, tag, image, epoch):

@@ -61,7 +61,7 @@ def build_parser():
     p.add_argument("--reconstruction_output", type=checks.path_text, default="reconstructions.png")
     p.add_argument("--overwrite", action="store_true", help="replace existing figure files")
     p.add_argument("--mask_ratios", type=checks.OPEN_UNIT, nargs="+", default=[0.75])
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, mps, cuda or cuda:N")
     p.add_argument("--trust_checkpoint", action="store_true", help="allow a pickled whole-module checkpoint")
     return p
 

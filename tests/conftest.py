@@ -198,6 +198,25 @@ def load_state(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def read_hparams(run_dir):
+    """What the run wrote for TensorBoard's HParams view into its own events file: (settings, {metric: last value}),
+    checking that the metrics the experiment declares are the ``hparams/`` scalars written."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    (events,) = Path(run_dir).glob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    content = {tag: HParamsPluginData.FromString(data) for tag, data in
+               accumulator.PluginTagToContent("hparams").items()}
+    declared = {info.name.tag for info in content["_hparams_/experiment"].experiment.metric_infos}
+    written = {tag for tag in accumulator.Tags()["scalars"] if tag.startswith("hparams/")}
+    assert declared == written
+    start = content["_hparams_/session_start_info"].session_start_info
+    settings = {name: getattr(value, value.WhichOneof("kind")) for name, value in start.hparams.items()}
+    return settings, {tag.removeprefix("hparams/"): accumulator.Scalars(tag)[-1].value for tag in written}
+
+
 @pytest.fixture
 def stop_after_epoch(monkeypatch):
     """``with stop_after_epoch(n) as flags: main(argv)`` runs as if SIGTERM arrived during epoch ``n``.

@@ -29,7 +29,7 @@ def test_cpu_run_prints_one_row_per_workload_and_batch_size(capsys):
     returned = benchmark.main(CPU_RUN)
     rows = table_rows(capsys.readouterr().out)
     assert [(r[0], int(r[1])) for r in rows] == [("pretrain", 2), ("pretrain", 4), ("finetune", 2), ("finetune", 4)]
-    for workload, _, precision, compile_mode, augment, images_per_s, ratio, tflops, percent, memory in rows:
+    for _workload, _, precision, compile_mode, augment, images_per_s, ratio, tflops, percent, memory in rows:
         assert (precision, compile_mode, augment, ratio) == ("fp32", "none", "none", "1.00")
         assert float(images_per_s) > 0 and float(tflops) > 0
         assert percent == "-" and memory == "-"  # no known peak and no CUDA memory stats on the CPU
@@ -118,7 +118,8 @@ def test_flops_scale_linearly_with_batch_size(workload):
 
 def test_flops_do_not_depend_on_the_mask_strategy():
     # Every strategy keeps the same number of patches, so the encoder does the same work.
-    counts = {s: step_flops("pretrain", 2, tiny_args("--mask_strategy", s)) for s in ("random", "block", "grid", "blockwise")}
+    counts = {s: step_flops("pretrain", 2, tiny_args("--mask_strategy", s))
+              for s in ("random", "block", "grid", "blockwise")}
     assert len(set(counts.values())) == 1, counts
 
 

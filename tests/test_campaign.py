@@ -236,7 +236,8 @@ def test_the_deadline_sends_sigterm_then_sigkill(tmp_path):
         assert time.monotonic() - start < 10 and "started" in output.read_text()
 
 
-@pytest.mark.parametrize("extra, flag", [(["--time_limit", "0"], "--time_limit"), (["--time_limit", "x"], "--time_limit"),
+@pytest.mark.parametrize("extra, flag", [(["--time_limit", "0"], "--time_limit"),
+                                         (["--time_limit", "x"], "--time_limit"),
                                          (["--only", "nothing"], "--only"), (["--device", "gpu"], "--device"),
                                          (["--data_dir", "missing"], "--data_dir"), (["--bogus"], "--bogus"),
                                          (["--time_limit", "1e9"], "--time_limit"), (["--work_dir", ""], "--work_dir"),

@@ -97,7 +97,8 @@ def test_training_state_round_trips_with_weights_only(tmp_path):
     epoch, resumed_position = ckpt.restore_training_state(checkpoint, "mae", fresh_model, fresh_optimizer, path)
     assert epoch == 5 and resumed_position == position
     assert torch.equal(fresh_model.weight, model.weight)
-    assert torch.equal(fresh_optimizer.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    assert torch.equal(fresh_optimizer.state_dict()["state"][0]["exp_avg"],
+                       optimizer.state_dict()["state"][0]["exp_avg"])
     # The moments are the run's; the hyperparameters are the resuming command's, not the saved ones.
     assert fresh_optimizer.param_groups[0]["lr"] == 0.5 and fresh_optimizer.param_groups[0]["weight_decay"] == 0.2
     assert torch.equal(torch.rand(3), expected_draw)  # the random streams continue where the run stopped

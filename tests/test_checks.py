@@ -8,7 +8,6 @@ import torch
 import checks
 
 
-
 @pytest.mark.parametrize("kind, text, ok", [
     (checks.POSITIVE_INT, "3", True), (checks.POSITIVE_INT, "0", False), (checks.POSITIVE_INT, "-2", False),
     (checks.POSITIVE_INT, "2.5", False), (checks.NONNEGATIVE_INT, "0", True), (checks.PROBABILITY, "1", True),

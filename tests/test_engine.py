@@ -8,7 +8,6 @@ import engine
 from engine import NonFiniteLoss
 from utils import UserError
 
-
 # ------------------------------------------------------------------------------------------- schedule and loop
 
 

@@ -3,10 +3,10 @@ import pytest
 import timm
 import torch
 
-import export_timm
 import checkpoint as ckpt
+import export_timm
 import utils
-from model import ModelConfig, MAE_Encoder, MAE_ViT, ViT_Classifier, to_timm_state_dict
+from model import MAE_Encoder, MAE_ViT, ModelConfig, ViT_Classifier, to_timm_state_dict
 
 TIMM_ARGS = dict(pretrained=False, no_embed_class=True, qkv_bias=False)
 TINY = dict(image_size=16, patch_size=2, emb_dim=32, encoder_depth=2, encoder_heads=2)

@@ -12,8 +12,7 @@ import data
 import mae_pretrain
 import run_setup
 import utils
-from conftest import (REPO, SUBPROCESS_ENV, assert_one_line_error, load_state, read_metrics, run_dirs,
-                      write_image_folder)
+from conftest import REPO, SUBPROCESS_ENV, assert_one_line_error, load_state, read_metrics, run_dirs, write_image_folder
 from model import MAE_ViT
 
 MAE_COLUMNS = ["epoch", "loss", "lr", "seconds", "images_per_s"]
@@ -53,6 +52,16 @@ def test_pretraining_writes_checkpoint_csv_and_tensorboard(mae_run):
     assert [s.step for s in scalars] == [1, 2]
     assert [s.value for s in scalars] == pytest.approx([float(row["loss"]) for row in rows], rel=1e-6)
     assert [i.step for i in accumulator.Images("mae_image")] == [1, 2]
+
+
+def test_the_run_records_its_settings_and_final_metrics_for_the_hparams_view(mae_run):
+    from conftest import read_hparams
+
+    settings, metrics = read_hparams(mae_run.run_dir)
+    assert settings["mask_ratio"] == pytest.approx(0.75) and settings["mask_strategy"] == "random"  # the model's
+    assert settings["emb_dim"] == 32 and settings["decoder_emb_dim"] == "none"
+    assert settings["total_epoch"] == 2 and settings["resume"] == "none"
+    assert metrics == {"loss": pytest.approx(float(read_metrics(mae_run.run_dir)[1][-1]["loss"]), rel=1e-6)}
 
 
 def test_reconstruction_grid_is_logged_every_n_epochs_and_at_both_ends(tmp_path, mae_argv):

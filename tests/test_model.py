@@ -3,8 +3,17 @@ import pytest
 import torch
 from einops import rearrange
 
-from model import (MAE_Decoder, MAE_Encoder, MAE_ViT, PatchShuffle, ViT_Classifier, encoder_state_dict, mae_loss,
-                   near_square_shape, take_indexes)
+from model import (
+    MAE_Decoder,
+    MAE_Encoder,
+    MAE_ViT,
+    PatchShuffle,
+    ViT_Classifier,
+    encoder_state_dict,
+    mae_loss,
+    near_square_shape,
+    take_indexes,
+)
 
 SIDE, T, BATCH = 16, 256, 64  # the paper's setting: 32 x 32 images, 2 x 2 patches -> a 16 x 16 grid
 RATIOS = (0.5, 0.75, 0.9)

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-import mae_pretrain
 import checkpoint as ckpt
+import mae_pretrain
 from conftest import write_coloured_image_folder
 from data import Split
 from probe import evaluate_encoder, extract_features, knn_accuracy, linear_probe_accuracy

@@ -101,7 +101,8 @@ def test_tables_keep_ablations_apart_and_count_seeds(tmp_path, capsys):
     assert [r["setting"] for r in table_after(report, "All settings")] == [
         "decoder depth 1, mask strategy block", "decoder depth 1, mask strategy random",
         "decoder depth 2, mask strategy block", "decoder depth 2, mask strategy random"]
-    assert "dd8" not in report and "ft_unfinished (not finished: 1/2 epochs)" in report  # unfinished runs are left out, named
+    # Unfinished runs are left out, and named.
+    assert "dd8" not in report and "ft_unfinished (not finished: 1/2 epochs)" in report
 
     runs = read_csv(tmp_path / "runs.csv")
     assert len(runs) == 3 * 10 and not any(r["run"] == "ft_unfinished" for r in runs)

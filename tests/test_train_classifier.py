@@ -8,7 +8,7 @@ import torch
 
 import run_setup
 import train_classifier
-from conftest import REPO, TINY_ENCODER, SUBPROCESS_ENV, assert_one_line_error, load_state, read_metrics, run_dirs
+from conftest import REPO, SUBPROCESS_ENV, TINY_ENCODER, assert_one_line_error, load_state, read_metrics, run_dirs
 from model import MAE_Encoder, MAE_ViT, ViT_Classifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -40,6 +40,15 @@ def test_finetuning_writes_best_and_last_checkpoints_and_csv(classifier_run, mae
     pretrained = load_state(mae_run.checkpoint)["model"]["encoder.patchify.weight"]
     assert last["model"]["patchify.weight"].shape == pretrained.shape
     assert not torch.equal(last["model"]["patchify.weight"], pretrained)
+
+
+def test_the_run_records_its_settings_and_final_metrics_for_the_hparams_view(classifier_run):
+    from conftest import read_hparams
+
+    settings, metrics = read_hparams(classifier_run.run_dir)
+    assert settings["pretrained_model_path"].endswith("mae.pt") and settings["batch_size"] == 16
+    val_accs = [float(row["val_acc"]) for row in read_metrics(classifier_run.run_dir)[1]]
+    assert metrics == pytest.approx({"val_acc": val_accs[-1], "best_val_acc": max(val_accs)})
 
 
 def test_pretrained_encoder_is_loaded_without_size_flags(tmp_path, cls_argv, mae_run):

@@ -12,8 +12,8 @@ from timm.layers import DropPath
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 
-import train_classifier
 import checkpoint as ckpt
+import train_classifier
 import utils
 from conftest import write_coloured_image_folder
 from data import normalize, rand_augment, random_crop_flip, random_erasing

@@ -96,6 +96,19 @@ def test_run_logger_resume_drops_rows_from_the_restart_epoch_on(tmp_path):
     assert rows == [["epoch", "loss"], ["1", "1.0"], ["2", "2.0"], ["3", "30.0"]]
 
 
+def test_hparams_keep_scalar_settings_in_the_run_folder_itself(tmp_path):
+    from conftest import read_hparams
+
+    logger = utils.RunLogger(tmp_path, ["loss"])
+    logger.log(1, loss=0.5)
+    logger.log_hparams({"lr": 0.1, "depth": 4, "name": "x", "flag": True, "resume": None, "sizes": [1, 2]},
+                       {"loss": 0.25, "knn_acc": None}, epoch=1)
+    logger.close()
+    settings, metrics = read_hparams(tmp_path)  # exactly one events file: no timestamped subfolder
+    assert settings == {"lr": 0.1, "depth": 4, "name": "x", "flag": 1, "resume": "none"}
+    assert metrics == {"loss": 0.25} and [p.name for p in tmp_path.iterdir() if p.is_dir()] == []
+
+
 def test_a_disabled_logger_writes_nothing(tmp_path):
     logger = utils.RunLogger(tmp_path / "run", ["loss"], enabled=False)
     logger.log(1, loss=1.0)
@@ -155,7 +168,8 @@ def test_run_lock_refuses_a_second_holder_and_is_released_with_the_process(tmp_p
     import sys
 
     holder = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(utils.__file__)!r}"
-                               f".rsplit('/', 1)[0]); import utils, time; lock = utils.RunLock({str(tmp_path)!r}).acquire(); "
+                               f".rsplit('/', 1)[0]); import utils, time; "
+                               f"lock = utils.RunLock({str(tmp_path)!r}).acquire(); "
                                f"print('locked', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"

@@ -1,0 +1,109 @@
+"""Device choice across utils, checks and engine: --device auto takes CUDA, then Apple's MPS, then the CPU; on MPS
+the run is fp32 and eager unless asked otherwise. No Apple hardware is needed: availability is monkeypatched."""
+import argparse
+
+import pytest
+import torch
+
+import checks
+import engine
+import utils
+from utils import UserError
+
+MPS = torch.device("mps")
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """Pretend this machine has a CUDA GPU and / or Apple's MPS."""
+    def pretend(cuda=False, mps=False):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+
+    return pretend
+
+
+@pytest.mark.parametrize("cuda, mps, expected", [(True, True, "cuda"), (True, False, "cuda"), (False, True, "mps"),
+                                                 (False, False, "cpu")])
+def test_auto_prefers_cuda_then_mps_then_the_cpu(machine, cuda, mps, expected):
+    machine(cuda=cuda, mps=mps)
+    assert utils.auto_device() == expected
+
+
+def test_setup_device_resolves_auto_to_mps_and_refuses_mps_where_there_is_none(machine, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    machine(mps=True)
+    assert utils.setup_device("auto").device == MPS
+    assert utils.setup_device(None).device == MPS
+    machine(mps=False)
+    assert utils.setup_device("auto").device == torch.device("cpu")
+    with pytest.raises(UserError, match="--device mps was asked for but Apple's MPS is not available here"):
+        utils.setup_device("mps")
+
+
+def test_mps_under_torchrun_is_refused(machine, monkeypatch):
+    machine(mps=True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="without torchrun"):
+        utils.setup_device("mps")
+
+
+def test_check_device_accepts_mps_only_where_it_is_available(machine, capsys):
+    parser = argparse.ArgumentParser()
+    machine(mps=True)
+    checks.check_device(parser, "mps")  # no error
+    machine(mps=False)
+    with pytest.raises(SystemExit) as exit_info:
+        checks.check_device(parser, "mps")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("error: argument --device: mps was asked for but Apple's MPS is not available here; "
+                            "use --device cpu")
+    with pytest.raises(SystemExit):
+        checks.check_device(parser, "tpu")
+    assert "use auto, cpu, mps, cuda or cuda:N" in capsys.readouterr().err
+
+
+def test_mps_runs_fp32_and_eager_unless_asked(monkeypatch):
+    monkeypatch.setattr(engine.shutil, "which", lambda name: "/usr/bin/" + name)  # a C++ compiler is there
+    assert engine.resolve_precision("auto", MPS) == "fp32"
+    assert engine.resolve_precision("fp16", MPS) == "fp16" and engine.resolve_precision("bf16", MPS) == "bf16"
+    step = lambda x: x
+    assert engine.maybe_compile(step, MPS) is step
+    assert engine.compiler_available(torch.device("cpu")) and not engine.compiler_available(MPS)
+    line = engine.describe_speed_path(MPS, "fp32", True, "auto")
+    assert line.startswith("device mps, precision fp32 (chosen by --precision auto), eager (torch.compile on MPS "
+                           "is experimental")
+    assert "chosen by" not in engine.describe_speed_path(MPS, "fp16", False, "fp16")
+
+
+def test_the_cpu_and_cuda_paths_are_unchanged(monkeypatch):
+    monkeypatch.setattr(engine.shutil, "which", lambda name: None)  # no C++ compiler
+    cpu = torch.device("cpu")
+    assert engine.compiler_available(torch.device("cuda")) and not engine.compiler_available(cpu)
+    assert "eager (no C++ compiler found)" in engine.describe_speed_path(cpu, "fp32", True)
+    assert engine.describe_speed_path(cpu, "fp32", False).startswith("device cpu, precision fp32, eager, ")
+
+
+def test_the_epoch_timer_waits_for_mps_work(monkeypatch):
+    waits = []
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: waits.append("mps"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waits.append("cuda"))
+    with engine.EpochTimer(MPS):
+        pass
+    with engine.EpochTimer(torch.device("cpu")):
+        pass
+    assert waits == ["mps", "mps"]
+
+
+def test_kept_random_state_restores_the_cpu_and_mps_generators(monkeypatch):
+    state = {"mps": torch.tensor([1])}
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda: state["mps"].clone())
+    monkeypatch.setattr(torch.mps, "set_rng_state", lambda new: state.update(mps=new))
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    with utils.kept_random_state(MPS):
+        torch.rand(5)
+        state["mps"] = torch.tensor([2])  # a draw on the Apple GPU
+    assert torch.equal(torch.rand(3), expected) and state["mps"].item() == 1

@@ -284,11 +284,11 @@ def main(argv=None):
         kept_acc = scores["val_acc_ema" if ema else "val_acc"]
         if kept_acc > best["val_acc"]:
             best = {"val_acc": kept_acc, "epoch": epoch}
-        book.final = (epoch, {"val_acc": scores["val_acc"], "best_val_acc": best["val_acc"]})  # best: the kept one
             if env.is_main:
                 book.writer.save(args.output_model_path, {"kind": "classifier", "model": kept.state_dict(),
                                                           "config": config.to_dict(), "args": vars(args),
                                                           "epoch": epoch, "val_acc": kept_acc, "classes": classes})
+        book.final = (epoch, {"val_acc": scores["val_acc"], "best_val_acc": best["val_acc"]})  # best: the kept one
         patience_over = args.patience is not None and epoch - best["epoch"] >= args.patience
         if book.save_due(epoch, ended_early=patience_over):
             book.writer.save(last_path, training_state(epoch, stopped_early=patience_over))

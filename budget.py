@@ -149,6 +149,8 @@ def time_steps(train_steps, batches, device, budget_minutes, warm_steps=2, most_
 
     def enough():
         steady = len(marks) - warm_steps
+        if dist.is_initialized():  # every process must stop at the same step: by count only, never by its clock
+            return steady >= min(most_steps, 10)
         return steady >= most_steps or (steady >= 3 and marks[-1] - marks[warm_steps - 1] > budget_minutes * 1.2)
 
     train_steps(batches * (most_steps + warm_steps), mark, enough)

@@ -6,7 +6,10 @@ end within --time_limit minutes (start-up and compilation included), appended to
     python campaign.py --only bench               # one step: epochs, tta, bench, ablation or report
     python campaign.py --tiny --data_dir DATA --time_limit 0.5    # the whole campaign on the CPU, tiny model
 
-Steps, in the order a short GPU session needs them: epochs (real epoch times of the design card's commands, from
+Steps, in the order a short GPU session needs them: budget (the repo's headline: MAE pretraining + fine-tuning
+against training from scratch at equal compute, each arm the same minutes with --time_budget; the first unit is the
+whole comparison at the smallest budget in one part, then longer budgets one arm a part; the MAE and its fine-tuned
+classifier are exported in bf16 to results/weights/), epochs (real epoch times of the design card's commands, from
 each run's metrics.csv: the comparison with the reference), tta (pretraining sized to fill a part, then
 fine-tuning from its encoder, which travels as a bf16 state dict in results/, and the same fine-tuning from
 scratch: the accuracy), bench (benchmark.py: workloads x micro-batch sizes x compile modes, and the fine-tuning
@@ -18,6 +21,7 @@ and the next part continues it with --resume auto while the work folder (--work_
 """
 import argparse
 import csv
+import json
 import os
 import shlex
 import shutil
@@ -38,12 +42,16 @@ from checks import check_writable_folder, path_text  # noqa: E402
 from utils import auto_device  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-STEPS = ("epochs", "tta", "bench", "ablation", "report")
+STEPS = ("budget", "epochs", "tta", "bench", "ablation", "report")
+PRETRAIN_SHARE = 0.5  # of an MAE arm's minutes: pretraining; the rest fine-tuning
+WEIGHTS_LIMIT = 16 * 2 ** 20  # a released checkpoint (bf16) must stay under this
 REFERENCE = {"pretrain": 3760.0, "finetune": 2080.0}  # IcarusWizard/MAE on one H100, images/s (see the README)
 ENCODER_LIMIT = 16 * 2 ** 20
 SAFETY = 1.1  # a unit starts when 1.1 times its estimated time is left in the part
 META = ["gpu", "torch", "commit", "date", "key", "command", "wall_s"]
-COLUMNS = {"bench": META + ["workload", "batch", "precision", "compile", "augment", "images_per_s", "tflops",
+COLUMNS = {"budget": META + ["arm", "budget_minutes", "pretrain_share", "seed", "test_acc", "best_val_acc",
+                              "pretrain_epochs", "finetune_epochs", "wall_minutes", "machine", "weights"],
+           "bench": META + ["workload", "batch", "precision", "compile", "augment", "images_per_s", "tflops",
                             "percent_of_peak", "peak_memory_gib", "gflop_per_image", "status"],
            "epochs": META + ["epochs", "seconds_per_epoch", "images_per_s", "first_epoch_s", "compile_s"],
            "tta": META + ["epochs", "train_s", "final_loss", "val_acc", "best_val_acc", "encoder_mb"],
@@ -61,13 +69,13 @@ DEPTH_COST = {"pretrain_dd2": 3.93 / 5.65, "pretrain_dd8": 9.09 / 5.65}  # GFLOP
 # guess: seconds until this GPU has measured them: start-up + compile, an epoch at the reference's speed, and a
 # benchmark unit per compile mode.
 PROFILES = {
-    "gpu": dict(model=[], decoder=[], batch=[], speed=[], bench=[], precision="auto",
+    "gpu": dict(model=[], decoder=[], batch=[], speed=[], bench=[], precision="auto", budgets=[3.5, 7],
                 compile_modes=["default", "max-autotune-no-cudagraphs"],
                 batches={"pretrain": [512, 2048], "finetune": [256]}, speed_epochs=3,
                 caps=dict(tta_pretrain=300, tta_finetune=40, abl_pretrain=200, abl_finetune=30), probe_epochs=10,
                 guess={"overhead": 120, "pretrain": 13.3, "finetune": 25, "none": 45, "default": 90,
                        "max-autotune-no-cudagraphs": 240}),
-    "tiny": dict(model=["--emb_dim", "32", "--encoder_depth", "1", "--encoder_heads", "2"],
+    "tiny": dict(model=["--emb_dim", "32", "--encoder_depth", "1", "--encoder_heads", "2"], budgets=[0.2],
                  decoder=["--decoder_heads", "2"], batch=["--batch_size", "16", "--max_device_batch_size", "8"],
                  speed=["--precision", "fp32", "--no_compile", "--threads", "1"],
                  bench=["--steps", "2", "--warmup", "1", "--threads", "1"], precision="fp32", compile_modes=["none"],
@@ -79,12 +87,14 @@ say = partial(print, flush=True)
 
 @dataclass
 class Run:
-    """One script invocation; a training run (``epochs`` > 0) continues from its checkpoint when it has one."""
+    """One script invocation; a training run (``epochs`` > 0, or ``minutes`` of --time_budget) continues from its
+    checkpoint when it has one."""
     script: str
     options: list
     name: str = None
     epochs: int = 0
     kind: str = None  # the SPEED_RUNS measurement that predicts its time
+    minutes: float = 0.0  # a budgeted run: it plans its epochs itself
 
 
 @dataclass
@@ -209,15 +219,19 @@ class Campaign:
         self.encoder = self.results / f"tta_mae_{self.slug}.pt"  # what travels from pretraining to fine-tuning
         self.folders = RunFolders(self.work, args.device, args.data_dir)
 
+    def csv(self, step):
+        """The step's CSV; the time-budget rows go where the README's glance reads every budget study."""
+        return self.results / ("budget/campaign.csv" if step == "budget" else f"{step}.csv")
+
     def rows(self, step, everywhere=False):
-        return [r for r in read_csv(self.results / f"{step}.csv") if everywhere or r.get("gpu") == self.gpu]
+        return [r for r in read_csv(self.csv(step)) if everywhere or r.get("gpu") == self.gpu]
 
     def done(self, unit):
         return any(r["key"] == unit.key for r in self.rows(unit.step))
 
     def append(self, step, rows):
         """Append only; a CSV written by an older version keeps its own columns."""
-        path = self.results / f"{step}.csv"
+        path = self.csv(step)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a+", newline="") as f:
             f.seek(0)
@@ -245,12 +259,25 @@ class RunFolders:
     def metrics(self, run):
         return read_csv(self.paths(run)[0] / "metrics.csv")
 
+    def planned(self, run):
+        """The epochs a run trains: fixed, or those a budgeted run planned (None until it has)."""
+        if not run.minutes:
+            return run.epochs
+        record = self.paths(run)[0] / "budget.json"
+        return json.loads(record.read_text()).get("total_epoch") if record.is_file() else None
+
     def finished(self, run):
-        return bool(run.epochs) and self.paths(run)[1].is_file() and len(self.metrics(run)) >= run.epochs
+        total = self.planned(run)
+        return bool(total) and self.paths(run)[1].is_file() and len(self.metrics(run)) >= total
+
+    def wall_seconds(self, run):
+        """Process start to exit, every process of a budgeted run together."""
+        record = self.paths(run)[0] / "budget.json"
+        return sum(json.loads(record.read_text()).get("wall_seconds", [])) if record.is_file() else None
 
     def command(self, run, bookkeeping=True):
         words = [sys.executable, run.script, *run.options, "--device", self.device]
-        if run.epochs:
+        if run.epochs or run.minutes:
             resume = self.paths(run)[1].is_file()
             words += [*(["--data_dir", self.data_dir] if self.data_dir else []), *self.paths(run)[2],
                       "--run_name", run.name, "--log_dir", str(self.work / "logs"),
@@ -296,7 +323,8 @@ class Estimates:
             return statistics.median(seen) if seen else self.c.p["guess"][unit.info["compile"]] * (
                 3 if unit.info["aug"] else 1)
         folders = self.c.folders
-        return sum(self.speed(run.kind)[0] + (run.epochs - len(folders.metrics(run))) * self.speed(run.kind)[1]
+        return sum(run.minutes * 60 + 5 if run.minutes else  # a budgeted run ends within its minutes (+ its exit)
+                   self.speed(run.kind)[0] + (run.epochs - len(folders.metrics(run))) * self.speed(run.kind)[1]
                    for run in unit.runs if not folders.finished(run))
 
     def fit(self, kind, budget, cap):
@@ -325,6 +353,32 @@ class Planner:
         warmup = max(1, round(epochs * (0.1 if script == "mae_pretrain.py" else 0.05)))
         return Run(script, [*options, *self.p["batch"], *self.p["speed"], "--total_epoch", str(epochs),
                             "--warmup_epoch", str(warmup)], name, epochs, kind)
+
+    def budgeted(self, name, script, minutes, *options):
+        return Run(script, [*options, *self.p["batch"], *self.p["speed"], "--time_budget", f"{minutes:g}"], name,
+                   minutes=minutes)
+
+    def plan_budget(self):
+        """MAE (pretraining, then the strong recipe from its checkpoint) against the strong recipe from scratch,
+        each arm the same minutes, seed 0. An arm of the smallest budget shares a part with the other; longer
+        budgets run an arm a part."""
+        units, limit = [], self.c.limit - 2 * self.c.margin
+        for minutes in self.p["budgets"]:
+            tag = f"{minutes:g}min"
+            pretrain = self.budgeted(f"budget_mae_{tag}", "mae_pretrain.py", minutes * PRETRAIN_SHARE,
+                                     *self.p["model"], *self.p["decoder"])
+            finetune = self.budgeted(f"budget_ft_{tag}", "train_classifier.py", minutes * (1 - PRETRAIN_SHARE),
+                                     "--recipe", "strong", "--pretrained_model_path",
+                                     str(self.c.folders.paths(pretrain)[1]))
+            scratch = self.budgeted(f"budget_scratch_{tag}", "train_classifier.py", minutes, "--recipe", "strong",
+                                    *self.p["model"])
+            record, info = partial(record_budget, self.c), dict(minutes=minutes)
+            if SAFETY * (2 * minutes * 60 + 15) <= limit or minutes == self.p["budgets"][0]:
+                units.append(Unit("budget", f"budget_{tag}", [pretrain, finetune, scratch], record, info=info))
+            else:
+                units += [Unit("budget", f"budget_{tag}_mae", [pretrain, finetune], record, info=info),
+                          Unit("budget", f"budget_{tag}_scratch", [scratch], record, info=info)]
+        return units
 
     def plan_bench(self):
         p, units = self.p, {}
@@ -415,6 +469,45 @@ def summary(folders, run):
                 knn_acc=rows[-1].get("knn_acc"), probe_acc=rows[-1].get("probe_acc"))
 
 
+def record_budget(campaign, unit):
+    """A row per arm: its final test accuracy, epochs and wall time; the MAE arm's pretrained MAE and fine-tuned
+    classifier are exported to results/weights/ (bf16)."""
+    folders, rows = campaign.folders, []
+    by_name = {run.name.split("_")[1]: run for run in unit.runs}  # mae, ft, scratch
+    for arm, runs in (("mae", [by_name.get("mae"), by_name.get("ft")]), ("scratch", [None, by_name.get("scratch")])):
+        if runs[1] is None:
+            continue
+        tuned = summary(folders, runs[1])
+        walls = [folders.wall_seconds(run) for run in runs if run]
+        weights = export_weights(campaign, runs, unit.info["minutes"]) if arm == "mae" else ""
+        rows.append(dict(arm=arm, budget_minutes=unit.info["minutes"], pretrain_share=PRETRAIN_SHARE * (arm == "mae"),
+                         seed=0, test_acc=fmt(tuned["val_acc"], ".2f", 100),
+                         best_val_acc=fmt(tuned["best_val_acc"], ".2f", 100),
+                         pretrain_epochs=len(folders.metrics(runs[0])) if runs[0] else 0,
+                         finetune_epochs=tuned["epochs"], machine=campaign.gpu, weights=weights,
+                         wall_minutes=round(sum(walls) / 60, 2) if None not in walls else ""))
+    return rows
+
+
+def export_weights(campaign, runs, minutes):
+    """The MAE arm's two checkpoints as released weights: results/weights/{mae,cls}_<machine>_<N>min.pt."""
+    names = []
+    for run, kind in zip(runs, ("mae", "cls")):
+        target = campaign.results / "weights" / f"{kind}_{campaign.slug}_{minutes:g}min.pt"
+        source = campaign.folders.paths(run)[1]
+        export_bf16(source, target)
+        names.append(str(target.relative_to(campaign.results)))
+    return " ".join(names)
+
+
+def export_bf16(source, target):
+    """A checkpoint's model in bf16 with what rebuilds it (kind, config, epoch, classes), no optimizer state."""
+    import checkpoint
+
+    state = torch.load(source, map_location="cpu", weights_only=True)
+    checkpoint.export_weights(state, target, WEIGHTS_LIMIT)
+
+
 def record_bench(campaign, unit):
     return read_csv(campaign.work / "bench" / f"{unit.key}.csv")
 
@@ -499,7 +592,8 @@ class Part:
                 continue
             if run.epochs and not folders.paths(run)[1].is_file():  # new, or stopped before its first checkpoint
                 shutil.rmtree(folders.paths(run)[0], ignore_errors=True)
-            grace = self.c.margin + (self.planner.estimates.speed(run.kind)[1] if run.kind else 0)  # last epoch ends
+            # The last epoch ends (a budgeted run plans its own end: it needs no grace).
+            grace = 5 if run.minutes else self.c.margin + (self.planner.estimates.speed(run.kind)[1] if run.kind else 0)
             code = execute(folders.command(run), output, self.end - grace, self.end)
             if code:
                 return code
@@ -587,6 +681,7 @@ def write_report(campaign, missing):
            "beside it. Every number is a row there; its command, machine, torch, commit and date are listed "
            "under Runs. The reference (IcarusWizard/MAE, its code unchanged) does 3,760 img/s pretraining and "
            "2,080 img/s fine-tuning (batch 128) on one H100.", ""]
+    out += budget_section(campaign.rows("budget", everywhere=True), cite)
     out += bench_section(campaign.rows("bench", everywhere=True), cite)
     out += epochs_section(campaign.rows("epochs", everywhere=True), cite)
     out += tta_section(campaign.rows("tta", everywhere=True), cite)
@@ -598,6 +693,18 @@ def write_report(campaign, missing):
     out += ["", "## Runs", "", *cite.lines()]
     campaign.results.mkdir(parents=True, exist_ok=True)
     (campaign.results / "REPORT.md").write_text("\n".join(out) + "\n")
+
+
+def budget_section(budget, cite):
+    return ["## MAE against training from scratch at equal compute", "", "Each arm gets the same minutes of "
+            "--time_budget, counted from each process's start (start-up, data, compilation included): MAE "
+            "pretrains for half of them and fine-tunes for the rest (the strong recipe); from scratch fine-tunes "
+            "for all of them. Seed 0, final epoch's test accuracy; the MAE arm's weights are under weights/.", "",
+            *table(["machine", "minutes per arm", "arm", "test acc %", "epochs (pretrain + fine-tune)", "wall min",
+                    "weights", "run"],
+                   [[r["gpu"], r["budget_minutes"], r["arm"], r["test_acc"],
+                     f"{r['pretrain_epochs']} + {r['finetune_epochs']}", r["wall_minutes"], r["weights"] or "-",
+                     cite(r)] for r in budget])]
 
 
 def bench_section(bench, cite):

@@ -50,6 +50,20 @@ def save_checkpoint(path, state):
             tmp.unlink(missing_ok=True)
 
 
+def export_weights(state, target, limit=None):
+    """Released weights: the model in bf16 (half the bytes; fine-tuning and inference cast them back) with what
+    rebuilds it (kind, config, classes, epoch), without optimizer state or the run's paths; refused if larger than
+    ``limit`` bytes. Every script loads the file: load_checkpoint reads bf16 weights into fp32 models."""
+    weights = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state["model"].items()}
+    kept = {k: state[k] for k in ("kind", "config", "epoch", "classes") if k in state}
+    save_checkpoint(target, {**kept, "model": weights})
+    size = Path(target).stat().st_size
+    if limit and size >= limit:
+        Path(target).unlink()
+        raise UserError(f"{target} would be {size / 2 ** 20:.1f} MiB, over the {limit / 2 ** 20:.0f} MiB limit")
+    return size
+
+
 def to_host(value):
     """A copy of ``value`` with every tensor on the CPU: what a background writer may hold while training goes on."""
     if isinstance(value, torch.Tensor):

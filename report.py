@@ -161,10 +161,11 @@ def seconds(study, key, stage, seed="1"):
 # ---------------------------------------------------------------------------------------------- at a glance
 
 def budget_rows(results):
-    """Every row of the CSVs under results/budget/, each with its file; raises ReportError for a file that lacks
-    a column the glance needs."""
+    """Every row of the CSVs under results/budget/ (the GPU campaign's) and of each results/*/budget.csv (a
+    study summarized by summarize.py), each with its file; raises ReportError for a file that lacks a column the
+    glance needs."""
     rows = []
-    for path in sorted((results / "budget").glob("*.csv")):
+    for path in sorted({*(results / "budget").glob("*.csv"), *results.glob("*/budget.csv")}):
         found = read_csv(path)
         columns = set(found[0]) if found else set()
         accuracy = next((c for c in ACCURACY_COLUMNS if c in columns), None)
@@ -172,7 +173,7 @@ def budget_rows(results):
         if found and missing:
             raise ReportError(f"{path}: no column {', '.join(missing)} (the glance needs {', '.join(BUDGET_COLUMNS)}"
                               f" and one of {', '.join(ACCURACY_COLUMNS)})")
-        rows += [dict(row, _file=f"results/budget/{path.name}", _acc=percent(number(row[accuracy])))
+        rows += [dict(row, _file="results/" + path.relative_to(results).as_posix(), _acc=percent(number(row[accuracy])))
                  for row in found]
     return rows
 

@@ -35,8 +35,8 @@ from model import MASK_STRATEGIES
 HERE = Path(__file__).resolve().parent
 # Options the sweep sets itself: given again in the free-form options, they would break its bookkeeping.
 OWN_OPTIONS = ("--run_name", "--log_dir", "--dataset", "--model_path", "--output_model_path", "--resume", "--seed",
-               "--pretrained_model_path", "--total_epoch", "--decoder_depth", "--mask_strategy", "--mask_ratio",
-               "--linear_probe")
+               "--pretrained_model_path", "--total_epoch", "--time_budget", "--decoder_depth", "--mask_strategy",
+               "--mask_ratio", "--linear_probe")
 MODEL_SIZE = ("patch_size", "emb_dim", "encoder_depth", "encoder_heads")
 SWEEP_LOCK = ".sweep.lock"  # in the sweep's folder, held while a sweep runs (git-ignored, like every .*.lock)
 say = partial(print, flush=True)  # flushed, so that it lands in order with the runs' own output

@@ -14,15 +14,21 @@ from datetime import datetime
 import pytest
 import torch
 
+import budget
 import campaign
 import engine
 import utils
 
 STEP_KEYS = {
+    "budget": {"budget_0.2min"},
     "bench": {"pretrain_b8_fp32_none", "finetune_b8_fp32_none_aug"},
     "epochs": set(campaign.SPEED_RUNS),
     "tta": {"tta_pretrain", "tta_finetune", "tta_scratch"},
     "ablation": {f"dd{d}_{s}_s{seed}" for seed in (0, 1) for d, s in campaign.ABLATIONS}}
+
+
+def step_csv(results, step):
+    return results / ("budget/campaign.csv" if step == "budget" else f"{step}.csv")
 
 
 def argv(tmp_path, images, *extra):
@@ -66,6 +72,8 @@ def in_process(monkeypatch, one_thread):
         saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         with monkeypatch.context() as m:
             m.setattr(sys, "argv", command[1:])
+            started = time.monotonic()
+            m.setattr(budget, "process_start", lambda: started)  # a run's budget counts from its start here
             m.setattr(engine.StopFlag, "install", recording_install)
             m.setattr(utils.RunLogger, "log", log_then_maybe_stop)
             try:
@@ -95,8 +103,8 @@ def test_the_whole_campaign_in_parts_resumes_skips_and_reports(tmp_path, tiny_im
         start = time.monotonic()
         assert campaign.main(argv(tmp_path, tiny_image_folder, "--time_limit", limit_s / 60)) == 0
         assert time.monotonic() - start < limit_s + 5  # a part ends within its time (one run may be one epoch over)
-        recorded.append({step: [r["key"] for r in read_csv(results / f"{step}.csv")] for step in STEP_KEYS
-                         if (results / f"{step}.csv").is_file()})
+        recorded.append({step: [r["key"] for r in read_csv(step_csv(results, step))] for step in STEP_KEYS
+                         if step_csv(results, step).is_file()})
         reports.append((results / "REPORT.md").read_text())
     out = capsys.readouterr().out
     assert len(recorded) >= 3 and "stopped at the end of the part; the next part continues it" in out
@@ -104,7 +112,8 @@ def test_the_whole_campaign_in_parts_resumes_skips_and_reports(tmp_path, tiny_im
     final = recorded[-1]
     assert {step: set(keys) for step, keys in final.items()} == STEP_KEYS
     assert final["bench"].count("finetune_b8_fp32_none_aug") == 3
-    assert all(len(keys) == len(set(keys)) for step, keys in final.items() if step != "bench")
+    assert final["budget"].count("budget_0.2min") == 2  # a row per arm
+    assert all(len(keys) == len(set(keys)) for step, keys in final.items() if step not in ("bench", "budget"))
     for earlier, later in zip(recorded, recorded[1:]):
         assert all(later[step][:len(keys)] == keys for step, keys in earlier.items())  # only appended to
     # A run started again only to continue (a run still going at the end of a part is stopped there too).
@@ -123,7 +132,7 @@ def test_the_whole_campaign_in_parts_resumes_skips_and_reports(tmp_path, tiny_im
                                                    cwd=campaign.HERE, capture_output=True).returncode == 0
 
     for step in STEP_KEYS:
-        rows = read_csv(results / f"{step}.csv")
+        rows = read_csv(step_csv(results, step))
         assert list(rows[0])[:len(campaign.META)] == campaign.META
         for row in rows:
             assert (row["gpu"], row["torch"]) == ("CPU", torch.__version__) and known_commit(row["commit"])
@@ -142,6 +151,16 @@ def test_the_whole_campaign_in_parts_resumes_skips_and_reports(tmp_path, tiny_im
     assert float(tta["tta_pretrain"]["encoder_mb"]) > 0 and int(tta["tta_pretrain"]["epochs"]) == 3
     assert f"--pretrained_model_path {results / 'tta_mae_cpu.pt'}" in tta["tta_finetune"]["command"]
     assert 0 <= float(tta["tta_finetune"]["val_acc"]) <= 1 and tta["tta_scratch"]["epochs"] == "2"
+    # Equal compute: each arm the same minutes; the MAE arm's weights released in bf16 and loadable.
+    budget = {r["arm"]: r for r in read_csv(step_csv(results, "budget"))}
+    assert budget["mae"]["budget_minutes"] == budget["scratch"]["budget_minutes"] == "0.2"
+    assert int(budget["mae"]["pretrain_epochs"]) >= 1 and int(budget["scratch"]["finetune_epochs"]) >= 1
+    assert 0 <= float(budget["mae"]["test_acc"]) <= 100 and budget["scratch"]["weights"] == ""
+    assert "--time_budget 0.1" in budget["mae"]["command"] and "--time_budget 0.2" in budget["scratch"]["command"]
+    for name in budget["mae"]["weights"].split():
+        released = torch.load(results / name, weights_only=True)
+        assert set(released) == {"kind", "config", "epoch", "model"} | ({"classes"} if "cls_" in name else set())
+        assert all(v.dtype == torch.bfloat16 for v in released["model"].values() if v.is_floating_point())
     ablation = read_csv(results / "ablation.csv")
     assert {(r["pretrain_epochs"], r["finetune_epochs"]) for r in ablation} == {("2", "1")}  # one schedule
     assert all(r["knn_acc"] and r["probe_acc"] and r["val_acc"] for r in ablation)
@@ -149,6 +168,7 @@ def test_the_whole_campaign_in_parts_resumes_skips_and_reports(tmp_path, tiny_im
     assert "## Still to be measured on CPU" in reports[0] and "- ablation: dd2_random_s0" in reports[0]
     report = reports[-1]
     assert "(no rows yet)" not in report and "- ablation" not in report
+    assert "## MAE against training from scratch at equal compute" in report and "| CPU | 0.2 | mae | " in report
     for key in [*STEP_KEYS["epochs"], *STEP_KEYS["tta"]]:
         assert f"| CPU | {key} | " in report
     for key, reference in (("pretrain_dd4", 3760), ("finetune", 2080)):  # the ratio to the reference's speed

@@ -297,11 +297,39 @@ def glance_figure(results, path):
 
 # ------------------------------------------------------------------------------------------------ the pages
 
+def budget_section(results, page):
+    """Every time-budget study, a row per machine, budget and arm: accuracy over seeds, each seed's, its epochs
+    and its wall minutes, with the CSV it comes from."""
+    budget = budget_rows(results)
+    if not budget:
+        return []
+    groups = {}
+    for row in budget:
+        groups.setdefault((row["machine"], number(row["budget_minutes"]), row["arm"]), []).append(row)
+    rows = []
+    for (machine, minutes, arm), runs in sorted(groups.items()):
+        runs = sorted(runs, key=lambda r: str(r["seed"]))
+        epochs = ", ".join(f"{r.get('pretrain_epochs', '0')} + {r.get('finetune_epochs', '-')}" if arm == "mae"
+                           else str(r.get("finetune_epochs", "-")) for r in runs)
+        rows.append([machine, f"{minutes:g}", ARMS.get(arm, arm), str(len(runs)),
+                     mean_std([r["_acc"] for r in runs], unit=" %"), ", ".join(f"{r['_acc']:.2f}" for r in runs),
+                     epochs, ", ".join(str(r.get("wall_minutes", "-")) for r in runs),
+                     ", ".join(link(f, page) for f in dict.fromkeys(r["_file"] for r in runs))])
+    return ["## At equal compute (time budget)", "",
+            "Each arm gets the same minutes, counted from each process's start to its exit (`--time_budget`; "
+            "how a run plans its epochs: [usage.md](usage.md#training-to-a-time-budget)). The MAE arm pretrains "
+            "for its pretraining share of them and fine-tunes for the rest; from scratch fine-tunes for all of them. "
+            "Epochs: pretraining + fine-tuning per seed; wall: minutes the arm's processes took, per seed (a run "
+            "plans whole epochs, so part of a budget can stay unused).", "",
+            *table(["machine", "minutes per arm", "arm", "n", "final test acc.", "per seed", "epochs",
+                    "wall (min)", "CSV"], rows), ""]
+
+
 def results_page(results):
     page = "docs/results.md"
     study = cpu_study(results)
     out = ["# Results", "", HEADER.format(results="../results/"), "", "## At a glance", "",
-           *glance_lines(results, page), "",
+           *glance_lines(results, page), "", *budget_section(results, page),
            "## At CPU scale (measured)", "",
            f"Machine: {CPU_STUDY['machine']}, torch {CPU_STUDY['torch']}; {CPU_STUDY['date']}. "
            f"Data: {CPU_STUDY['data']}. Source: {link('results/cpu_study/runs.csv', page)} (one row per run; "

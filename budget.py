@@ -23,7 +23,8 @@ import torch.distributed as dist
 from utils import UserError
 
 _IMPORTED_AT = time.monotonic()
-SAFETY = 0.02  # of the budget, kept back for what the trial cannot see (the exit, noise between epochs)
+SAFETY = 0.02  # of the budget, kept back for what the trial cannot see (noise between epochs) ...
+EXIT_SECONDS = 2.5  # ... and at least this for the exit: tearing down an interpreter with torch loaded takes ~2 s
 LONG_RUN_SECONDS = 24 * 3600  # a planned run longer than this is said out loud once
 
 
@@ -47,12 +48,13 @@ class Costs:
     step: float  # one optimizer step (all its micro-batches), compiled and warm
     steps_per_epoch: int
     evaluation: float = 0.0  # what every epoch evaluates (the classifier's test pass, an EMA's)
+    bookkeeping: float = 0.0  # what every epoch logs (a metrics row, its TensorBoard scalars) and copies to save
     periodic: tuple = ()  # (seconds, every N epochs) for the monitors (k-NN, reconstruction images)
     final: float = 0.0  # the end: the last epoch's monitors and the final save
 
     @property
     def epoch(self):
-        return (self.step * self.steps_per_epoch + self.evaluation
+        return (self.step * self.steps_per_epoch + self.evaluation + self.bookkeeping
                 + sum(seconds / every for seconds, every in self.periodic))
 
 
@@ -78,7 +80,8 @@ def plan_epochs(budget_minutes, elapsed, costs, warmup_share, typed_warmup=None)
 
     ``warmup_share`` is the defaults' warm-up / total (e.g. 200 / 2000); a typed warm-up is kept if it fits.
     """
-    available = budget_minutes * 60 * (1 - SAFETY) - elapsed - costs.final
+    budget_seconds = budget_minutes * 60
+    available = budget_seconds - max(SAFETY * budget_seconds, EXIT_SECONDS) - elapsed - costs.final
     epochs = math.floor(available / costs.epoch) if costs.epoch > 0 else 0
     if epochs < 1:
         raise UserError(f"--time_budget {budget_minutes:g} minutes is too short: the set-up and trial took "
@@ -184,6 +187,26 @@ def trial_batches(loader, accum_steps, steps=6):
             break
         batches.append((images, labels))
     return batches
+
+
+def time_bookkeeping(fields, copy=None, rows=3):
+    """Seconds an epoch spends logging a metrics row (CSV and TensorBoard, in a scratch folder) and, with
+    ``copy``, taking the host copy a checkpoint save starts with; the first row (the writer's start) not counted."""
+    import tempfile
+
+    from utils import RunLogger
+
+    with tempfile.TemporaryDirectory() as folder:
+        logger = RunLogger(folder, fields)
+        logger.log(0, **dict.fromkeys(fields, 0.5))
+        start = time.perf_counter()
+        for epoch in range(1, rows):
+            logger.log(epoch, **dict.fromkeys(fields, 0.5))
+            if copy is not None:
+                copy()
+        seconds = (time.perf_counter() - start) / (rows - 1)
+        logger.close()
+    return seconds
 
 
 def write_record(log_dir, record):

@@ -32,6 +32,9 @@ PRESETS = {"small": dict(patch_size=4, emb_dim=96, encoder_depth=4, encoder_head
                          total_epoch=4, warmup_epoch=2, knn_every=4, probe_epochs=10)}
 
 
+FIELDS = ["loss", "lr", "seconds", "images_per_s", "compile_seconds", "knn_acc", "probe_acc"]  # metrics.csv
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     run_setup.add_schedule_arguments(p, batch_size=4096, max_device_batch_size=512, base_learning_rate=1.5e-4,
@@ -103,7 +106,9 @@ def measure_costs(args, run, config, step, model, optimizer, train_model, scaler
         save = budget.timed(lambda: ckpt.save_to_memory(ckpt.training_state("mae", model, config, optimizer, 0,
                                                                               args)), device)
     periodic = [(image, args.image_every)] + ([(knn, args.knn_every)] if knn else [])
-    return budget.Costs(step_seconds, steps_per_epoch, periodic=tuple(periodic), final=image + knn + save)
+    logging = budget.time_bookkeeping(FIELDS) if run.env.is_main else 0.0
+    return budget.Costs(step_seconds, steps_per_epoch, bookkeeping=logging, periodic=tuple(periodic),
+                        final=image + knn + save)
 
 
 def main(argv=None):
@@ -139,8 +144,7 @@ def main(argv=None):
         run_setup.plan_budget(run, args, measure_costs(args, run, config, step, model, optimizer, train_model,
                                                        scaler, fixed_images, steps_per_epoch))
     schedule = engine.EpochSchedule(optimizer, args.warmup_epoch, args.total_epoch)
-    book = run_setup.Bookkeeping(run, args, ["loss", "lr", "seconds", "images_per_s", "compile_seconds", "knn_acc",
-                                             "probe_acc"], done, steps_per_epoch * run.accum_steps, position)
+    book = run_setup.Bookkeeping(run, args, FIELDS, done, steps_per_epoch * run.accum_steps, position)
     for epoch in range(done + 1, args.total_epoch + 1):
         run.loader.set_epoch(epoch)
         lr = schedule.set_epoch(epoch)

@@ -180,7 +180,8 @@ def resume(run, checkpoint, model, optimizer, ema):
     return done, position, checkpoint["best"]
 
 
-def measure_costs(args, run, step, model, optimizer, train_model, scaler, ema, evaluations, steps_per_epoch):
+def measure_costs(args, run, step, model, optimizer, train_model, scaler, ema, evaluations, steps_per_epoch,
+                  fields):
     """--time_budget's trial (budget.py): a few optimizer steps and the per-epoch evaluation, timed.
 
     ``evaluations`` are the per-epoch test passes (the model's, an EMA's) as functions of a list of batches:
@@ -202,7 +203,9 @@ def measure_costs(args, run, step, model, optimizer, train_model, scaler, ema, e
             evaluation += budget.timed(partial(evaluate, sample), device) * len(test_batches) / len(sample)
         save = budget.timed(lambda: ckpt.save_to_memory({"model": model.state_dict(),
                                                          "optimizer": optimizer.state_dict()}), device)
-    return budget.Costs(step_seconds, steps_per_epoch, evaluation=evaluation, final=2 * save)
+    kept = ema.module if ema else model  # a better epoch saves it: its host copy is on this thread
+    logging = budget.time_bookkeeping(fields, lambda: ckpt.to_host(kept.state_dict())) if run.env.is_main else 0.0
+    return budget.Costs(step_seconds, steps_per_epoch, evaluation=evaluation, bookkeeping=logging, final=2 * save)
 
 
 def main(argv=None):
@@ -246,14 +249,13 @@ def main(argv=None):
                    for m, f in ((model, forward), *(((ema.module, ema_forward),) if ema else ()))]
     kept = ema.module if ema else model  # what the best checkpoint holds, chosen by its own accuracy
     steps_per_epoch = len(run.loader) // run.accum_steps
+    fields = ["train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s", "compile_seconds",
+              *(["val_loss_ema", "val_acc_ema"] if ema else [])]  # metrics.csv
     if args.time_budget and not resumed:
         run_setup.plan_budget(run, args, measure_costs(args, run, step, model, optimizer, train_model, scaler, ema,
-                                                       evaluations, steps_per_epoch))
+                                                       evaluations, steps_per_epoch, fields))
     schedule = engine.EpochSchedule(optimizer, args.warmup_epoch, args.total_epoch)
-    book = run_setup.Bookkeeping(run, args, ["train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
-                                             "images_per_s", "compile_seconds",
-                                             *(["val_loss_ema", "val_acc_ema"] if ema else [])], done,
-                                 steps_per_epoch * run.accum_steps, position)
+    book = run_setup.Bookkeeping(run, args, fields, done, steps_per_epoch * run.accum_steps, position)
 
     def training_state(epoch, position=None, stopped_early=False):
         return ckpt.training_state("classifier", model, config, optimizer, epoch, args, position, best=best,

@@ -17,8 +17,6 @@ FLOPs come from ``FlopCounterMode`` on the uncompiled step at a small batch, sca
 step is linear in the batch size. The count covers matmuls, the patch convolution and attention (forward and
 backward); normalisation, activations and the optimizer are left out, as MFU figures usually do.
 """
-import argparse
-import csv
 import gc
 from pathlib import Path
 
@@ -48,7 +46,7 @@ PRESETS = {"small": dict(patch_size=4, emb_dim=96, encoder_depth=4, encoder_head
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = checks.ArgumentParser(description=__doc__)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
     p.add_argument("--batch_sizes", nargs="+", type=checks.POSITIVE_INT, default=None,
@@ -239,14 +237,13 @@ def profile_steps(run_steps, steps, device, stem):
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as profiler:
         run_steps()
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    profiler.export_chrome_trace(str(stem.with_suffix(".json")))
+    utils.atomic_write(stem.with_suffix(".json"), lambda tmp: profiler.export_chrome_trace(str(tmp)), "trace")
     on_gpu = device.type == "cuda"
     kernels = sum(1 for event in profiler.events() if event.device_type == DeviceType.CUDA) if on_gpu else None
     header = (f"{kernels / steps:.0f} GPU kernels per optimizer step\n\n" if on_gpu else "")
     table = profiler.key_averages().table(sort_by="self_device_time_total" if on_gpu else "self_cpu_time_total",
                                           row_limit=25)
-    stem.with_suffix(".txt").write_text(header + table + "\n")
+    utils.write_text(stem.with_suffix(".txt"), header + table + "\n")
 
 
 def measure_or_oom(workload, batch_size, path, args, device):
@@ -339,15 +336,10 @@ def describe_setup(args, device, flops, peak_tflops, matmul_tflops):
 
 
 def write_output(path, rows, text):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() != ".csv":
-        path.write_text(text + "\n")
-        return
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    if Path(path).suffix.lower() != ".csv":
+        utils.write_text(path, text + "\n")
+    else:
+        utils.write_csv(path, list(rows[0]), rows)
 
 
 def paths_for(workload, args, device):

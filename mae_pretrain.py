@@ -5,7 +5,6 @@
     python mae_pretrain.py --preset small --data_dir DATA          # the CPU-scale model and schedule
     torchrun --nproc_per_node 4 mae_pretrain.py ...               # the same run on 4 GPUs
 """
-import argparse
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -32,7 +31,7 @@ PRESETS = {"small": dict(patch_size=4, emb_dim=96, encoder_depth=4, encoder_head
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = checks.ArgumentParser(description=__doc__)
     run_setup.add_schedule_arguments(p, batch_size=4096, max_device_batch_size=512, base_learning_rate=1.5e-4,
                                      total_epoch=2000, warmup_epoch=200)  # the reference's
     p.add_argument("--mask_ratio", type=checks.OPEN_UNIT, default=None, help="default 0.75")
@@ -141,4 +140,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    utils.run_cli(main)
+    utils.run_cli(main, resumable=True)

@@ -4,7 +4,6 @@
     python train_classifier.py --pretrained_model_path vit-t-mae.pt     # from our pretraining checkpoint
     python train_classifier.py --pretrained_model_path vit-t-mae.pt --trust_checkpoint   # the reference's pickle
 """
-import argparse
 from pathlib import Path
 
 import torch
@@ -38,7 +37,7 @@ FIXED_ON_RESUME = ("dataset", "data_dir", "pretrained_model_path", "linear_probe
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = checks.ArgumentParser(description=__doc__)
     run_setup.add_schedule_arguments(p, batch_size=128, max_device_batch_size=256, base_learning_rate=1e-3,
                                      total_epoch=100, warmup_epoch=5)  # the reference's
     p.add_argument("--pretrained_model_path", type=checks.path_text, default=None,
@@ -260,4 +259,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    utils.run_cli(main)
+    utils.run_cli(main, resumable=True)

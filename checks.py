@@ -43,21 +43,36 @@ def run_cli(main, argv=None, resumable=False):
     try:
         code = main(argv)
     except WriteError as error:
-        advice = "fix that, then continue with --resume auto" if resumable else "fix that and run the command again"
-        print(f"error: {first_line(error)}; {advice}", file=sys.stderr)
+        advice = ("fix that, then continue with --resume auto (a run with no checkpoint yet: start it again with "
+                  "--overwrite)" if resumable else "fix that and run the command again")
+        say_error(f"{first_line(error)}; {advice}")
         sys.exit(2)
     except (ValueError, FileNotFoundError) as error:  # our UserError, DataError and model ValueErrors
-        print(f"error: {first_line(error)}", file=sys.stderr)
+        say_error(first_line(error))
         sys.exit(2)
     except OSError as error:  # a full disk, a read-only folder: name the path and the cause
         where = f"{error.filename}: " if error.filename else ""
-        print(f"error: {where}{error.strerror or first_line(error)}", file=sys.stderr)
+        say_error(f"{where}{error.strerror or first_line(error)}")
         sys.exit(2)
     except KeyboardInterrupt:
+        end_progress_bars()
         print("interrupted; the last saved checkpoint is intact (resume with --resume auto)" if resumable else
               "interrupted; every file written so far is whole", file=sys.stderr)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def say_error(message):
+    end_progress_bars()
+    print(f"error: {message}", file=sys.stderr)
+
+
+def end_progress_bars():
+    """Close the progress bars an error left open (tqdm's, if it is loaded), so that the error line starts a line
+    of its own instead of following the bar's last state."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
 
 
 class ArgumentParser(argparse.ArgumentParser):

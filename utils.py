@@ -1,4 +1,5 @@
 """What the scripts share: one-line errors, seeding, devices and torchrun, run names, locks and logging."""
+import contextlib
 import csv
 import os
 import random
@@ -225,12 +226,22 @@ class RunLogger:
 
     def add_image(self, tag, image, epoch):
         if self.enabled:
-            self._tensorboard(lambda: self.writer.add_image(tag, image, epoch))
+            self._tensorboard(lambda: (self.writer.add_image(tag, image, epoch), self.writer.flush()))
 
     def close(self):
-        if self.writer is not None:
-            writer, self.writer = self.writer, None  # closed once, even when its last flush fails
-            self._tensorboard(writer.close)
+        """Flush (close alone would not raise the writer thread's error), then close, once, even after a failure."""
+        if self.writer is None:
+            return
+        try:
+            self._tensorboard(self.writer.flush)
+        except WriteError:
+            with contextlib.suppress(OSError):  # the same failure again: reported once
+                self.writer.close()
+            raise
+        else:
+            self._tensorboard(self.writer.close)
+        finally:
+            self.writer = None
 
     def _tensorboard(self, call):
         """``call()``, with a failed event-file write (raised by the writer thread's error) as one WriteError."""
@@ -241,7 +252,7 @@ class RunLogger:
                              f"({write_cause(error, self.log_dir / 'events')})") from None
 
     def _event_file(self):
-        """The event file being written (a private attribute of torch's writer: the folder if it moves)."""
+        """The event file being written (a private attribute of torch's writer: the folder if that changes)."""
         event_writer = getattr(getattr(self.writer, "file_writer", None), "event_writer", None)
         return getattr(event_writer, "_file_name", None) or f"in {self.log_dir}"
 

@@ -4,6 +4,7 @@
     python train_classifier.py --pretrained_model_path vit-t-mae.pt     # from our pretraining checkpoint
     python train_classifier.py --pretrained_model_path vit-t-mae.pt --trust_checkpoint   # the reference's pickle
 """
+import os
 from pathlib import Path
 
 import torch
@@ -82,7 +83,7 @@ def parse_args(argv=None):
         parser.error("--linear_probe needs --pretrained_model_path (a frozen random encoder says little)")
     if args.pretrained_model_path and not Path(args.pretrained_model_path).is_file():
         parser.error(f"argument --pretrained_model_path: {args.pretrained_model_path} is not a checkpoint file")
-    if args.output_model_path is not None and (Path(args.output_model_path).is_dir() or
+    if args.output_model_path is not None and (os.path.isdir(args.output_model_path) or  # never an OSError
                                                 not Path(args.output_model_path).name.strip(".")):
         parser.error(f"argument --output_model_path: {args.output_model_path} is a folder; give a file name")
     last_path = name_run(args, parser)

@@ -29,7 +29,7 @@ import checks
 import engine
 import run_setup
 import utils
-from data import AUGMENTATIONS, normalize
+from data import AUGMENTATIONS, normalize, physical_memory
 from model import MASK_STRATEGIES, ModelConfig, build_classifier, build_mae
 
 WORKLOADS = ("pretrain", "finetune")
@@ -91,11 +91,24 @@ def parse_args(argv=None):
         checks.check_output_file(parser, "--output", args.output)
     if args.profile:
         checks.check_writable_folder(parser, "--profile", args.profile)
-    try:
-        build_model("pretrain", args)  # impossible shapes (heads, ratio and strategy) fail here, before any row
+    try:  # impossible shapes (heads, ratio and strategy) and absurd sizes fail here, before any row
+        for workload in args.workloads:
+            pretrain = workload == "pretrain"
+            run_setup.check_model_size(build_mae if pretrain else build_classifier, config_of(args), pretrain)
     except ValueError as error:
         parser.error(str(error))
+    check_batches_fit(parser, args)
     return args
+
+
+def check_batches_fit(parser, args):
+    """A batch whose input images alone (float32) would not fit in this machine's memory is refused by its flag."""
+    memory, largest = physical_memory(), max(args.batch_sizes or CUDA_BATCH_SIZES)
+    needed = largest * 3 * args.image_size ** 2 * 4
+    if memory and needed > memory:
+        parser.error(f"argument --batch_sizes: {largest} images of {args.image_size}x{args.image_size} need "
+                     f"{needed / 2 ** 30:,.0f} GiB as float32 input alone, more than this machine's "
+                     f"{memory / 2 ** 30:,.0f} GiB")
 
 
 # ---------------------------------------------------------------------------------------- models and steps

@@ -74,8 +74,8 @@ def model_config(args, image_size, resumed=None):
     base = resumed.to_dict() if resumed else ModelConfig().to_dict()
     config = ModelConfig.from_dict({**base, "image_size": image_size, **run_setup.explicit_sizes(args)})
     run_setup.check_shapes(config, decoder=True)
-    try:
-        build_mae(config)  # what is left (a mask ratio the strategy cannot make) fails here, before any file
+    try:  # what is left (a mask ratio the strategy cannot make, a model too large) fails here, before any file
+        run_setup.check_model_size(build_mae, config, decoder=True)
     except ValueError as error:
         raise utils.UserError(str(error)) from None
     return config

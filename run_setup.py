@@ -11,7 +11,7 @@ import checkpoint as ckpt
 import checks
 import engine
 import utils
-from data import AUGMENTATIONS, GpuLoader, load_dataset, peek
+from data import AUGMENTATIONS, GpuLoader, load_dataset, peek, physical_memory
 from engine import COMPILE_MODES, PRECISIONS, describe_speed_path, largest_fitting_micro_batch, resolve_precision
 from model import ModelConfig
 
@@ -173,6 +173,35 @@ class SaveSchedule:
             self.last = self.clock()
             return True
         return False
+
+
+TRAINING_BYTES_PER_PARAMETER = 16  # fp32 weights, gradients and AdamW's two moments
+
+
+def check_model_size(build, config, decoder=False):
+    """Build the model on the meta device (no memory, so a model of any size is cheap to build and count) and
+    refuse one whose training would need more than this machine's memory: a finite but absurd size flag would
+    otherwise fail in an allocation with a traceback, or get the process killed. A model the config cannot make
+    raises build's own ValueError."""
+    memory = physical_memory()
+    parameters = fewest_parameters(config, decoder)  # first a count that needs no model: 100,000 blocks take minutes
+    if not memory or TRAINING_BYTES_PER_PARAMETER * parameters <= memory:
+        with torch.device("meta"):
+            parameters = sum(p.numel() for p in build(config).parameters())
+    needed = TRAINING_BYTES_PER_PARAMETER * parameters
+    if memory and needed > memory:
+        raise utils.UserError(f"the model has {parameters / 1e6:,.0f} M parameters, whose training needs "
+                              f"{needed / 2 ** 30:,.0f} GiB (weights, gradients, AdamW state), more than this "
+                              f"machine's {memory / 2 ** 30:,.0f} GiB; choose smaller --emb_dim or depths")
+
+
+def fewest_parameters(config, decoder=False):
+    """A lower bound of the parameter count: each transformer block's four width x width projections and its
+    4x MLP (12 width^2) and the position embeddings; the rest (norms, biases, heads) is left out."""
+    blocks = [(config.emb_dim, config.encoder_depth)]
+    blocks += [(config.decoder_emb_dim or config.emb_dim, config.decoder_depth)] if decoder else []
+    patches = (config.image_size // config.patch_size) ** 2
+    return sum(12 * width ** 2 * depth for width, depth in blocks) + patches * config.emb_dim
 
 
 def check_shapes(config, decoder=False):

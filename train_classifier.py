@@ -110,6 +110,7 @@ def build_model(args, typed_sizes, image_size, num_classes):
         sizes = {k: v for k, v in run_setup.explicit_sizes(args).items() if k in ModelConfig.ENCODER_FIELDS}
         config = ModelConfig.from_dict({**sizes, "image_size": image_size, "num_classes": num_classes})
         run_setup.check_shapes(config)
+        run_setup.check_model_size(build_classifier, config)
         return build_classifier(config, args.drop_path), config
     path = args.pretrained_model_path
     checkpoint = ckpt.load_checkpoint(path, args.trust_checkpoint, "mae", "--pretrained_model_path")

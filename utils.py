@@ -1,6 +1,7 @@
 """What the scripts share: one-line errors, seeding, devices and torchrun, run names, locks and logging."""
 import contextlib
 import csv
+import math
 import os
 import random
 import threading
@@ -207,7 +208,7 @@ class RunLogger:
         with open(self.csv_path, newline="") as f:
             reader = csv.DictReader(f)
             old_fields = reader.fieldnames or []
-            self.rows = [row for row in reader if int(row["epoch"]) < start_epoch]
+            self.rows = [row for row in reader if epoch_of(row) < start_epoch]
         self.fields = old_fields + [f for f in self.fields if f not in old_fields]
         write_csv(self.csv_path, self.fields, self.rows)  # now: the CSV agrees with the checkpoint resumed
 
@@ -255,6 +256,15 @@ class RunLogger:
         """The event file being written (a private attribute of torch's writer: the folder if that changes)."""
         event_writer = getattr(getattr(self.writer, "file_writer", None), "event_writer", None)
         return getattr(event_writer, "_file_name", None) or f"in {self.log_dir}"
+
+
+def epoch_of(row):
+    """A metrics.csv row's epoch; infinite (never kept on resume) for a row cut short by an older version's failed
+    append, or edited by hand."""
+    try:
+        return int(row.get("epoch") or "")
+    except ValueError:
+        return math.inf
 
 
 def quiet_tensorboard_thread_errors():

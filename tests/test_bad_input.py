@@ -105,6 +105,10 @@ CASES = [  # (script, argv after the common ones, what the error line must conta
     ("mae", ["--base_learning_rate", "1e307", "--weight_decay", "0"], "beyond what a float32 holds"),
     ("cls", ["--weight_decay", "1e300"], "--weight_decay 1e+300 is 6.25e+295; AdamW multiplies every weight by 1 -"),
     ("cls", ["--base_learning_rate", "100", "--weight_decay", "0.5"], "times --weight_decay 0.5 is 3.125"),
+    # A model or batch far beyond any machine's memory: counted before anything is allocated.
+    ("mae", ["--emb_dim", "1000000", "--encoder_heads", "1", "--decoder_heads", "1"], "M parameters, whose training"),
+    ("cls", ["--encoder_depth", "100000"], "44,237 M parameters, whose training needs 659 GiB"),
+    ("bench", ["--batch_sizes", "1000000000000"], "argument --batch_sizes: 1000000000000 images of 32x32 need"),
 ]
 
 

@@ -23,6 +23,7 @@ import engine
 import mae_pretrain
 import summarize
 import sweep
+import utils
 from conftest import REPO, SUBPROCESS_ENV, TINY_DECODER, TINY_ENCODER, assert_one_line_error, write_image_folder
 from model import ModelConfig, build_classifier
 
@@ -95,6 +96,16 @@ def test_a_failed_metrics_csv_write_keeps_every_complete_row(tmp_path):
     assert len(lines) == 3 and lines[-1].startswith("2,")  # header and two whole rows, nothing after them
     line = assert_write_refused(result, run / "metrics.csv", (run / "metrics.csv").read_bytes())
     assert "--resume auto" in line
+
+
+def test_a_resume_drops_a_row_that_a_crash_left_unreadable(tmp_path):
+    """An older version appended rows in place; a crash could leave a torn tail (here NUL bytes, as a file system
+    may after a power cut). Resuming after epoch 2 keeps the whole rows and drops that tail."""
+    (tmp_path / "metrics.csv").write_text("epoch,loss\n1,0.5\n2,0.4\n\0\0\0")
+    logger = utils.RunLogger(tmp_path, ["loss"], start_epoch=3)
+    logger.log(3, loss=0.3)
+    logger.close()
+    assert (tmp_path / "metrics.csv").read_text().splitlines() == ["epoch,loss", "1,0.5", "2,0.4", "3,0.3"]
 
 
 def test_a_failed_tensorboard_write_is_one_line_from_the_main_thread(tmp_path):

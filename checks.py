@@ -98,7 +98,7 @@ def atomic_write(path, write, what=""):
     was there before is left as it was. ``what`` names the kind of file in that message ("checkpoint").
     """
     path = Path(path)
-    existed = path.is_file()
+    existed = os.path.isfile(path)  # never an OSError (a name too long): that comes from the write, named
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

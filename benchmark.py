@@ -17,8 +17,6 @@ FLOPs come from ``FlopCounterMode`` on the uncompiled step at a small batch, sca
 step is linear in the batch size. The count covers matmuls, the patch convolution and attention (forward and
 backward); normalisation, activations and the optimizer are left out, as MFU figures usually do.
 """
-import argparse
-import csv
 import gc
 from pathlib import Path
 
@@ -31,7 +29,7 @@ import checks
 import engine
 import run_setup
 import utils
-from data import AUGMENTATIONS, normalize
+from data import AUGMENTATIONS, normalize, physical_memory
 from model import MASK_STRATEGIES, ModelConfig, build_classifier, build_mae
 
 WORKLOADS = ("pretrain", "finetune")
@@ -48,7 +46,7 @@ PRESETS = {"small": dict(patch_size=4, emb_dim=96, encoder_depth=4, encoder_head
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = checks.ArgumentParser(description=__doc__)
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, mps, cuda or cuda:N")
     p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
     p.add_argument("--batch_sizes", nargs="+", type=checks.POSITIVE_INT, default=None,
@@ -93,11 +91,24 @@ def parse_args(argv=None):
         checks.check_output_file(parser, "--output", args.output)
     if args.profile:
         checks.check_writable_folder(parser, "--profile", args.profile)
-    try:
-        build_model("pretrain", args)  # impossible shapes (heads, ratio and strategy) fail here, before any row
+    try:  # impossible shapes (heads, ratio and strategy) and absurd sizes fail here, before any row
+        for workload in args.workloads:
+            pretrain = workload == "pretrain"
+            run_setup.check_model_size(build_mae if pretrain else build_classifier, config_of(args), pretrain)
     except ValueError as error:
         parser.error(str(error))
+    check_batches_fit(parser, args)
     return args
+
+
+def check_batches_fit(parser, args):
+    """A batch whose input images alone (float32) would not fit in this machine's memory is refused by its flag."""
+    memory, largest = physical_memory(), max(args.batch_sizes or CUDA_BATCH_SIZES)
+    needed = largest * 3 * args.image_size ** 2 * 4
+    if memory and needed > memory:
+        parser.error(f"argument --batch_sizes: {largest} images of {args.image_size}x{args.image_size} need "
+                     f"{needed / 2 ** 30:,.0f} GiB as float32 input alone, more than this machine's "
+                     f"{memory / 2 ** 30:,.0f} GiB")
 
 
 # ---------------------------------------------------------------------------------------- models and steps
@@ -239,14 +250,13 @@ def profile_steps(run_steps, steps, device, stem):
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as profiler:
         run_steps()
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    profiler.export_chrome_trace(str(stem.with_suffix(".json")))
+    utils.atomic_write(stem.with_suffix(".json"), lambda tmp: profiler.export_chrome_trace(str(tmp)), "trace")
     on_gpu = device.type == "cuda"
     kernels = sum(1 for event in profiler.events() if event.device_type == DeviceType.CUDA) if on_gpu else None
     header = (f"{kernels / steps:.0f} GPU kernels per optimizer step\n\n" if on_gpu else "")
     table = profiler.key_averages().table(sort_by="self_device_time_total" if on_gpu else "self_cpu_time_total",
                                           row_limit=25)
-    stem.with_suffix(".txt").write_text(header + table + "\n")
+    utils.write_text(stem.with_suffix(".txt"), header + table + "\n")
 
 
 def measure_or_oom(workload, batch_size, path, args, device):
@@ -340,15 +350,10 @@ def describe_setup(args, device, flops, peak_tflops, matmul_tflops):
 
 
 def write_output(path, rows, text):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() != ".csv":
-        path.write_text(text + "\n")
-        return
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    if Path(path).suffix.lower() != ".csv":
+        utils.write_text(path, text + "\n")
+    else:
+        utils.write_csv(path, list(rows[0]), rows)
 
 
 def paths_for(workload, args, device):

@@ -211,14 +211,9 @@ def time_bookkeeping(fields, copy=None, rows=3):
 
 def write_record(log_dir, record):
     """``budget.json`` beside the metrics: the plan, and (at the end) the wall time it took."""
-    path = Path(log_dir) / "budget.json"
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-        os.replace(tmp, path)
-    except OSError as error:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"could not write {path} ({error.strerror or error})") from None
+    import checks  # the one atomic write path
+
+    checks.write_text(Path(log_dir) / "budget.json", json.dumps(record, indent=1) + "\n", "budget record")
 
 
 def read_record(log_dir):

@@ -6,14 +6,11 @@ A checkpoint is a dict that ``torch.load(path, weights_only=True)`` reads:
 checkpoints without ``config`` (and the reference's pickled modules, behind ``--trust_checkpoint``) are rebuilt
 from their weights' shapes.
 """
-import contextlib
 import io
 import math
-import os
 import pickle
 import random
 import re
-import shutil
 import sys
 import threading
 from pathlib import Path
@@ -24,7 +21,7 @@ import torch.distributed as dist
 
 from engine import EpochPosition
 from model import ModelConfig, build_classifier, build_mae, encoder_state_dict
-from utils import UserError, first_line
+from utils import UserError, atomic_write, first_line
 
 KIND_NAMES = {"mae": "an MAE pretraining checkpoint (from mae_pretrain.py)",
               "classifier": "a classifier checkpoint (from train_classifier.py)"}
@@ -34,20 +31,39 @@ KIND_NAMES = {"mae": "an MAE pretraining checkpoint (from mae_pretrain.py)",
 
 
 def save_checkpoint(path, state):
-    """Write to a temporary file in the same folder, then rename: a reader never sees half a checkpoint."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as error:  # a full disk, a lost mount: torch's writer raises RuntimeError
-        free = shutil.disk_usage(path.parent).free / 2 ** 20 if path.parent.is_dir() else 0.0
-        raise UserError(f"could not write checkpoint {path} ({first_line(error)}; {free:.1f} MiB free there); "
-                        f"the one before it is intact, so fix the cause and continue with --resume auto") from None
-    finally:
-        with contextlib.suppress(OSError):  # a temporary file that could not even be made is no error of its own
-            tmp.unlink(missing_ok=True)
+    """Write through a temporary file in the same folder, then rename: a reader never sees half a checkpoint, and
+    a failed write (a full disk) leaves the one before it (see checks.atomic_write)."""
+    atomic_write(path, lambda tmp: torch_save(state, tmp), "checkpoint")
+
+
+def torch_save(state, path):
+    """``torch.save``, failing with the disk's own error ("No space left on device", "File too large") rather than
+    the one torch's writer makes of it ("[enforce fail at inline_container.cc] unexpected pos ...")."""
+    with open(path, "wb") as file:
+        recorder = _WriteRecorder(file)
+        try:
+            torch.save(state, recorder)
+        except RuntimeError:
+            if recorder.error is not None:
+                raise recorder.error from None
+            raise
+
+
+class _WriteRecorder:
+    """A file for torch.save that keeps the OSError of a failed write."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self):
+        return self.file.flush()
 
 
 def export_weights(state, target, limit=None):

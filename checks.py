@@ -1,16 +1,143 @@
-"""Argument checks every script uses: argparse types that check a range, and checks of devices and paths.
+"""What every script shares without importing torch: one-line errors, a parser whose refusals are short, writes
+that leave a whole file or none, and argparse types and checks of ranges, devices and paths.
 
-A bad value is refused by argparse (usage, then ``error: argument --flag: ...``, exit code 2) before any file is
-written: the flag, the value and what is allowed are in that one line.
+A bad value is refused by argparse (one usage line, then ``error: argument --flag: ...``, exit code 2) before any
+file is written: the flag, the value and what is allowed are in that one line.
 """
 import argparse
+import contextlib
+import csv
 import os
+import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 # The files a run keeps in its log folder (utils.RunLogger, utils.RunLock): no output may take these names.
 RUN_LOG_NAMES = ("metrics.csv", ".lock")
 RUN_LOG_PREFIX = "events.out.tfevents"
+
+
+# ------------------------------------------------------------------------------------------ one-line errors
+
+
+class UserError(ValueError):
+    """Bad input from the user: reported as one line on stderr and a non-zero exit, never a traceback."""
+
+
+class WriteError(UserError):
+    """A file could not be written (a full disk, a file-size limit, a read-only folder, a name too long): the
+    message names the file and the cause; what the user does next depends on the script (see ``run_cli``)."""
+
+
+def first_line(error):
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def run_cli(main, argv=None, resumable=False):
+    """Run ``main``; turn the errors a user can fix into one clear line and exit code 2.
+
+    ``main`` may return an exit code: 130 / 143 after a graceful stop on SIGINT / SIGTERM. ``resumable``: the
+    script continues a run with ``--resume auto``, which is then the advice after a failed write.
+    """
+    try:
+        code = main(argv)
+    except WriteError as error:
+        advice = ("fix that, then continue with --resume auto (a run with no checkpoint yet: start it again with "
+                  "--overwrite)" if resumable else "fix that and run the command again")
+        say_error(f"{first_line(error)}; {advice}")
+        sys.exit(2)
+    except (ValueError, FileNotFoundError) as error:  # our UserError, DataError and model ValueErrors
+        say_error(first_line(error))
+        sys.exit(2)
+    except OSError as error:  # a full disk, a read-only folder: name the path and the cause
+        where = f"{error.filename}: " if error.filename else ""
+        say_error(f"{where}{error.strerror or first_line(error)}")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        end_progress_bars()
+        print("interrupted; the last saved checkpoint is intact (resume with --resume auto)" if resumable else
+              "interrupted; every file written so far is whole", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def say_error(message):
+    end_progress_bars()
+    print(f"error: {message}", file=sys.stderr)
+
+
+def end_progress_bars():
+    """Close the progress bars an error left open (tqdm's, if it is loaded), so that the error line starts a line
+    of its own instead of following the bar's last state."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, with a refusal of one usage line and the error instead of the whole usage block (about
+    30 lines above the one that matters); ``--help`` still prints everything. The script's docstring is its
+    description, printed as written."""
+
+    def __init__(self, *args, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"usage: {self.prog} [options]; see --help\n{self.prog}: error: {message}\n")
+
+
+# ------------------------------------------------------------------------------------------- atomic writes
+
+
+def atomic_write(path, write, what=""):
+    """Write ``path`` whole or not at all: ``write(temporary_path)`` writes a hidden file beside it (same folder,
+    same suffix, so savers that go by the suffix pick the format), which then replaces ``path`` in one rename.
+
+    On any failure the temporary file is removed and one WriteError names the path and the cause; a file that
+    was there before is left as it was. ``what`` names the kind of file in that message ("checkpoint").
+    """
+    path = Path(path)
+    existed = os.path.isfile(path)  # never an OSError (a name too long): that comes from the write, named
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:  # RuntimeError: torch.save's writer reports a failed write so
+        raise WriteError(f"could not write {what + ' ' if what else ''}{path} ({write_cause(error, path)}); "
+                         f"{'the file there before is unchanged' if existed else 'nothing was left there'}") from None
+    finally:
+        with contextlib.suppress(OSError):  # a temporary file that could not even be made is no error of its own
+            tmp.unlink(missing_ok=True)
+
+
+def write_cause(error, path):
+    """Why a write failed, with the free space where it went (a full disk and a file-size limit read alike)."""
+    cause = (error.strerror if isinstance(error, OSError) and error.strerror else first_line(error))
+    folder = next((p for p in Path(path).parents if p.is_dir()), None)
+    with contextlib.suppress(OSError):
+        return f"{cause}; {shutil.disk_usage(folder).free / 2 ** 20:.1f} MiB free there" if folder else cause
+    return cause
+
+
+def write_text(path, text, what=""):
+    """``text`` as the whole content of ``path``, atomically (see ``atomic_write``)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text), what)
+
+
+def write_csv(path, fields, rows, what=""):
+    """A CSV of ``rows`` (dicts; keys not in ``fields`` are left out) under a header, atomically."""
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fields, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write, what)
+
+
+# ---------------------------------------------------------------------------------------- argparse types
 
 
 def ranged(kind, low=None, high=None, low_open=False, high_open=False):
@@ -73,8 +200,38 @@ def run_name(text):
     return text
 
 
+# Bytes a name keeps free for the files written beside it: ".<name>.tmp<pid><suffix>" (checks.atomic_write) and
+# ".<name>.lock" (utils.RunLock).
+NAME_SLACK = 16
+
+
+def check_name_lengths(parser, flag, path):
+    """Every part of ``path`` fits the file system's limit on a name (255 bytes on most), less NAME_SLACK, and the
+    whole its limit on a path: else the first write would fail, late, with "File name too long"."""
+    path = Path(os.path.abspath(path))
+    existing = next(p for p in (path, *path.parents) if os.path.isdir(p))  # isdir: False, never an error
+    name_max, path_max = (limit(existing, name, default) for name, default in (("PC_NAME_MAX", 255),
+                                                                               ("PC_PATH_MAX", 4096)))
+    for part in path.parts:
+        if len(os.fsencode(part)) > name_max - NAME_SLACK:
+            parser.error(f"argument {flag}: the name {part[:24]}... is {len(os.fsencode(part))} bytes long; names "
+                         f"here may have at most {name_max - NAME_SLACK} (the file system's {name_max}, less room "
+                         f"for the temporary and lock files beside it)")
+    if len(os.fsencode(str(path))) > path_max - NAME_SLACK:
+        parser.error(f"argument {flag}: {str(path)[:40]}... is {len(os.fsencode(str(path)))} bytes long; paths "
+                     f"here may have at most {path_max - NAME_SLACK}")
+
+
+def limit(folder, name, default):
+    try:
+        return os.pathconf(folder, name)
+    except (OSError, ValueError):  # not reported by this system or file system
+        return default
+
+
 def check_writable_folder(parser, flag, folder):
     """The folder exists and is writable, or can be made: its nearest existing ancestor is a writable folder."""
+    check_name_lengths(parser, flag, folder)
     path = Path(folder)
     if path.exists() and not path.is_dir():
         parser.error(f"argument {flag}: {folder} is a file, not a folder")
@@ -95,6 +252,7 @@ def check_writable_folder(parser, flag, folder):
 
 def check_output_file(parser, flag, path):
     """A file the run will write: not a folder, and its folder writable."""
+    check_name_lengths(parser, flag, path)
     if Path(path).is_dir():
         parser.error(f"argument {flag}: {path} is a folder; give a file name")
     check_writable_folder(parser, flag, Path(path).parent if str(Path(path).parent) else ".")

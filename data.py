@@ -6,8 +6,10 @@ tensor with ``randperm`` instead of going through DataLoader workers (the cifar1
 import io
 import math
 import os
+import struct
 import sys
 import warnings
+from collections import Counter
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,11 +72,12 @@ def load_dataset(name="cifar10", data_dir=None, download_root="data"):
 
 def peek(name="cifar10", data_dir=None):
     """(image size, number of classes, number of training images) without loading the data set: an image folder
-    is listed and one of its images decoded."""
+    is listed and its files' headers read (see ``check_sizes``)."""
     if not data_dir:
         return 32, 100 if name == "cifar100" else 10, 50000
     train = list_image_folder(Path(data_dir) / "train")
-    return read_image(train.files[0]).shape[-1], len(train.classes), len(train.files)
+    reference = check_sizes(train) or (None, read_image(train.files[0]).shape[-1])  # no header PIL can read
+    return reference[1], len(train.classes), len(train.files)
 
 
 def load_image_folder(folder):
@@ -139,21 +142,79 @@ def read_images(listing, reference=None):
     """Decode every file of ``listing`` into one (N, 3, S, S) uint8 tensor.
 
     ``reference`` is (a file, its side) that every image must match: test images must have the train images' size.
+    Every size is checked from the files' headers first (see ``check_sizes``), so a huge file costs its header.
     """
+    reference = check_sizes(listing, reference)
     images = []
     for path in listing.files:
         image = read_image(path)
-        _, height, width = image.shape
-        if height != width:
-            raise DataError(f"{path} is {width}x{height} pixels (width x height): the model needs square images; "
-                            f"crop or resize it to a square")
-        if reference is None:
-            reference = (path, width)
-        elif width != reference[1]:
-            raise DataError(f"{path} is {width}x{width} pixels but {reference[0]} is {reference[1]}x{reference[1]}: "
-                            f"all images (train and test) must have one size; resize them to one size")
+        check_size(path, image.shape[2], image.shape[1], reference)  # a file whose header PIL could not read
         images.append(image)
     return Split(torch.stack(images), torch.tensor(listing.labels), listing.classes)
+
+
+def check_sizes(listing, reference=None):
+    """Every image's size read from its file header, before any is decoded: all square and of one size (the
+    reference's, else the size most files have, so the odd file is the one named), and the whole split small
+    enough to hold in memory as one tensor. Returns the reference, (a file, its side)."""
+    sizes = [(path, header_size(path)) for path in listing.files]
+    known = [(path, size) for path, size in sizes if size is not None]
+    if reference is None and known:
+        common = Counter(size for _, size in known).most_common(1)[0][0]
+        reference = next((path, size[0]) for path, size in known if size == common)
+    for path, (width, height) in known:
+        check_size(path, width, height, reference)
+    if reference is not None:
+        check_fits_in_memory(listing, reference[1])
+    return reference
+
+
+def check_size(path, width, height, reference):
+    if height != width:
+        raise DataError(f"{path} is {width}x{height} pixels (width x height): the model needs square images; "
+                        f"crop or resize it to a square")
+    if reference is not None and width != reference[1]:
+        raise DataError(f"{path} is {width}x{width} pixels but {reference[0]} is {reference[1]}x{reference[1]}: "
+                        f"all images (train and test) must have one size; resize them to one size")
+
+
+def check_fits_in_memory(listing, side):
+    """A split is held as one uint8 tensor (and stacked once: twice that at the peak): refused before decoding when
+    that would not fit in half of this machine's memory."""
+    needed, memory = 2 * len(listing.files) * 3 * side * side, physical_memory()
+    if memory and needed > memory // 2:
+        raise DataError(f"{listing.folder}: {len(listing.files)} images of {side}x{side} pixels need "
+                        f"{needed / 2 ** 30:.1f} GiB to load, more than half of this machine's "
+                        f"{memory / 2 ** 30:.1f} GiB; resize them (this code trains on small images, like CIFAR's "
+                        f"32x32)")
+
+
+def physical_memory():
+    """Bytes of memory on this machine (0 where the system does not say)."""
+    with suppress(ValueError, OSError, AttributeError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return 0
+
+
+def header_size(path):
+    """(width, height) from the file's header, without decoding a pixel (PIL's open is lazy); None when PIL cannot
+    tell, and ``read_image`` then says what is wrong with the file. PIL's guard against decompression bombs
+    (more than 2 x 89 M pixels) is an error naming the file."""
+    with suppress(OSError):  # a PNG (all of CIFAR) says it in its first 24 bytes: faster than PIL's open
+        with open(path, "rb") as file:
+            head = file.read(24)
+        if head.startswith(PNG) and head[12:16] == b"IHDR":
+            return struct.unpack(">II", head[16:24])
+    try:
+        with warnings.catch_warnings():  # a DecompressionBombWarning: the size is checked by the caller
+            warnings.simplefilter("ignore")
+            with Image.open(path) as image:
+                return image.size
+    except Image.DecompressionBombError as error:
+        raise DataError(f"{path} is too large to be one of the data set's images ({error}); replace or delete "
+                        f"the file") from None
+    except Exception:  # not an image, damaged, unreadable: read_image gives the reason
+        return None
 
 
 PNG, JPEG = b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"

@@ -1,4 +1,5 @@
 """The training engine both scripts share: precision, compilation, a step, an epoch, evaluation, the schedule."""
+import logging
 import math
 import shutil
 import signal
@@ -97,7 +98,22 @@ def maybe_compile(fn, device, enabled=True, mode="default"):
     """``fn`` under torch.compile when ``enabled`` and this device compiles (see why_eager), else ``fn`` itself."""
     if not enabled or not compiler_available(device):
         return fn
+    if device.type != "cuda":
+        quiet_cuda_home_warning()
     return torch.compile(fn, mode=None if mode == "default" else mode)
+
+
+def quiet_cuda_home_warning():
+    """A CUDA build of torch compiling for the CPU, on a machine with CUDA's tools but no GPU, logs "No CUDA runtime
+    is found, using CUDA_HOME=..." (torch.utils.cpp_extension): true, harmless for a CPU run, and nothing for its
+    user to act on. That one message is dropped; the logger's others still print."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    if no_cuda_runtime_note not in logger.filters:
+        logger.addFilter(no_cuda_runtime_note)
+
+
+def no_cuda_runtime_note(record):
+    return not str(record.msg).startswith("No CUDA runtime is found")
 
 
 def describe_speed_path(device, precision, compiled, requested_precision=None):

@@ -8,7 +8,6 @@ then, in any project with timm:
                               qkv_bias=False, num_classes=10)
     model.load_state_dict(torch.load("vit-t-mae-timm.pt"), strict=False)   # all keys but the head's match
 """
-import argparse
 from pathlib import Path
 
 import checkpoint as ckpt
@@ -25,7 +24,7 @@ def timm_model_kwargs(config, num_classes=10):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = checks.ArgumentParser(description=__doc__)
     parser.add_argument("checkpoint", type=checks.path_text,
                         help="a checkpoint from mae_pretrain.py or train_classifier.py")
     parser.add_argument("output", type=checks.path_text, help="where to write the timm state dict")

@@ -5,7 +5,6 @@
     python mae_pretrain.py --preset small --data_dir DATA          # the CPU-scale model and schedule
     torchrun --nproc_per_node 4 mae_pretrain.py ...               # the same run on 4 GPUs
 """
-import argparse
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -36,7 +35,7 @@ FIELDS = ["loss", "lr", "seconds", "images_per_s", "compile_seconds", "knn_acc",
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = checks.ArgumentParser(description=__doc__)
     run_setup.add_schedule_arguments(p, batch_size=4096, max_device_batch_size=512, base_learning_rate=1.5e-4,
                                      total_epoch=2000, warmup_epoch=200)  # the reference's
     p.add_argument("--mask_ratio", type=checks.OPEN_UNIT, default=None, help="default 0.75")
@@ -79,8 +78,8 @@ def model_config(args, image_size, resumed=None):
     base = resumed.to_dict() if resumed else ModelConfig().to_dict()
     config = ModelConfig.from_dict({**base, "image_size": image_size, **run_setup.explicit_sizes(args)})
     run_setup.check_shapes(config, decoder=True)
-    try:
-        build_mae(config)  # what is left (a mask ratio the strategy cannot make) fails here, before any file
+    try:  # what is left (a mask ratio the strategy cannot make, a model too large) fails here, before any file
+        run_setup.check_model_size(build_mae, config, decoder=True)
     except ValueError as error:
         raise utils.UserError(str(error)) from None
     return config
@@ -178,4 +177,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    utils.run_cli(main)
+    utils.run_cli(main, resumable=True)

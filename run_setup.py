@@ -13,7 +13,7 @@ import checkpoint as ckpt
 import checks
 import engine
 import utils
-from data import AUGMENTATIONS, GpuLoader, load_dataset, peek
+from data import AUGMENTATIONS, GpuLoader, load_dataset, peek, physical_memory
 from engine import COMPILE_MODES, PRECISIONS, describe_speed_path, largest_fitting_micro_batch, resolve_precision
 from model import ModelConfig
 
@@ -139,12 +139,32 @@ def check_run_arguments(parser, args, outputs, inputs=None):
     (``outputs``, ``{flag: path}``: none may be one of the ``inputs``; see checks.check_outputs)."""
     checks.check_device(parser, args.device)
     checks.check_writable_folder(parser, "--log_dir", args.log_dir)
+    checks.check_name_lengths(parser, "--run_name", Path(args.log_dir) / args.dataset / args.run_name)
     checks.check_outputs(parser, outputs, inputs, args.data_dir)
+    check_learning_rate(parser, args)
     if args.resume not in (None, "auto") and not Path(args.resume).is_file():
         parser.error(f"argument --resume: {args.resume} is not a checkpoint file; pass a file or 'auto'")
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         parser.error(f"argument --data_dir: {args.data_dir} is not a folder (it needs train/<class>/ and "
                      f"test/<class>/ inside)")
+
+
+FLOAT32_MAX = 3.4028234663852886e38  # fused and compiled optimizers hold the learning rate as a float32
+
+
+def check_learning_rate(parser, args):
+    """A finite but absurd --base_learning_rate or --weight_decay is refused, naming the flag, before any file: the
+    learning rate (base * batch size / 256) must fit in a float32, and AdamW multiplies every weight by
+    1 - lr * weight_decay at each step, which at lr * weight_decay >= 1 zeroes or flips the weights."""
+    lr = args.base_learning_rate * args.batch_size / 256
+    if not lr < FLOAT32_MAX:
+        parser.error(f"argument --base_learning_rate: {args.base_learning_rate:g} gives a learning rate of {lr:g} "
+                     f"(base * --batch_size {args.batch_size} / 256), beyond what a float32 holds")
+    if lr * args.weight_decay >= 1:
+        parser.error(f"argument --base_learning_rate, --weight_decay: the learning rate {lr:g} (base "
+                     f"{args.base_learning_rate:g} * --batch_size {args.batch_size} / 256) times --weight_decay "
+                     f"{args.weight_decay:g} is {lr * args.weight_decay:g}; AdamW multiplies every weight by 1 - "
+                     f"that at each step, so it must stay below 1")
 
 
 def checked(args):
@@ -184,6 +204,35 @@ class SaveSchedule:
             self.last = self.clock()
             return True
         return False
+
+
+TRAINING_BYTES_PER_PARAMETER = 16  # fp32 weights, gradients and AdamW's two moments
+
+
+def check_model_size(build, config, decoder=False):
+    """Build the model on the meta device (no memory, so a model of any size is cheap to build and count) and
+    refuse one whose training would need more than this machine's memory: a finite but absurd size flag would
+    otherwise fail in an allocation with a traceback, or get the process killed. A model the config cannot make
+    raises build's own ValueError."""
+    memory = physical_memory()
+    parameters = fewest_parameters(config, decoder)  # first a count that needs no model: 100,000 blocks take minutes
+    if not memory or TRAINING_BYTES_PER_PARAMETER * parameters <= memory:
+        with torch.device("meta"):
+            parameters = sum(p.numel() for p in build(config).parameters())
+    needed = TRAINING_BYTES_PER_PARAMETER * parameters
+    if memory and needed > memory:
+        raise utils.UserError(f"the model has {parameters / 1e6:,.0f} M parameters, whose training needs "
+                              f"{needed / 2 ** 30:,.0f} GiB (weights, gradients, AdamW state), more than this "
+                              f"machine's {memory / 2 ** 30:,.0f} GiB; choose smaller --emb_dim or depths")
+
+
+def fewest_parameters(config, decoder=False):
+    """A lower bound of the parameter count: each transformer block's four width x width projections and its
+    4x MLP (12 width^2) and the position embeddings; the rest (norms, biases, heads) is left out."""
+    blocks = [(config.emb_dim, config.encoder_depth)]
+    blocks += [(config.decoder_emb_dim or config.emb_dim, config.decoder_depth)] if decoder else []
+    patches = (config.image_size // config.patch_size) ** 2
+    return sum(12 * width ** 2 * depth for width, depth in blocks) + patches * config.emb_dim
 
 
 def check_shapes(config, decoder=False):
@@ -323,7 +372,9 @@ def start_run(args, checkpoint_paths):
     resume_path = ckpt.resolve_resume(args.resume, checkpoint_paths[0])
     log_dir = Path(args.log_dir) / args.dataset / args.run_name
     if env.is_main and not resume_path:
-        refuse_to_replace(log_dir, checkpoint_paths, args.overwrite)
+        refuse_to_replace(log_dir, checkpoint_paths, args.overwrite, args.resume == "auto")
+        if args.resume == "auto":
+            print(f"--resume auto: no checkpoint at {checkpoint_paths[0]} yet; starting a new run")
     train_set, test_set = load_dataset(args.dataset, args.data_dir)
     args.image_size = train_set.images.shape[-1]
     check_batch_fits(args.batch_size, len(train_set.labels), env.world_size)
@@ -349,9 +400,17 @@ def make_loader(run, args, augment, trial=None):
     return run.loader
 
 
-def refuse_to_replace(log_dir, checkpoint_paths, overwrite):
-    """A new run must not mix into a folder that holds another run's epochs, nor replace its checkpoints."""
-    if utils.logged_rows(log_dir / "metrics.csv") and not overwrite:
+def refuse_to_replace(log_dir, checkpoint_paths, overwrite, resume_auto=False):
+    """A new run must not mix into a folder that holds another run's epochs, nor replace its checkpoints.
+
+    With ``--resume auto`` and no checkpoint yet, epochs logged there have nothing to continue from (the run
+    stopped, or failed to write, before its first checkpoint): only ``--overwrite`` starts it again."""
+    logged = utils.logged_rows(log_dir / "metrics.csv")
+    if logged and not overwrite and resume_auto:
+        raise utils.UserError(f"--resume auto: {log_dir} has {logged} epochs logged but there is no checkpoint at "
+                              f"{checkpoint_paths[0]} to continue them from; add --overwrite to start the run "
+                              f"again, or give --run_name NAME for a new one")
+    if logged and not overwrite:
         raise utils.UserError(f"{log_dir} already holds a run: pass --resume auto to continue it, --run_name NAME "
                               f"for a new one, or --overwrite to start it again")
     taken = [str(p) for p in checkpoint_paths if Path(p).exists()]

@@ -11,9 +11,9 @@ and linear-probe runs of the same pretraining settings and seed. Writes runs.csv
 ('-' for one seed, "(n=k)" where fewer have it); PNGs: each curve against epoch per differing setting (mean, ±std
 band), fine-tuning vs from scratch, and every setting's accuracies (each seed a dot, mean ± std bars).
 """
-import argparse
 import csv
 import json
+from functools import partial
 from pathlib import Path
 from statistics import mean, stdev
 
@@ -137,7 +137,7 @@ def curve_figure(groups, curve, axes, title, path):
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize="small")
     figure.suptitle(f"{title[0].upper()}{title[1:]} (mean ± std over seeds)")
-    figure.savefig(path, dpi=120)
+    checks.atomic_write(path, partial(figure.savefig, dpi=120), "figure")
     return [f"![{title}]({path.name})", ""]
 
 
@@ -156,7 +156,7 @@ def spread_figure(rows, varying, columns, path):
     ax.set_xticks(range(len(rows)), [label(row, varying) for row in rows], rotation=20, ha="right")
     ax.set(ylabel="test accuracy (%)", title="Accuracy per setting: each seed (dots), mean ± std (bars)")
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1, 1))
-    figure.savefig(path, dpi=120)
+    checks.atomic_write(path, partial(figure.savefig, dpi=120), "figure")
     return ["## Accuracy per setting", "", f"![accuracy per setting]({path.name})", ""]
 
 
@@ -281,12 +281,12 @@ def budget_figure(groups, path):
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    checks.atomic_write(path, partial(fig.savefig, dpi=120), "figure")
     plt.close(fig)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = checks.ArgumentParser(description=__doc__)
     parser.add_argument("folders", nargs="+", type=Path, help="sweep folders, or any folders above them")
     parser.add_argument("--output_dir", type=Path, help="for results.md, runs.csv, figures (default: the first folder)")
     args = parser.parse_args(argv)
@@ -302,23 +302,18 @@ def main(argv=None):
     report = summarize(runs, output_dir)
     if budget := budget_rows(runs):
         report += "\n" + "\n".join(budget_section(budget, output_dir))
-        with open(output_dir / "budget.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, BUDGET_FIELDS)
-            writer.writeheader()
-            writer.writerows(budget)
+        checks.write_csv(output_dir / "budget.csv", BUDGET_FIELDS, budget)
     report += "\nLeft out: " + "; ".join(unfinished) + "\n" if unfinished else ""
-    (output_dir / "results.md").write_text(report + "\n")
+    checks.write_text(output_dir / "results.md", report + "\n")
     keys = sorted({k for run in runs for k in run["key"]})
-    with open(output_dir / "runs.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, ["run", "sweep", "stage", "seed", *keys, "epochs", *RESULTS])
-        writer.writeheader()
-        writer.writerows({**{k: run[k] for k in ("run", "sweep", "stage", "seed", "epochs")},
-                          **{k: show(run["key"][k]) for k in keys if k in run["key"]},
-                          **{k: f"{v:.6g}" for k, v in run["results"].items()}}
-                         for run in sorted(runs, key=lambda r: (r["sweep"], r["run"])))
+    checks.write_csv(output_dir / "runs.csv", ["run", "sweep", "stage", "seed", *keys, "epochs", *RESULTS],
+                     [{**{k: run[k] for k in ("run", "sweep", "stage", "seed", "epochs")},
+                       **{k: show(run["key"][k]) for k in keys if k in run["key"]},
+                       **{k: f"{v:.6g}" for k, v in run["results"].items()}}
+                      for run in sorted(runs, key=lambda r: (r["sweep"], r["run"]))])
     print(report)
     print(f"wrote {output_dir / 'results.md'}, {output_dir / 'runs.csv'} and {report.count('![')} figures")
 
 
 if __name__ == "__main__":
-    main()
+    checks.run_cli(main)

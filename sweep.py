@@ -28,6 +28,7 @@ from types import SimpleNamespace
 
 import torch
 
+import checks
 import data
 import utils
 from model import MASK_STRATEGIES
@@ -58,7 +59,7 @@ def no_file_on(path):
 
 def parse_args(argv=None):
     positive = typed(int, lambda v: v >= 1, "an integer >= 1")
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = checks.ArgumentParser(description=__doc__)
     p.add_argument("--name", default="ablation", help="the sweep's folder is <log_dir>/<dataset>/sweep_<name>",
                    type=typed(str, lambda t: t.strip(".") and "/" not in t, "a folder name without '/'"))
     grid = p.add_argument_group("the grid: one run chain for every combination")
@@ -90,8 +91,7 @@ def parse_args(argv=None):
     common.add_argument("--device", help="cuda, cpu or auto", type=typed(
         str, lambda t: t == "auto" or torch.device(t).type != "cuda" or torch.cuda.is_available(),
         "cpu, auto, or cuda[:N] where a GPU is visible"))
-    common.add_argument("--log_dir", default="logs", type=typed(str, lambda t: t.strip() and no_file_on(t),
-                                                                "a folder, not a file"))
+    common.add_argument("--log_dir", default="logs", type=checks.path_text)
     for name in ("pretrain_batch_size", "finetune_batch_size", "max_device_batch_size", *MODEL_SIZE, "decoder_heads"):
         common.add_argument(f"--{name}", type=positive)
     # Free-form options for mae_pretrain.py and train_classifier.py, split into words (the default "" too).
@@ -117,6 +117,8 @@ def parse_args(argv=None):
         flag = "--linear_probe_epochs" if args.linear_probe_epochs else "--probe_args"
         p.error(f"argument {flag}: sets up a linear probe that --no_linear_probe turns off; leave one out")
     args.folder = Path(args.log_dir) / args.dataset / f"sweep_{args.name}"
+    checks.check_writable_folder(p, "--log_dir", args.log_dir)
+    checks.check_name_lengths(p, "--name", args.folder / "checkpoints")
     if not no_file_on(args.folder / "checkpoints"):
         p.error(f"argument --name: a file stands where {args.folder}/checkpoints/ would go")
     return args
@@ -261,10 +263,14 @@ def planned_epochs(run):
 
 
 def write_settings(run, command):
-    run.log_dir.mkdir(parents=True, exist_ok=True)
-    (run.log_dir / "settings.json").write_text(json.dumps(
+    checks.write_text(run.log_dir / "settings.json", json.dumps(
         {"run": run.name, "settings": run.settings, "total_epochs": planned_epochs(run),
          "checkpoint": str(run.checkpoint), "command": shlex.join(command)}, indent=1) + "\n")
+
+
+def refuse(why, *details):
+    """Why the sweep started nothing, on stderr (where a script's refusal goes too), then the details."""
+    print(f"sweep: nothing was started; {why}", *details, sep="\n", file=sys.stderr, flush=True)
 
 
 def execute(command):
@@ -284,11 +290,10 @@ def main(argv=None):
     say(f"sweep {args.folder}: {len(runs)} runs")
     pending = [run for run in runs if run_state(run)[0] in ("new", "restarting", "resuming")]
     if problems := check_commands(pending):
-        say("sweep: nothing was started; these commands would fail:",
-            *(f"  {name}: {line}" for name, line in problems), sep="\n")
+        refuse("these commands would fail:", *(f"  {name}: {line}" for name, line in problems))
         return 2
     if pending and not args.dry_run and not args.data_dir and (problem := fetch_dataset(args.dataset)):
-        say(f"sweep: nothing was started; {problem}")
+        refuse(problem)
         return 2
     lock = None
     if pending and not args.dry_run:  # a second copy of this sweep would start the runs this one has not reached
@@ -296,7 +301,7 @@ def main(argv=None):
             lock = utils.RunLock(args.folder, SWEEP_LOCK, f"{args.folder} is being run by another sweep.py with "
                                  f"this --name; wait for it to end, or stop it first").acquire()
         except utils.UserError as error:
-            say(f"sweep: nothing was started; {error}")
+            refuse(error)
             return 2
     try:
         for number, run in enumerate(runs, 1):
@@ -343,4 +348,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    utils.run_cli(main)

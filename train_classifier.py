@@ -4,7 +4,7 @@
     python train_classifier.py --pretrained_model_path vit-t-mae.pt     # from our pretraining checkpoint
     python train_classifier.py --pretrained_model_path vit-t-mae.pt --trust_checkpoint   # the reference's pickle
 """
-import argparse
+import os
 from functools import partial
 from pathlib import Path
 
@@ -40,7 +40,7 @@ FIXED_ON_RESUME = ("dataset", "data_dir", "pretrained_model_path", "linear_probe
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = checks.ArgumentParser(description=__doc__)
     run_setup.add_schedule_arguments(p, batch_size=128, max_device_batch_size=256, base_learning_rate=1e-3,
                                      total_epoch=100, warmup_epoch=5)  # the reference's
     p.add_argument("--pretrained_model_path", type=checks.path_text, default=None,
@@ -85,7 +85,7 @@ def parse_args(argv=None):
         parser.error("--linear_probe needs --pretrained_model_path (a frozen random encoder says little)")
     if args.pretrained_model_path and not Path(args.pretrained_model_path).is_file():
         parser.error(f"argument --pretrained_model_path: {args.pretrained_model_path} is not a checkpoint file")
-    if args.output_model_path is not None and (Path(args.output_model_path).is_dir() or
+    if args.output_model_path is not None and (os.path.isdir(args.output_model_path) or  # never an OSError
                                                 not Path(args.output_model_path).name.strip(".")):
         parser.error(f"argument --output_model_path: {args.output_model_path} is a folder; give a file name")
     last_path = name_run(args, parser)
@@ -112,6 +112,7 @@ def build_model(args, typed_sizes, image_size, num_classes):
         sizes = {k: v for k, v in run_setup.explicit_sizes(args).items() if k in ModelConfig.ENCODER_FIELDS}
         config = ModelConfig.from_dict({**sizes, "image_size": image_size, "num_classes": num_classes})
         run_setup.check_shapes(config)
+        run_setup.check_model_size(build_classifier, config)
         return build_classifier(config, args.drop_path), config
     path = args.pretrained_model_path
     checkpoint = ckpt.load_checkpoint(path, args.trust_checkpoint, "mae", "--pretrained_model_path")
@@ -303,4 +304,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    utils.run_cli(main)
+    utils.run_cli(main, resumable=True)

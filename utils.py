@@ -1,8 +1,10 @@
 """What the scripts share: one-line errors, seeding, devices and torchrun, run names, locks and logging."""
+import contextlib
 import csv
+import math
 import os
 import random
-import sys
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,40 +13,24 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from checks import RUN_LOG_NAMES, RUN_LOG_PREFIX
+# The one-line errors and atomic writes live in checks.py, which summarize.py imports without torch.
+from checks import (  # noqa: F401
+    RUN_LOG_NAMES,
+    RUN_LOG_PREFIX,
+    UserError,
+    WriteError,
+    atomic_write,
+    first_line,
+    run_cli,
+    write_cause,
+    write_csv,
+    write_text,
+)
 
 try:
     import fcntl  # advisory file locks, released by the OS when a process dies
 except ImportError:  # Windows: runs are not locked
     fcntl = None
-
-
-class UserError(ValueError):
-    """Bad input from the user: reported as one line on stderr and a non-zero exit, never a traceback."""
-
-
-def first_line(error):
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-
-
-def run_cli(main, argv=None):
-    """Run ``main``; turn the errors a user can fix into one clear line and exit code 2.
-
-    ``main`` may return an exit code: 130 / 143 after a graceful stop on SIGINT / SIGTERM.
-    """
-    try:
-        code = main(argv)
-    except (ValueError, FileNotFoundError) as error:  # our UserError, DataError and model ValueErrors
-        print(f"error: {first_line(error)}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as error:  # a full disk, a read-only folder: name the path and the cause
-        where = f"{error.filename}: " if error.filename else ""
-        print(f"error: {where}{error.strerror or first_line(error)}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted; the last saved checkpoint is intact (resume with --resume auto)", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(code if isinstance(code, int) else 0)
 
 
 # ------------------------------------------------------------------------------------------------- seeding
@@ -229,11 +215,15 @@ class RunLogger:
     """TensorBoard scalars and a ``metrics.csv`` (header first, one row per epoch) in one run folder.
 
     On resume, rows from epochs at or after ``start_epoch`` are dropped and TensorBoard purges the same steps,
-    so a resumed run's logs read as if it had never stopped. The CSV is only appended to, or rewritten whole
-    through a temporary file; columns it already has are kept, so a resume with other monitors loses no rows.
-    The header is written with the first row: a first epoch that fails leaves no CSV that blocks the retry.
-    A run that starts at epoch 1 (new, or ``--overwrite``) first removes the folder's old CSV and TensorBoard
-    event files, so no curve of an earlier run is drawn under its name.
+    so a resumed run's logs read as if it had never stopped. The CSV is small: it is rewritten whole through a
+    temporary file after every epoch (see checks.atomic_write), so a failed write (a full disk) leaves the
+    previous complete file, never half a row. Columns it already has are kept, so a resume with other monitors
+    loses no rows. The header is written with the first row: a first epoch that fails leaves no CSV that blocks
+    the retry. A run that starts at epoch 1 (new, or ``--overwrite``) first removes the folder's old CSV and
+    TensorBoard event files, so no curve of an earlier run is drawn under its name.
+
+    TensorBoard's event file is only appended to, by a thread of its own; its writes are flushed after every
+    epoch, so that a failed one is raised here, in the training thread, as the same one-line WriteError.
     """
 
     def __init__(self, log_dir, fields, start_epoch=1, enabled=True):
@@ -241,17 +231,23 @@ class RunLogger:
         self.fields = ["epoch", *fields]
         self.log_dir = Path(log_dir)
         self.csv_path = self.log_dir / RUN_LOG_NAMES[0]
+        self.rows = []
         self.writer = None
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter  # imported late: slow, and only rank 0 needs it
 
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        quiet_tensorboard_thread_errors()
+        try:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise WriteError(f"could not make the run folder {self.log_dir} ({error.strerror or error})") from None
         if start_epoch <= 1:
             self._remove_earlier_logs()
         else:
             self._keep_rows_before(start_epoch)
-        self.writer = SummaryWriter(str(self.log_dir), purge_step=start_epoch if start_epoch > 1 else None)
+        self.writer = self._tensorboard(lambda: SummaryWriter(str(self.log_dir), purge_step=(
+            start_epoch if start_epoch > 1 else None)))
 
     def _remove_earlier_logs(self):
         for path in [self.csv_path, *self.log_dir.glob(f"{RUN_LOG_PREFIX}.*")]:
@@ -264,28 +260,22 @@ class RunLogger:
         with open(self.csv_path, newline="") as f:
             reader = csv.DictReader(f)
             old_fields = reader.fieldnames or []
-            rows = [row for row in reader if int(row["epoch"]) < start_epoch]
+            self.rows = [row for row in reader if epoch_of(row) < start_epoch]
         self.fields = old_fields + [f for f in self.fields if f not in old_fields]
-        tmp = self.csv_path.with_name(f".{self.csv_path.name}.tmp{os.getpid()}")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, self.fields)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.csv_path)
+        write_csv(self.csv_path, self.fields, self.rows)  # now: the CSV agrees with the checkpoint resumed
 
     def log(self, epoch, **values):
         if not self.enabled:
             return
-        for name, value in values.items():
-            if value is not None:
-                self.writer.add_scalar(tensorboard_tag(name), value, epoch)
-        new_file = not self.csv_path.exists()
-        with open(self.csv_path, "a", newline="") as f:
-            writer = csv.DictWriter(f, self.fields, extrasaction="ignore")
-            if new_file:
-                writer.writeheader()
-            writer.writerow({"epoch": epoch, **values})
-        self.writer.flush()
+        self._tensorboard(lambda: [self.writer.add_scalar(tensorboard_tag(name), value, epoch)
+                                   for name, value in values.items() if value is not None])
+        self.rows.append({"epoch": epoch, **values})
+        try:
+            write_csv(self.csv_path, self.fields, self.rows)
+        except WriteError:
+            self.rows.pop()  # the file still holds the rows before this one
+            raise
+        self._tensorboard(self.writer.flush)
 
     def log_hparams(self, settings, final_metrics, epoch):
         """The run's settings and final metrics for TensorBoard's HParams view, written through this run's own
@@ -309,11 +299,60 @@ class RunLogger:
 
     def add_image(self, tag, image, epoch):
         if self.enabled:
-            self.writer.add_image(tag, image, epoch)
+            self._tensorboard(lambda: (self.writer.add_image(tag, image, epoch), self.writer.flush()))
 
     def close(self):
-        if self.writer is not None:
-            self.writer.close()
+        """Flush (close alone would not raise the writer thread's error), then close, once, even after a failure."""
+        if self.writer is None:
+            return
+        try:
+            self._tensorboard(self.writer.flush)
+        except WriteError:
+            with contextlib.suppress(OSError):  # the same failure again: reported once
+                self.writer.close()
+            raise
+        else:
+            self._tensorboard(self.writer.close)
+        finally:
+            self.writer = None
+
+    def _tensorboard(self, call):
+        """``call()``, with a failed event-file write (raised by the writer thread's error) as one WriteError."""
+        try:
+            return call()
+        except OSError as error:
+            raise WriteError(f"could not write TensorBoard events {self._event_file()} "
+                             f"({write_cause(error, self.log_dir / 'events')})") from None
+
+    def _event_file(self):
+        """The event file being written (a private attribute of torch's writer: the folder if that changes)."""
+        event_writer = getattr(getattr(self.writer, "file_writer", None), "event_writer", None)
+        return getattr(event_writer, "_file_name", None) or f"in {self.log_dir}"
+
+
+def epoch_of(row):
+    """A metrics.csv row's epoch; infinite (never kept on resume) for a row cut short by an older version's failed
+    append, or edited by hand."""
+    try:
+        return int(row.get("epoch") or "")
+    except ValueError:
+        return math.inf
+
+
+def quiet_tensorboard_thread_errors():
+    """TensorBoard's writer thread keeps its failed write's error for the main thread's next flush, and also lets
+    it escape as a traceback of its own ("Exception in thread ..."). RunLogger reports that error as one line
+    from the main thread, so the writer thread's own report is dropped; every other thread's is kept."""
+    previous = threading.excepthook
+    if getattr(previous, "quiets_tensorboard", False):
+        return
+
+    def excepthook(args):
+        if not type(args.thread).__module__.startswith("tensorboard.") or not issubclass(args.exc_type, OSError):
+            previous(args)
+
+    excepthook.quiets_tensorboard = True
+    threading.excepthook = excepthook
 
 
 def tensorboard_tag(name):

@@ -5,7 +5,6 @@
 
 Each checkpoint brings its own architecture: no size flags are needed.
 """
-import argparse
 from pathlib import Path
 
 import torch
@@ -47,7 +46,7 @@ def per_class_accuracy(labels, predictions, classes):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = checks.ArgumentParser(description=__doc__)
     p.add_argument("--model_path", type=checks.path_text, default=None,
                    help="a classifier checkpoint (from train_classifier.py)")
     p.add_argument("--mae_model_path", type=checks.path_text, default=None,
@@ -88,8 +87,7 @@ def parse_args(argv=None):
 
 
 def save(figure, path):
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    figure.save(path)
+    utils.atomic_write(path, figure.save, "figure")
     print(f"wrote {path}")
 
 

@@ -91,6 +91,24 @@ CASES = [  # (script, argv after the common ones, what the error line must conta
     ("bench", ["--batch_sizes", "8", "-8"], "argument --batch_sizes"),
     ("bench", ["--emb_dim", "32"], "divisible"),
     ("bench", ["--output", "{tmp}"], "argument --output"),
+    # Names the file system cannot hold: refused now, not at the first write hours later.
+    ("mae", ["--run_name", "{long}"], "argument --run_name: the name xxxx"),
+    ("mae", ["--model_path", "{tmp}/{long}.pt"], "argument --model_path: the name xxxx"),
+    ("mae", ["--log_dir", "{tmp}/{long}/logs"], "argument --log_dir: the name xxxx"),
+    ("cls", ["--output_model_path", "{tmp}/{long}/c.pt"], "argument --output_model_path: the name xxxx"),
+    ("vis", ["--model_path", "{file}", "--output", "{tmp}/{long}.png"], "argument --output: the name xxxx"),
+    ("export", ["{file}", "{tmp}/{long}.pt"], "argument output: the name xxxx"),
+    ("bench", ["--output", "{tmp}/{long}.csv"], "argument --output: the name xxxx"),
+    ("mae", ["--log_dir", "/proc/logs"], "argument --log_dir: /proc/logs is not writable"),
+    # Finite but absurd: the learning rate (base * batch / 256) overflows, or AdamW's decay factor turns negative.
+    ("mae", ["--base_learning_rate", "1e300"], "argument --base_learning_rate"),
+    ("mae", ["--base_learning_rate", "1e307", "--weight_decay", "0"], "beyond what a float32 holds"),
+    ("cls", ["--weight_decay", "1e300"], "--weight_decay 1e+300 is 6.25e+295; AdamW multiplies every weight by 1 -"),
+    ("cls", ["--base_learning_rate", "100", "--weight_decay", "0.5"], "times --weight_decay 0.5 is 3.125"),
+    # A model or batch far beyond any machine's memory: counted before anything is allocated.
+    ("mae", ["--emb_dim", "1000000", "--encoder_heads", "1", "--decoder_heads", "1"], "M parameters, whose training"),
+    ("cls", ["--emb_dim", "4096", "--encoder_depth", "100000"], "M parameters, whose training needs"),
+    ("bench", ["--batch_sizes", "1000000000000"], "argument --batch_sizes: 1000000000000 images of 32x32 need"),
 ]
 
 
@@ -116,7 +134,7 @@ def test_bad_input_is_one_error_line_and_exit_2_before_any_file(tmp_path, cli_er
     folder = tmp_path / "work"
     folder.mkdir()
     (folder / "a_file").write_text("not a folder, not a checkpoint")
-    fill = lambda text: text.format(tmp=folder, file=folder / "a_file", data=tiny_image_folder)
+    fill = lambda text: text.format(tmp=folder, file=folder / "a_file", data=tiny_image_folder, long="x" * 300)
     before = sorted(p.name for p in folder.rglob("*"))
     line = cli_error(SCRIPTS[script], argv_for(script, [fill(e) for e in extra], folder, tiny_image_folder))
     assert fill(expected) in line

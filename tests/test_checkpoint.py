@@ -37,14 +37,14 @@ def files_in(folder):
 
 def test_save_checkpoint_writes_elsewhere_then_renames(tmp_path, monkeypatch):
     path = tmp_path / "run" / "ckpt.pt"
-    real_save, targets = torch.save, []
+    real_save, targets = ckpt.torch_save, []
 
     def watching_save(obj, target):
         targets.append(target)
         assert not path.exists(), "the final name appeared before the file was complete"
         real_save(obj, target)
 
-    monkeypatch.setattr(torch, "save", watching_save)
+    monkeypatch.setattr(ckpt, "torch_save", watching_save)
     ckpt.save_checkpoint(path, {"model": {"w": torch.ones(2)}, "epoch": 1})
     assert len(targets) == 1 and targets[0] != path and targets[0].parent == path.parent
     assert files_in(path.parent) == ["ckpt.pt"]  # no temporary file left behind
@@ -60,8 +60,8 @@ def test_a_failed_save_leaves_the_old_checkpoint_intact(tmp_path, monkeypatch):
             f.write(b"half a checkp")
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(ckpt.UserError, match="No space left on device.*intact"):  # one line, not a traceback
+    monkeypatch.setattr(ckpt, "torch_save", failing_save)
+    with pytest.raises(ckpt.UserError, match="No space left on device.*before is unchanged"):  # one line
         ckpt.save_checkpoint(path, {"epoch": 2})
     assert files_in(tmp_path) == ["ckpt.pt"]
     assert torch.load(path, weights_only=True) == {"epoch": 1}

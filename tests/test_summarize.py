@@ -2,6 +2,7 @@
 at once, the per-run CSV, the figures, argument errors, and that it needs no torch."""
 import csv
 import json
+import re
 import subprocess
 import sys
 from itertools import takewhile
@@ -129,7 +130,9 @@ def figure_texts(monkeypatch):
 
     def recording_savefig(self, path, **kwargs):
         legends = [[t.get_text() for t in ax.get_legend().get_texts()] if ax.get_legend() else [] for ax in self.axes]
-        texts[Path(path).name] = {"title": self.get_suptitle() or self.axes[0].get_title(), "axes": [
+        # Saved as a hidden temporary file beside the figure (checks.atomic_write): keyed by the figure's name.
+        name = re.sub(r"^\.(.*)\.tmp\d+(\.\w+)$", r"\1\2", Path(path).name)
+        texts[name] = {"title": self.get_suptitle() or self.axes[0].get_title(), "axes": [
             (ax.get_xlabel(), ax.get_ylabel(), legend) for ax, legend in zip(self.axes, legends)]}
         return savefig(self, path, **kwargs)
 

@@ -316,8 +316,8 @@ def test_options_a_run_would_refuse_stop_the_sweep_before_anything_runs(tiny_ima
     argv = [*STUDY, "--data_dir", str(tiny_image_folder), "--log_dir", str(tmp_path / "logs"), *extra]
     for dry_run in ([], ["--dry_run"]):
         assert sweep.main(argv + dry_run) == 2
-        out = capfd.readouterr().out
-        assert "nothing was started; these commands would fail" in out and expected in out
+        err = capfd.readouterr().err  # a refusal goes to stderr, as the scripts' own do
+        assert "nothing was started; these commands would fail" in err and expected in err
     assert not (tmp_path / "logs").exists()
 
 
@@ -328,8 +328,8 @@ def test_without_data_dir_a_failed_download_stops_the_sweep_before_any_run(tmp_p
     monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(data.DATASETS, "cifar10", no_network)
     assert sweep.main([*STUDY, "--log_dir", str(tmp_path / "logs")]) == 2
-    out = capfd.readouterr().out
-    assert "nothing was started; could not download cifar10" in out and "--data_dir" in out
+    err = capfd.readouterr().err
+    assert "nothing was started; could not download cifar10" in err and "--data_dir" in err
     assert not list(tmp_path.iterdir())  # no run folder, no settings.json, no empty data/
 
 
@@ -337,7 +337,7 @@ def test_a_second_copy_of_a_running_sweep_is_refused_before_any_run(tiny_image_f
     folder = tmp_path / "logs" / "cifar10" / "sweep_t"
     first = utils.RunLock(folder, sweep.SWEEP_LOCK).acquire()  # what the first copy holds while it runs
     assert sweep.main([*STUDY, "--data_dir", str(tiny_image_folder), "--log_dir", str(tmp_path / "logs")]) == 2
-    assert "nothing was started; " + f"{folder} is being run by another sweep.py" in capfd.readouterr().out
+    assert "nothing was started; " + f"{folder} is being run by another sweep.py" in capfd.readouterr().err
     assert [p.name for p in folder.iterdir()] == [sweep.SWEEP_LOCK]  # no run folder, no settings.json
     first.release()
 

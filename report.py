@@ -42,6 +42,18 @@ CPU_STUDY = dict(
       --pretrain_args="--decoder_emb_dim 64 --base_learning_rate 1.5e-3 --warmup_epoch 2 --knn_every 4 --probe_epochs 10" \\
       --finetune_args="--augment crop_flip"
     python summarize.py logs/cifar10/sweep_main logs/cifar10/sweep_depth logs/cifar10/sweep_masking --output_dir results/cpu_study""")
+# The commands of the time-budget studies under results/ (summarize.py writes their budget.csv).
+BUDGET_COMMANDS = {"cpu_budget30": """\
+    # the two sweeps side by side, each run one thread (--threads 1) on its own core of the 2-core machine
+    python sweep.py --name budget30_mae --time_budget 30 --seeds 0 1 --decoder_depth 2 --no_linear_probe \\
+      --data_dir DATA --device cpu --patch_size 4 --emb_dim 96 --encoder_depth 4 --encoder_heads 3 --decoder_heads 2 \\
+      --pretrain_batch_size 256 --finetune_batch_size 128 \\
+      --pretrain_args="--decoder_emb_dim 64 --base_learning_rate 1.5e-3 --threads 1 --no_compile" \\
+      --finetune_args="--augment crop_flip --threads 1 --no_compile" &
+    python sweep.py --name budget30_scratch --time_budget 30 --seeds 0 1 --scratch_only --data_dir DATA --device cpu \\
+      --patch_size 4 --emb_dim 96 --encoder_depth 4 --encoder_heads 3 --finetune_batch_size 128 \\
+      --finetune_args="--augment crop_flip --threads 1 --no_compile"
+    python summarize.py logs/cifar10/sweep_budget30_mae logs/cifar10/sweep_budget30_scratch --output_dir results/cpu_budget30"""}
 REFERENCE = {"pretrain": 3760, "finetune": 2080}  # img/s of IcarusWizard/MAE on one H100, as campaign.py has them
 ACCURACY_COLUMNS = ("test_acc", "val_acc", "accuracy", "test_accuracy")
 BUDGET_COLUMNS = ("arm", "budget_minutes", "seed", "machine")
@@ -322,7 +334,24 @@ def budget_section(results, page):
             "Epochs: pretraining + fine-tuning per seed; wall: minutes the arm's processes took, per seed (a run "
             "plans whole epochs, so part of a budget can stay unused).", "",
             *table(["machine", "minutes per arm", "arm", "n", "final test acc.", "per seed", "epochs",
-                    "wall (min)", "CSV"], rows), ""]
+                    "wall (min)", "CSV"], rows), "",
+            *[line for name, command in BUDGET_COMMANDS.items() if (results / name / "budget.csv").is_file()
+              for line in (f"The commands of `results/{name}` (DATA is the image folder):", "", command, "")],
+            *tuning_section(results, page)]
+
+
+def tuning_section(results, page):
+    """The CPU study's choices of how to spend its cores, each with its measurement (results/*/tuning.csv)."""
+    out = []
+    for path in sorted(results.glob("*/tuning.csv")):
+        rows = read_csv(path)
+        source = "results/" + path.relative_to(results).as_posix()
+        out += [f"What was tried for the study in `{path.parent.name}`, and why its settings are what they are "
+                f"(source: {link(source, page)}):", "",
+                *table(["choice", "tried", "s / step", "condition", "decision", "machine, date"],
+                       [[r["choice"], r["tried"], r["seconds_per_step"] or "-", r["condition"], r["decision"],
+                         f"{r['machine']}, {r['date']}"] for r in rows]), ""]
+    return out
 
 
 def results_page(results):

@@ -75,7 +75,7 @@ PROFILES = {
                 caps=dict(tta_pretrain=300, tta_finetune=40, abl_pretrain=200, abl_finetune=30), probe_epochs=10,
                 guess={"overhead": 120, "pretrain": 13.3, "finetune": 25, "none": 45, "default": 90,
                        "max-autotune-no-cudagraphs": 240}),
-    "tiny": dict(model=["--emb_dim", "32", "--encoder_depth", "1", "--encoder_heads", "2"], budgets=[0.2],
+    "tiny": dict(model=["--emb_dim", "32", "--encoder_depth", "1", "--encoder_heads", "2"], budgets=[0.1],
                  decoder=["--decoder_heads", "2"], batch=["--batch_size", "16", "--max_device_batch_size", "8"],
                  speed=["--precision", "fp32", "--no_compile", "--threads", "1"],
                  bench=["--steps", "2", "--warmup", "1", "--threads", "1"], precision="fp32", compile_modes=["none"],

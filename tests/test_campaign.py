@@ -20,7 +20,7 @@ import engine
 import utils
 
 STEP_KEYS = {
-    "budget": {"budget_0.2min"},
+    "budget": {"budget_0.1min"},
     "bench": {"pretrain_b8_fp32_none", "finetune_b8_fp32_none_aug"},
     "epochs": set(campaign.SPEED_RUNS),
     "tta": {"tta_pretrain", "tta_finetune", "tta_scratch"},
@@ -73,7 +73,8 @@ def in_process(monkeypatch, one_thread):
         with monkeypatch.context() as m:
             m.setattr(sys, "argv", command[1:])
             started = time.monotonic()
-            m.setattr(budget, "process_start", lambda: started)  # a run's budget counts from its start here
+            m.setattr(budget, "process_start", lambda: started)  # a run's budget counts from its start here,
+            m.setattr(budget, "EXIT_SECONDS", 0.0)  # and no interpreter exits at its end
             m.setattr(engine.StopFlag, "install", recording_install)
             m.setattr(utils.RunLogger, "log", log_then_maybe_stop)
             try:
@@ -115,7 +116,7 @@ def test_the_whole_campaign_in_parts_resumes_skips_and_reports(tmp_path, tiny_im
     final = recorded[-1]
     assert {step: set(keys) for step, keys in final.items()} == STEP_KEYS
     assert final["bench"].count("finetune_b8_fp32_none_aug") == 3
-    assert final["budget"].count("budget_0.2min") == 2  # a row per arm
+    assert final["budget"].count("budget_0.1min") == 2  # a row per arm
     assert all(len(keys) == len(set(keys)) for step, keys in final.items() if step not in ("bench", "budget"))
     for earlier, later in zip(recorded, recorded[1:]):
         assert all(later[step][:len(keys)] == keys for step, keys in earlier.items())  # only appended to
@@ -156,10 +157,10 @@ def test_the_whole_campaign_in_parts_resumes_skips_and_reports(tmp_path, tiny_im
     assert 0 <= float(tta["tta_finetune"]["val_acc"]) <= 1 and tta["tta_scratch"]["epochs"] == "2"
     # Equal compute: each arm the same minutes; the MAE arm's weights released in bf16 and loadable.
     budget = {r["arm"]: r for r in read_csv(step_csv(results, "budget"))}
-    assert budget["mae"]["budget_minutes"] == budget["scratch"]["budget_minutes"] == "0.2"
+    assert budget["mae"]["budget_minutes"] == budget["scratch"]["budget_minutes"] == "0.1"
     assert int(budget["mae"]["pretrain_epochs"]) >= 1 and int(budget["scratch"]["finetune_epochs"]) >= 1
     assert 0 <= float(budget["mae"]["test_acc"]) <= 100 and budget["scratch"]["weights"] == ""
-    assert "--time_budget 0.1" in budget["mae"]["command"] and "--time_budget 0.2" in budget["scratch"]["command"]
+    assert "--time_budget 0.05" in budget["mae"]["command"] and "--time_budget 0.1" in budget["scratch"]["command"]
     for name in budget["mae"]["weights"].split():
         released = torch.load(results / name, weights_only=True)
         assert set(released) == {"kind", "config", "epoch", "model"} | ({"classes"} if "cls_" in name else set())
@@ -171,7 +172,7 @@ def test_the_whole_campaign_in_parts_resumes_skips_and_reports(tmp_path, tiny_im
     assert "## Still to be measured on CPU" in reports[0] and "- ablation: dd2_random_s0" in reports[0]
     report = reports[-1]
     assert "(no rows yet)" not in report and "- ablation" not in report
-    assert "## MAE against training from scratch at equal compute" in report and "| CPU | 0.2 | mae | " in report
+    assert "## MAE against training from scratch at equal compute" in report and "| CPU | 0.1 | mae | " in report
     for key in [*STEP_KEYS["epochs"], *STEP_KEYS["tta"]]:
         assert f"| CPU | {key} | " in report
     for key, reference in (("pretrain_dd4", 3760), ("finetune", 2080)):  # the ratio to the reference's speed

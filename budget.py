@@ -20,7 +20,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from utils import UserError
+import checkpoint
+import checks
+import engine
+from utils import UserError, synchronize
 
 _IMPORTED_AT = time.monotonic()
 SAFETY = 0.02  # of the budget, kept back for what the trial cannot see (noise between epochs) ...
@@ -119,8 +122,6 @@ class Trial:
         self.modules, self.optimizer, self.scaler = [m for m in modules if m is not None], optimizer, scaler
 
     def __enter__(self):
-        import checkpoint  # here: checkpoint imports engine, which the scripts import before this module
-
         self.rng = checkpoint.rng_state()
         self.weights = [copy.deepcopy(m.state_dict()) for m in self.modules]
         self.optimizer_state = copy.deepcopy(self.optimizer.state_dict())
@@ -128,8 +129,6 @@ class Trial:
         return self
 
     def __exit__(self, *exc):
-        import checkpoint
-
         for module, weights in zip(self.modules, self.weights):
             module.load_state_dict(weights)
         self.optimizer.load_state_dict(self.optimizer_state)
@@ -139,15 +138,17 @@ class Trial:
         checkpoint.set_rng_state(self.rng)
 
 
-def time_steps(train_steps, batches, device, budget_minutes, warm_steps=2, most_steps=30):
-    """Seconds per optimizer step, steady. ``train_steps(batches, hook, stop)`` runs optimizer steps over
-    ``batches`` (one epoch's first, repeated as needed), calling ``hook`` after each and ending when ``stop()``
-    says so. The first ``warm_steps`` (compilation, allocator warm-up) are not counted; then up to ``most_steps``
-    are timed, but no more than 2 % of the budget's worth once three are in, so a slow model's trial stays short
-    and a fast one's is long enough not to be noise."""
+def step_seconds(step, loader, optimizer, accum_steps, model, device, budget_minutes, scaler=None, after_step=None,
+                 warm_steps=2, most_steps=30):
+    """Seconds per optimizer step, steady: engine.train_epoch over the first batches of epoch 1 (repeated as
+    needed), ``after_step`` (an EMA's update) included. The first ``warm_steps`` (compilation, allocator warm-up)
+    are not counted; then up to ``most_steps`` are timed, but no more than 2 % of the budget's worth once three
+    are in, so a slow model's trial stays short and a fast one's is long enough not to be noise."""
     marks = []
 
     def mark():
+        if after_step is not None:
+            after_step()
         synchronize(device)
         marks.append(time.perf_counter())
 
@@ -157,7 +158,9 @@ def time_steps(train_steps, batches, device, budget_minutes, warm_steps=2, most_
             return steady >= min(most_steps, 10)
         return steady >= most_steps or (steady >= 3 and marks[-1] - marks[warm_steps - 1] > budget_minutes * 1.2)
 
-    train_steps(batches * (most_steps + warm_steps), mark, enough)
+    batches = trial_batches(loader, accum_steps)
+    engine.train_epoch(step, batches * (most_steps + warm_steps), optimizer, accum_steps, model, after_step=mark,
+                       scaler=scaler, stop=enough)
     steady = marks[warm_steps - 1:]
     if len(steady) < 2:
         raise UserError("the time-budget trial needs at least 3 optimizer steps in an epoch; use a smaller "
@@ -172,11 +175,6 @@ def timed(fn, device):
     fn()
     synchronize(device)
     return time.perf_counter() - start
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def trial_batches(loader, accum_steps, steps=6):
@@ -212,8 +210,6 @@ def time_bookkeeping(fields, copy=None, rows=3):
 
 def write_record(log_dir, record):
     """``budget.json`` beside the metrics: the plan, and (at the end) the wall time it took."""
-    import checks  # the one atomic write path
-
     checks.write_text(Path(log_dir) / "budget.json", json.dumps(record, indent=1) + "\n", "budget record")
 
 

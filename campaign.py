@@ -254,12 +254,14 @@ class RunFolders:
     def metrics(self, run):
         return read_csv(self.paths(run)[0] / "metrics.csv")
 
+    def budget_record(self, run):
+        """A budgeted run's budget.json (its plan and wall times), or {} before it has planned."""
+        record = self.paths(run)[0] / "budget.json"
+        return json.loads(record.read_text()) if record.is_file() else {}
+
     def planned(self, run):
         """The epochs a run trains: fixed, or those a budgeted run planned (None until it has)."""
-        if not run.minutes:
-            return run.epochs
-        record = self.paths(run)[0] / "budget.json"
-        return json.loads(record.read_text()).get("total_epoch") if record.is_file() else None
+        return self.budget_record(run).get("total_epoch") if run.minutes else run.epochs
 
     def finished(self, run):
         total = self.planned(run)
@@ -267,8 +269,8 @@ class RunFolders:
 
     def wall_seconds(self, run):
         """Process start to exit, every process of a budgeted run together."""
-        record = self.paths(run)[0] / "budget.json"
-        return sum(json.loads(record.read_text()).get("wall_seconds", [])) if record.is_file() else None
+        walls = self.budget_record(run).get("wall_seconds")
+        return sum(walls) if walls else None
 
     def command(self, run, bookkeeping=True):
         words = [sys.executable, run.script, *run.options, "--device", self.device]
@@ -486,21 +488,15 @@ def record_budget(campaign, unit):
 
 def export_weights(campaign, runs, minutes):
     """The MAE arm's two checkpoints as released weights: results/weights/{mae,cls}_<machine>_<N>min.pt."""
+    import checkpoint  # here: the other steps need no model code
+
     names = []
     for run, kind in zip(runs, ("mae", "cls")):
         target = campaign.results / "weights" / f"{kind}_{campaign.slug}_{minutes:g}min.pt"
-        source = campaign.folders.paths(run)[1]
-        export_bf16(source, target)
+        state = torch.load(campaign.folders.paths(run)[1], map_location="cpu", weights_only=True)
+        checkpoint.export_weights(state, target, WEIGHTS_LIMIT)
         names.append(str(target.relative_to(campaign.results)))
     return " ".join(names)
-
-
-def export_bf16(source, target):
-    """A checkpoint's model in bf16 with what rebuilds it (kind, config, epoch, classes), no optimizer state."""
-    import checkpoint
-
-    state = torch.load(source, map_location="cpu", weights_only=True)
-    checkpoint.export_weights(state, target, WEIGHTS_LIMIT)
 
 
 def record_bench(campaign, unit):
@@ -529,8 +525,9 @@ def export_encoder(source, target):
     """The pretrained weights in bf16 (the encoder alone if with the decoder they pass 16 MB), for
     train_classifier.py --pretrained_model_path on another machine; returns the file's size in MB."""
     state = torch.load(source, map_location="cpu", weights_only=True)
-    weights = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state["model"].items()}
-    from checkpoint import torch_save  # here: the other steps need no model code
+    from checkpoint import bf16, torch_save  # here: the other steps need no model code
+
+    weights = bf16(state["model"])
 
     def write(tmp):
         for keep in ("", "encoder."):

@@ -66,13 +66,17 @@ class _WriteRecorder:
         return self.file.flush()
 
 
+def bf16(state_dict):
+    """The floating-point tensors of a state dict in bf16 (released weights are half the bytes)."""
+    return {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state_dict.items()}
+
+
 def export_weights(state, target, limit=None):
     """Released weights: the model in bf16 (half the bytes; fine-tuning and inference cast them back) with what
     rebuilds it (kind, config, classes, epoch), without optimizer state or the run's paths; refused if larger than
     ``limit`` bytes. Every script loads the file: load_checkpoint reads bf16 weights into fp32 models."""
-    weights = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state["model"].items()}
     kept = {k: state[k] for k in ("kind", "config", "epoch", "classes") if k in state}
-    save_checkpoint(target, {**kept, "model": weights})
+    save_checkpoint(target, {**kept, "model": bf16(state["model"])})
     size = Path(target).stat().st_size
     if limit and size >= limit:
         Path(target).unlink()

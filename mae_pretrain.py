@@ -89,17 +89,13 @@ def measure_costs(args, run, config, step, model, optimizer, train_model, scaler
     """--time_budget's trial (budget.py): a few optimizer steps, the monitors this run logs and a save, timed."""
     device = run.env.device
 
-    def train_steps(batches, hook, stop):
-        engine.train_epoch(step, batches, optimizer, run.accum_steps, train_model, after_step=hook, scaler=scaler,
-                           stop=stop)
-
     def monitor():
         evaluate_encoder(model.encoder, run.train_set, run.test_set, device, args.knn_k, args.knn_pool,
                          args.probe_epochs, run.precision)
 
     with budget.Trial([model], optimizer, scaler):
-        step_seconds = budget.time_steps(train_steps, budget.trial_batches(run.loader, run.accum_steps), device,
-                                         args.time_budget)
+        step_seconds = budget.step_seconds(step, run.loader, optimizer, run.accum_steps, train_model, device,
+                                           args.time_budget, scaler)
         image = budget.timed(lambda: reconstruction_grid(model, fixed_images), device)
         knn = budget.timed(monitor, device) if args.knn_every and run.env.is_main else 0.0
         save = budget.timed(lambda: ckpt.save_to_memory(ckpt.training_state("mae", model, config, optimizer, 0,

@@ -28,6 +28,7 @@ from types import SimpleNamespace
 
 import torch
 
+import budget
 import checks
 import data
 import utils
@@ -149,44 +150,47 @@ def plan(a):
                                     log_dir=a.folder / name, settings=settings, needs=needs))
         return runs[-1]
 
-    def classifier(stage, seed, pretrained=None, budget=None):  # "finetune"/"linear_probe" from ``pretrained``,
-        probe = stage == "linear_probe"                             # or "scratch" (given the whole ``budget``)
+    def classifier(stage, seed, pretrained=None, minutes_per_arm=None):
+        # "finetune" or "linear_probe" from ``pretrained``, or "scratch" (given all of ``minutes_per_arm``)
+        probe = stage == "linear_probe"
         prefix, epochs, extra = ("lp", a.linear_probe_epochs or a.finetune_epochs, a.probe_args) if probe else (
             "ft" if pretrained else "scratch", a.finetune_epochs, a.finetune_args)
-        minutes = budget and (budget * (1 - a.pretrain_share) if pretrained else budget)
+        minutes = minutes_per_arm and minutes_per_arm * ((1 - a.pretrain_share) if pretrained else 1)
         name = f"{prefix}_{pretrained.name.removeprefix('mae_')}" if pretrained else \
-            f"{prefix}{f'_tb{budget:g}' if budget else ''}_s{seed}"
+            f"{prefix}{f'_tb{minutes_per_arm:g}' if minutes_per_arm else ''}_s{seed}"
         best = a.folder / "checkpoints" / f"{name}.pt"
         options = [*flags(output_model_path=best, batch_size=a.finetune_batch_size, **(
             {"pretrained_model_path": pretrained.checkpoint} if pretrained else size)), *["--linear_probe"] * probe]
         # A fine-tuned result depends on its pretraining's settings too.
         settings = {**(pretrained.settings if pretrained else dict(seed=seed, dataset=a.dataset, model_size=size)),
-                    "stage": stage, "linear_probe_epochs" if probe else "finetune_epochs": None if budget else epochs,
+                    "stage": stage,
+                    "linear_probe_epochs" if probe else "finetune_epochs": None if minutes_per_arm else epochs,
                     "finetune_batch_size": a.finetune_batch_size, "probe_args" if probe else "finetune_args": extra,
-                    **({"time_budget": budget} if budget else {})}
+                    **({"time_budget": minutes_per_arm} if minutes_per_arm else {})}
         add(name, "train_classifier.py", seed, epochs, 0.05, options, extra, settings,
             best.with_name(f"{name}_last.pt"), pretrained, minutes)
 
     for seed in dict.fromkeys(a.seeds):  # a value given twice runs once
-        for budget in dict.fromkeys(a.time_budget or [None]):
+        for minutes_per_arm in dict.fromkeys(a.time_budget or [None]):
             for epochs, depth, strategy, ratio in [] if a.scratch_only else product(*map(dict.fromkeys, (
                     a.pretrain_epochs, a.decoder_depth, a.mask_strategy, a.mask_ratio))):
-                length = f"tb{budget:g}" if budget else f"ep{epochs}"
+                length = f"tb{minutes_per_arm:g}" if minutes_per_arm else f"ep{epochs}"
                 name = f"mae_dd{depth}_{strategy}_mr{ratio:g}_{length}_s{seed}"
                 checkpoint = a.folder / "checkpoints" / f"{name}.pt"
                 settings = {"stage": "pretrain", "seed": seed, "dataset": a.dataset, "decoder_depth": depth,
                             "mask_strategy": strategy, "mask_ratio": ratio, "pretrain_epochs": epochs,
                             "pretrain_batch_size": a.pretrain_batch_size, "model_size": size,
                             "decoder_heads": a.decoder_heads, "pretrain_args": a.pretrain_args,
-                            **({"time_budget": budget, "pretrain_share": a.pretrain_share} if budget else {})}
+                            **({"time_budget": minutes_per_arm, "pretrain_share": a.pretrain_share}
+                               if minutes_per_arm else {})}
                 options = flags(decoder_depth=depth, mask_strategy=strategy, mask_ratio=ratio, model_path=checkpoint,
                                 batch_size=a.pretrain_batch_size, **size, decoder_heads=a.decoder_heads)
                 mae = add(name, "mae_pretrain.py", seed, epochs, 0.1, options, a.pretrain_args, settings, checkpoint,
-                          minutes=budget and budget * a.pretrain_share)
+                          minutes=minutes_per_arm and minutes_per_arm * a.pretrain_share)
                 for stage in ("finetune",) if a.no_linear_probe else ("finetune", "linear_probe"):
-                    classifier(stage, seed, mae, budget)
+                    classifier(stage, seed, mae, minutes_per_arm)
             if a.scratch or a.scratch_only:
-                classifier("scratch", seed, budget=budget)
+                classifier("scratch", seed, minutes_per_arm=minutes_per_arm)
     return runs
 
 
@@ -257,9 +261,7 @@ def planned_epochs(run):
     """The run's epochs: fixed by the sweep, or (with --time_budget) as the run planned them, once it has."""
     if run.total_epochs is not None:
         return run.total_epochs
-    with suppress(OSError, ValueError, KeyError, TypeError):
-        return int(json.loads((run.log_dir / "budget.json").read_text())["total_epoch"])
-    return None
+    return budget.read_record(run.log_dir).get("total_epoch")
 
 
 def write_settings(run, command):

@@ -188,15 +188,9 @@ def measure_costs(args, run, step, model, optimizer, train_model, scaler, ema, e
     ``evaluations`` are the per-epoch test passes (the model's, an EMA's) as functions of a list of batches:
     timed on a few batches once they are compiled, and scaled to the whole test set."""
     device, test_batches = run.env.device, list(run.test_loader)
-
-    def train_steps(batches, hook, stop):
-        update = (lambda: (ema.update(model), hook())) if ema else hook
-        engine.train_epoch(step, batches, optimizer, run.accum_steps, train_model, after_step=update, scaler=scaler,
-                           stop=stop)
-
     with budget.Trial([model, ema.module if ema else None], optimizer, scaler):
-        step_seconds = budget.time_steps(train_steps, budget.trial_batches(run.loader, run.accum_steps), device,
-                                         args.time_budget)
+        step_seconds = budget.step_seconds(step, run.loader, optimizer, run.accum_steps, train_model, device,
+                                           args.time_budget, scaler, (lambda: ema.update(model)) if ema else None)
         sample = test_batches[1:4] or test_batches
         evaluation = 0.0
         for evaluate in evaluations:

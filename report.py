@@ -57,6 +57,7 @@ BUDGET_COMMANDS = {"cpu_budget30": """\
 REFERENCE = {"pretrain": 3760, "finetune": 2080}  # img/s of IcarusWizard/MAE on one H100, as campaign.py has them
 ACCURACY_COLUMNS = ("test_acc", "val_acc", "accuracy", "test_accuracy")
 BUDGET_COLUMNS = ("arm", "budget_minutes", "seed", "machine")
+TUNING_MEASURES = (("test_acc", "test acc. (%)"), ("seconds_per_step", "s / step"))  # tuning.csv's
 ARMS = {"mae": "MAE: pretraining + fine-tuning", "scratch": "from scratch"}
 
 
@@ -341,16 +342,18 @@ def budget_section(results, page):
 
 
 def tuning_section(results, page):
-    """The CPU study's choices of how to spend its cores, each with its measurement (results/*/tuning.csv)."""
+    """What was tried for each study and why its settings are what they are (results/*/tuning.csv): a row per
+    choice, with its measurement (the accuracy it reached, the seconds a step took, or both)."""
     out = []
     for path in sorted(results.glob("*/tuning.csv")):
         rows = read_csv(path)
+        measured = [(c, head) for c, head in TUNING_MEASURES if any(r.get(c) for r in rows)]
         source = "results/" + path.relative_to(results).as_posix()
         out += [f"What was tried for the study in `{path.parent.name}`, and why its settings are what they are "
-                f"(source: {link(source, page)}):", "",
-                *table(["choice", "tried", "s / step", "condition", "decision", "machine, date"],
-                       [[r["choice"], r["tried"], r["seconds_per_step"] or "-", r["condition"], r["decision"],
-                         f"{r['machine']}, {r['date']}"] for r in rows]), ""]
+                f"(source: {link(source, page)}, with each row's command):", "",
+                *table(["choice", "tried", *(head for _, head in measured), "condition", "decision", "machine, date"],
+                       [[r["choice"], r["tried"], *(r.get(c) or "-" for c, _ in measured), r["condition"],
+                         r["decision"], f"{r['machine']}, {r['date']}"] for r in rows]), ""]
     return out
 
 

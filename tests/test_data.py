@@ -463,6 +463,19 @@ def test_random_crop_flip_without_padding_only_flips():
     assert same.any() and flipped.any()
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_random_flip_mirrors_about_half_the_images_and_leaves_the_rest(dtype):
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 5, 5)).to(dtype)  # odd width: no image equals its mirror by chance
+    out = data.random_flip(images)
+    assert out.shape == images.shape and out.dtype == dtype
+    same = (out == images).flatten(1).all(1)
+    flipped = (out == images.flip(-1)).flatten(1).all(1)
+    assert bool((same ^ flipped).all())  # each image either kept or mirrored, never both, never anything else
+    assert 16 < int(flipped.sum()) < 48
+    assert data.AUGMENTATIONS["flip"] is data.random_flip
+
+
 def test_random_crop_flip_output_is_a_shifted_possibly_flipped_copy():
     torch.manual_seed(1)
     pad, size = 2, 6

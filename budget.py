@@ -30,6 +30,7 @@ SAFETY = 0.02  # of the budget, kept back for what the trial cannot see (noise b
 EXIT_SECONDS = 2.5  # ... and at least this for the exit: tearing down an interpreter with torch loaded takes ~2 s
 EPOCH_MARGIN = 1.03  # an epoch costs a little more than its measured parts: the loop, the bar, the loader's order
 LONG_RUN_SECONDS = 24 * 3600  # a planned run longer than this is said out loud once
+SHORTEST_PART = 0.1  # of an epoch: the least a partial last epoch trains, or its evaluation outweighs it
 
 
 def process_start():
@@ -58,7 +59,11 @@ class Costs:
 
     @property
     def epoch(self):
-        return EPOCH_MARGIN * (self.step * self.steps_per_epoch + self.evaluation + self.bookkeeping
+        return self.part_of_epoch(self.steps_per_epoch)
+
+    def part_of_epoch(self, steps):
+        """An epoch that ends after ``steps`` optimizer steps: its steps, its evaluation and its logging."""
+        return EPOCH_MARGIN * (self.step * steps + self.evaluation + self.bookkeeping
                                + sum(seconds / every for seconds, every in self.periodic))
 
 
@@ -72,15 +77,29 @@ class Plan:
     setup_seconds: float  # from the start of the process to the plan: imports, data, compilation, the trial
     final_seconds: float
     step_seconds: float = 0.0
+    last_epoch_steps: int = 0  # the last epoch ends after this many optimizer steps (0: a whole epoch)
+    steps_per_epoch: int = 0
+
+    @property
+    def epochs(self):
+        """The epochs trained, a partial last one counted by its share of the steps."""
+        if not self.last_epoch_steps:
+            return float(self.total_epoch)
+        return self.total_epoch - 1 + self.last_epoch_steps / self.steps_per_epoch
 
     def describe(self):
-        return (f"budget {self.budget_minutes:g} min -> {self.total_epoch} epochs, warm-up {self.warmup_epoch} "
+        length = f"{self.total_epoch} epochs" if not self.last_epoch_steps else (
+            f"{self.epochs:.2f} epochs ({self.total_epoch - 1} + {self.last_epoch_steps} of {self.steps_per_epoch} "
+            f"steps)")
+        return (f"budget {self.budget_minutes:g} min -> {length}, warm-up {self.warmup_epoch} "
                 f"({self.epoch_seconds:.1f} s/epoch incl. {self.evaluation_seconds:.1f} s evaluation, after "
                 f"{self.setup_seconds:.0f} s of set-up and trial; {self.step_seconds:.3f} s a step; measured)")
 
 
 def plan_epochs(budget_minutes, elapsed, costs, warmup_share, typed_warmup=None):
-    """The number of epochs whose cost, after ``elapsed`` seconds already spent, ends within the budget.
+    """The number of epochs whose cost, after ``elapsed`` seconds already spent, ends within the budget; the time
+    whole epochs leave over goes to a partial last epoch (if it fits at least SHORTEST_PART of one), so a run on a
+    slow machine, whose epochs take minutes, uses its whole budget.
 
     ``warmup_share`` is the defaults' warm-up / total (e.g. 200 / 2000); a typed warm-up is kept if it fits.
     """
@@ -97,17 +116,28 @@ def plan_epochs(budget_minutes, elapsed, costs, warmup_share, typed_warmup=None)
                         f"--time_budget {budget_minutes:g} allows; leave it out (the warm-up is then "
                         f"{warmup_share:.0%} of the run) or give a smaller one")
     warmup = typed_warmup if typed_warmup is not None else round(epochs * warmup_share)  # as sweep.py rounds
-    return Plan(budget_minutes, epochs, warmup, costs.epoch, costs.evaluation, elapsed, costs.final, costs.step)
+    last_steps = partial_epoch_steps(available - epochs * costs.epoch, costs)
+    return Plan(budget_minutes, epochs + bool(last_steps), warmup, costs.epoch, costs.evaluation, elapsed,
+                costs.final, costs.step, last_steps, costs.steps_per_epoch)
+
+
+def partial_epoch_steps(seconds, costs):
+    """The optimizer steps a partial epoch can train in ``seconds`` (its evaluation and logging paid), or 0 when
+    that is less than SHORTEST_PART of an epoch or the trial saw no step time."""
+    if costs.step <= 0:
+        return 0
+    steps = min(math.floor((seconds - costs.part_of_epoch(0)) / (EPOCH_MARGIN * costs.step)), costs.steps_per_epoch - 1)
+    return steps if steps >= max(1, SHORTEST_PART * costs.steps_per_epoch) else 0
 
 
 def agree(plan):
     """Under torchrun every process trains the epochs rank 0 planned (their trials measure alike, not equal)."""
     if not dist.is_initialized():
         return plan
-    numbers = torch.tensor([plan.total_epoch, plan.warmup_epoch], dtype=torch.float64,
+    numbers = torch.tensor([plan.total_epoch, plan.warmup_epoch, plan.last_epoch_steps], dtype=torch.float64,
                            device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.broadcast(numbers, 0)
-    plan.total_epoch, plan.warmup_epoch = int(numbers[0]), int(numbers[1])
+    plan.total_epoch, plan.warmup_epoch, plan.last_epoch_steps = (int(n) for n in numbers)
     return plan
 
 
@@ -241,7 +271,8 @@ def machine_description(device):
                         else "AVX2" if "avx2" in flags else "no AVX2")
     except (OSError, StopIteration):
         pass
-    return f"{name}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    threads = torch.get_num_threads()
+    return f"{name}, {threads} thread{'s' * (threads > 1)}, torch {torch.__version__}"
 
 
 def long_run_warning_steps(steps_left, step_seconds):

@@ -370,6 +370,9 @@ def settle_resume_settings(checkpoint, args, fixed, source):
             setattr(args, key, saved)  # left out: the run's own value
     if "total_epoch" in typed and getattr(args, "time_budget", None):
         args.time_budget = None  # a new length was typed: the run is no longer planned by its budget
+    if "total_epoch" in typed and "last_epoch_steps" not in typed and getattr(args, "last_epoch_steps", 0):
+        applied.append(f"--last_epoch_steps {args.last_epoch_steps!r} -> 0 (the new last epoch is whole)")
+        args.last_epoch_steps = 0  # the old plan's partial epoch was its last, not the new length's
     if applied:
         print(f"resuming {source} from epoch {checkpoint['epoch'] + 1} with changed settings, applied from there: "
               f"{', '.join(applied)}")

@@ -185,7 +185,7 @@ class EpochResult:
 
 
 def train_epoch(step, batches, optimizer, accum_steps, model, progress=None, after_step=None, scaler=None,
-                start=None, stop=None):
+                start=None, stop=None, max_steps=None):
     """One pass over ``batches``; ``step(images, labels)`` returns (loss, *extra sums) for one micro-batch.
 
     Gradients of ``accum_steps`` micro-batches are averaged before each optimizer step, so a large batch split
@@ -193,8 +193,9 @@ def train_epoch(step, batches, optimizer, accum_steps, model, progress=None, aft
     ``after_step()``, if given, runs after every optimizer step (e.g. to update an EMA of the weights);
     ``scaler`` is the fp16 gradient scaler. ``stop()`` is asked after every optimizer step but the last: when it
     says so the epoch ends there, and the result's ``stopped_at`` says where; ``start`` (such a position)
-    continues that epoch. Returns an EpochResult: the per-micro-batch mean loss, the extra sums, and the number
-    of images seen by all processes.
+    continues that epoch. ``max_steps`` ends the epoch after that many optimizer steps (a partial last epoch, as
+    a time budget plans it), as if the data ended there. Returns an EpochResult: the per-micro-batch mean loss,
+    the extra sums, and the number of images seen by all processes.
     """
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     begin = start.micro_batches if start else 0
@@ -203,6 +204,8 @@ def train_epoch(step, batches, optimizer, accum_steps, model, progress=None, aft
         loss_sum, *extra_sums = (torch.tensor(v) for v in start.sums)
         extra_sums = extra_sums or None
     usable = len(batches) // accum_steps * accum_steps  # an incomplete optimizer step at the end is skipped
+    if max_steps is not None:
+        usable = min(usable, max_steps * accum_steps)
     for i, (images, labels) in enumerate(batches.starting_at(begin) if begin else batches, start=begin):
         if i >= usable:
             break

@@ -148,7 +148,8 @@ def main(argv=None):
         with engine.EpochTimer(device) as timer:
             result = engine.train_epoch(step, run.loader, optimizer, run.accum_steps, train_model, book.bar,
                                         book.first_epoch_hook(timer) if first else None, scaler,
-                                        position if first else None, book.stop.poll)
+                                        position if first else None, book.stop.poll,
+                                        run_setup.steps_cap(args, epoch))
         if result.stopped_at:  # a stop signal: save where this epoch stands, then exit
             book.save_now(args.model_path, ckpt.training_state("mae", model, config, optimizer, epoch - 1, args,
                                                                result.stopped_at, run_dir=str(run.log_dir)))

@@ -45,6 +45,9 @@ def add_schedule_arguments(p, batch_size, max_device_batch_size, base_learning_r
                         "with --total_epoch and resumes with its plan)")
     p.add_argument("--warmup_epoch", type=checks.ranged(int, 0, checks.MAX_EPOCHS), default=warmup_epoch,
                    help="at most --total_epoch")
+    p.add_argument("--last_epoch_steps", type=checks.NONNEGATIVE_INT, default=0, metavar="STEPS",
+                   help="end the last epoch after this many optimizer steps (0: a whole epoch); a --time_budget "
+                        "run sets it to spend what its whole epochs leave over")
 
 
 def parse_with_presets(parser, argv, **presets):
@@ -61,9 +64,10 @@ def parse_with_presets(parser, argv, **presets):
             on_command_line |= set(chosen)
     args = parser.parse_args(argv)
     args.typed = sorted(on_command_line)
-    if getattr(args, "time_budget", None) and "total_epoch" in literal:  # a preset's length gives way to a budget
-        parser.error(f"argument --time_budget: {args.time_budget} cannot be combined with --total_epoch "
-                     f"{args.total_epoch}: the budget plans the number of epochs; give one of the two")
+    if getattr(args, "time_budget", None) and {"total_epoch", "last_epoch_steps"} & literal:  # a preset's gives way
+        flag = "total_epoch" if "total_epoch" in literal else "last_epoch_steps"
+        parser.error(f"argument --time_budget: {args.time_budget} cannot be combined with --{flag} "
+                     f"{getattr(args, flag)}: the budget plans the number of epochs; give one of the two")
     if getattr(args, "time_budget", None):  # its warm-up is planned with its length, as this share
         args.warmup_share = parser.get_default("warmup_epoch") / parser.get_default("total_epoch")
     else:
@@ -261,8 +265,10 @@ class Bookkeeping:
         self.writer, self.saves = ckpt.CheckpointWriter(), SaveSchedule(args)
         self.stop = engine.StopFlag(run.env.device).install()
         done_steps = done * steps_per_epoch + (position.micro_batches if position else 0)
-        self.bar = engine.progress_bar(args.total_epoch * steps_per_epoch, done_steps, run.env.is_main)
-        self.steps_left = (args.total_epoch - done) * steps_per_epoch // run.accum_steps
+        short = steps_per_epoch - args.last_epoch_steps * run.accum_steps if args.last_epoch_steps else 0
+        total_steps = max(args.total_epoch * steps_per_epoch - max(short, 0), done_steps)
+        self.bar = engine.progress_bar(total_steps, done_steps, run.env.is_main)
+        self.steps_left = (total_steps - done_steps) // run.accum_steps
         self.budgeted = bool(getattr(args, "time_budget", None))
         self.final = None  # (epoch, metrics) of the last epoch this process finished
         if self.is_main:
@@ -434,9 +440,15 @@ def plan_budget(run, args, costs):
     elapsed = time.monotonic() - budget.process_start()
     run.plan = budget.agree(budget.plan_epochs(args.time_budget, elapsed, costs, args.warmup_share, typed_warmup))
     args.total_epoch, args.warmup_epoch = run.plan.total_epoch, run.plan.warmup_epoch
+    args.last_epoch_steps = run.plan.last_epoch_steps
     if run.env.is_main:
         print(run.plan.describe())
     return run.plan
+
+
+def steps_cap(args, epoch):
+    """The optimizer steps epoch ``epoch`` ends after: --last_epoch_steps for the last one, else None (all)."""
+    return (args.last_epoch_steps or None) if epoch == args.total_epoch else None
 
 
 def finished_already(run, done, total_epoch):

@@ -64,7 +64,15 @@ def parse_run(path):
         results["wall_seconds"] = sum(plan["wall_seconds"])
     key = dict(record["settings"])  # the settings, less the stage and seed
     return dict(run=path.parent.name, sweep=path.parent.parent.name, stage=key.pop("stage"), seed=key.pop("seed"),
-                key=key, epochs=len(rows), curves=curves, results=results, plan=plan), None
+                key=key, epochs=trained_epochs(len(rows), plan), curves=curves, results=results, plan=plan), None
+
+
+def trained_epochs(rows, plan):
+    """The epochs a run trained: its metrics rows, a budget's partial last epoch counted by its share of steps."""
+    last, per_epoch = plan.get("last_epoch_steps"), plan.get("steps_per_epoch")
+    if not last or not per_epoch:
+        return rows
+    return round(rows - 1 + last / per_epoch, 2)
 
 
 def read_plan(run_dir):

@@ -26,10 +26,21 @@ def test_the_plan_fits_the_epochs_and_the_end_into_what_is_left():
     assert costs.epoch == pytest.approx(budget.EPOCH_MARGIN * (0.5 * 10 + 1.0 + 2.0 / 4))
     plan = budget.plan_epochs(1.0, elapsed=10.0, costs=costs, warmup_share=0.25)
     # 60 s less the exit's 2.5 s (more than 2 % of a minute), the 10 s already spent and the 3 s end: 44.5 s,
-    # 6 epochs of 6.7 s.
-    assert (plan.total_epoch, plan.warmup_epoch) == (6, 2)  # a quarter of 6, rounded
+    # 6 epochs of 6.7 s, and in the 4.3 s left a partial epoch: its evaluation and monitors (1.5 s) and 5 steps.
+    assert (plan.total_epoch, plan.last_epoch_steps, plan.warmup_epoch) == (7, 5, 2)  # warm-up: 1/4 of 6 whole
+    assert plan.epochs == 6.5 and costs.part_of_epoch(5) <= 44.5 - 6 * costs.epoch < costs.part_of_epoch(6)
     assert plan.setup_seconds == 10.0 and plan.final_seconds == 3.0
-    assert "budget 1 min -> 6 epochs, warm-up 2" in plan.describe()
+    assert "budget 1 min -> 6.50 epochs (6 + 5 of 10 steps), warm-up 2" in plan.describe()
+
+
+@pytest.mark.parametrize("elapsed, last_steps", [(12.5, 0),  # 1.8 s left: not one step
+                                                 (11.5, 2), (14.0, 0)])  # 2 steps: 1/5 of an epoch; 0: none fits
+def test_a_partial_last_epoch_is_planned_only_when_a_tenth_of_one_fits(elapsed, last_steps):
+    costs = budget.Costs(step=0.5, steps_per_epoch=10, evaluation=1.0, periodic=((2.0, 4),), final=3.0)
+    plan = budget.plan_epochs(1.0, elapsed=elapsed, costs=costs, warmup_share=0.0)
+    assert plan.last_epoch_steps == last_steps and plan.total_epoch == 6 + bool(last_steps)
+    many = budget.Costs(step=0.01, steps_per_epoch=1000, evaluation=1.0)  # 99 steps left: under a tenth
+    assert budget.plan_epochs(1.0, 57.5 - 3 * many.epoch - many.part_of_epoch(99), many, 0.0).last_epoch_steps == 0
 
 
 def test_a_typed_warmup_is_kept_when_it_fits_and_refused_when_not():
@@ -104,16 +115,18 @@ def test_a_budgeted_run_records_its_plan_and_total_epoch_reproduces_it(tmp_path,
     out = capsys.readouterr().out
     plan_line = next(line for line in out.splitlines() if line.startswith("budget 0.06 min -> "))
     checkpoint = load_state(tmp_path / "budget" / "mae.pt")
-    epochs, warmup = checkpoint["args"]["total_epoch"], checkpoint["args"]["warmup_epoch"]
-    assert epochs >= 2 and f"-> {epochs} epochs, warm-up {warmup}" in plan_line
+    epochs, warmup, last = (checkpoint["args"][k] for k in ("total_epoch", "warmup_epoch", "last_epoch_steps"))
+    length = f"-> {epochs} epochs" if not last else f"({epochs - 1} + {last} of "
+    assert epochs >= 2 and length in plan_line and f"warm-up {warmup} (" in plan_line
     record = json.loads((tmp_path / "budget" / "logs" / "cifar10" / "r" / "budget.json").read_text())
     assert record["time_budget_minutes"] == 0.06 and record["total_epoch"] == epochs
+    assert record["last_epoch_steps"] == last
     assert len(record["wall_seconds"]) == 1 and "wall time" in out
     assert len(read_metrics(tmp_path / "budget" / "logs" / "cifar10" / "r")[1]) == epochs
 
     # The same run by its epoch count: the trial left no trace, so the weights are the same to the bit.
     mae_pretrain.main(without(mae_argv(tmp_path / "epochs", "--run_name", "r"), "--total_epoch", "--warmup_epoch")
-                      + ["--total_epoch", str(epochs), "--warmup_epoch", str(warmup)])
+                      + ["--total_epoch", str(epochs), "--warmup_epoch", str(warmup), "--last_epoch_steps", str(last)])
     assert same_weights(checkpoint["model"], load_state(tmp_path / "epochs" / "mae.pt")["model"])
 
 
@@ -134,7 +147,25 @@ def test_a_resumed_budgeted_run_keeps_its_plan(tmp_path, cls_argv, process_start
 def test_time_budget_with_a_typed_total_epoch_is_refused(tmp_path, mae_argv, cli_error):
     line = cli_error(mae_pretrain.main, mae_argv(tmp_path, "--time_budget", 5))  # the tiny argv types 2 epochs
     assert "--time_budget: 5.0 cannot be combined with --total_epoch 2" in line
+    argv = without(mae_argv(tmp_path), "--total_epoch", "--warmup_epoch") + ["--time_budget", "5"]
+    line = cli_error(mae_pretrain.main, argv + ["--last_epoch_steps", "3"])
+    assert "--time_budget: 5.0 cannot be combined with --last_epoch_steps 3" in line
     assert not (tmp_path / "logs").exists()
+
+
+def test_last_epoch_steps_ends_the_last_epoch_early(tmp_path, cls_argv):
+    """Two epochs, the last stopped after one optimizer step: the optimizer counts the steps that ran, the first
+    epoch is the same as in a whole run and the last one differs."""
+    for name, extra in (("whole", ()), ("short", ("--last_epoch_steps", 1))):
+        assert train_classifier.main(cls_argv(tmp_path / name, "--run_name", "r", *extra)) == 0
+    steps = {name: max(int(s["step"]) for s in load_state(tmp_path / name / "cls_last.pt")["optimizer"]["state"]
+                       .values()) for name in ("whole", "short")}
+    per_epoch = steps["whole"] // 2
+    assert per_epoch >= 2 and steps["short"] == per_epoch + 1
+    rows = {name: read_metrics(tmp_path / name / "logs" / "cifar10" / "r")[1] for name in ("whole", "short")}
+    same = ("train_loss", "val_acc")
+    assert len(rows["short"]) == 2 and [rows["short"][0][k] for k in same] == [rows["whole"][0][k] for k in same]
+    assert rows["short"][1]["train_loss"] != rows["whole"][1]["train_loss"]
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "20000"])

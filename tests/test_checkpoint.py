@@ -314,3 +314,17 @@ def test_typing_a_new_length_ends_a_budgeted_plan():
     kept = resume_args(["time_budget"], time_budget=5.0, total_epoch=2000)
     ckpt.settle_resume_settings(saved, kept, (), "run.pt")
     assert kept.total_epoch == 10  # the plan it made
+
+
+def test_a_new_length_makes_a_partial_last_epoch_whole_unless_typed_too(capsys):
+    saved = {**SAVED, "args": {**SAVED["args"], "time_budget": 5.0, "last_epoch_steps": 7}}
+    args = resume_args(last_epoch_steps=0)  # --resume auto alone: the plan's partial last epoch stays
+    ckpt.settle_resume_settings(saved, args, (), "run.pt")
+    assert (args.total_epoch, args.last_epoch_steps, args.time_budget) == (10, 7, 5.0)
+    args = resume_args(["total_epoch"], total_epoch=12, last_epoch_steps=0)
+    applied = ckpt.settle_resume_settings(saved, args, (), "run.pt")
+    assert (args.total_epoch, args.last_epoch_steps, args.time_budget) == (12, 0, None)
+    assert "--last_epoch_steps 7 -> 0 (the new last epoch is whole)" in applied
+    args = resume_args(["total_epoch", "last_epoch_steps"], total_epoch=12, last_epoch_steps=3)
+    ckpt.settle_resume_settings(saved, args, (), "run.pt")
+    assert (args.total_epoch, args.last_epoch_steps) == (12, 3)

@@ -165,6 +165,23 @@ def test_a_budget_study_replaces_the_glance_when_it_lands(results_with_budget):
     assert (root / report.FIGURE).stat().st_size > 1000
 
 
+def test_a_repeated_study_replaces_the_earlier_in_the_glance_and_both_stay_on_the_results_page(tmp_path):
+    results = tmp_path / "results"
+    for name, accs in (("cpu_budget30", (0.50, 0.52)), ("cpu_budget30_tuned", (0.60, 0.62))):
+        (results / name).mkdir(parents=True)
+        with open(results / name / "budget.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["arm", "budget_minutes", "seed", "test_acc", "machine", "date"])
+            writer.writerows(["scratch", 30, seed, acc, "a CPU", "2026-11-30"] for seed, acc in enumerate(accs))
+    glance_rows = report.glance(results)[0]
+    assert [row[4] for row in glance_rows] == [mean_std([0.60, 0.62]) + " (2 seeds)"]
+    assert "cpu_budget30_tuned" in glance_rows[0][-1]
+    page = "\n".join(report.budget_section(results, "docs/results.md"))
+    assert mean_std([0.50, 0.52]) in page and mean_std([0.60, 0.62]) in page  # one row per study
+    (results / "cpu_budget30_tuned" / "budget.csv").unlink()  # without the later study, the earlier is the glance
+    assert [row[4] for row in report.glance(results)[0]] == [mean_std([0.50, 0.52]) + " (2 seeds)"]
+
+
 def test_a_budget_csv_without_a_needed_column_is_one_error(results_with_budget, capsys):
     root = results_with_budget
     (root / "results" / "budget" / "bad.csv").write_text("arm,seed,test_acc\nmae,0,0.5\n")

@@ -17,6 +17,7 @@ def test_presets_set_defaults_and_typed_flags_win():
     assert args.run_name == "mae_small_ep7" and args.model_path == "vit-t-mae_small_ep7.pt"
     args, typed_sizes, _ = train_classifier.parse_args(["--preset", "small", "--emb_dim", "48"])
     assert (args.patch_size, args.emb_dim, args.total_epoch) == (4, 48, 2)
+    assert (args.batch_size, args.base_learning_rate, args.augment) == (64, 2e-3, "flip")  # the tuned fine-tuning
     assert typed_sizes == {"emb_dim": 48}  # the preset's sizes are not "typed"
 
 

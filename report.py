@@ -319,7 +319,7 @@ def glance_figure(results, path):
     ax.set(xlabel="training minutes per run", ylabel="test accuracy (%)",
            title="CIFAR-10 test accuracy against training minutes" + (
                " (lines: mean per budget)" if any(p[4] == "budget" for p in points) else ""))
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.12))  # below: never over a point
     figure.text(0.01, 0.005, "\n".join(caption), fontsize=7, va="bottom", family="monospace")
     figure.get_layout_engine().set(rect=(0, 0.08, 1, 0.92))
     write_whole(path, lambda tmp: figure.savefig(tmp, dpi=110, format="png", metadata={"Software": None}))
@@ -349,8 +349,9 @@ def budget_section(results, page):
             "Each arm gets the same minutes, counted from each process's start to its exit (`--time_budget`; "
             "how a run plans its epochs: [usage.md](usage.md#training-to-a-time-budget)). The MAE arm pretrains "
             "for its pretraining share of them and fine-tunes for the rest; from scratch fine-tunes for all of them. "
-            "Epochs: pretraining + fine-tuning per seed; wall: minutes the arm's processes took, per seed (a run "
-            "plans whole epochs, so part of a budget can stay unused).", "",
+            "Epochs: pretraining + fine-tuning per seed; wall: minutes the arm's processes took, per seed (a partial last "
+            "epoch spends what whole epochs leave over; `cpu_budget30` predates it and planned whole epochs only; a "
+            "trial that misjudges the step time still leaves minutes unused or overruns a little).", "",
             *table(["machine", "minutes per arm", "arm", "n", "final test acc.", "per seed", "epochs",
                     "wall (min)", "CSV"], rows), "",
             *[line for name, command in BUDGET_COMMANDS.items() if (results / name / "budget.csv").is_file()

@@ -265,8 +265,9 @@ class Bookkeeping:
         self.writer, self.saves = ckpt.CheckpointWriter(), SaveSchedule(args)
         self.stop = engine.StopFlag(run.env.device).install()
         done_steps = done * steps_per_epoch + (position.micro_batches if position else 0)
-        short = steps_per_epoch - args.last_epoch_steps * run.accum_steps if args.last_epoch_steps else 0
-        total_steps = max(args.total_epoch * steps_per_epoch - max(short, 0), done_steps)
+        last = min(args.last_epoch_steps * run.accum_steps, steps_per_epoch) if args.last_epoch_steps \
+            else steps_per_epoch  # micro-batches of the last epoch: a planned partial one is shorter
+        total_steps = max((args.total_epoch - 1) * steps_per_epoch + last, done_steps)
         self.bar = engine.progress_bar(total_steps, done_steps, run.env.is_main)
         self.steps_left = (total_steps - done_steps) // run.accum_steps
         self.budgeted = bool(getattr(args, "time_budget", None))

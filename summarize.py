@@ -68,7 +68,8 @@ def parse_run(path):
 
 
 def trained_epochs(rows, plan):
-    """The epochs a run trained: its metrics rows, a budget's partial last epoch counted by its share of steps."""
+    """The epochs a run trained: its metrics rows, a budget's partial last epoch counted by its share of steps
+    (budget.Plan.epochs, from its budget.json: this module does not import torch)."""
     last, per_epoch = plan.get("last_epoch_steps"), plan.get("steps_per_epoch")
     if not last or not per_epoch:
         return rows

@@ -8,13 +8,22 @@ with a warm-up that is the same share of the run as the defaults'. From then on 
 beside the metrics, and kept when the run resumes. Planning by the clock inside the loop would make runs
 irreproducible (see Li, Yumer, Ramanan, "Budgeted Training", ICLR 2020, for schedules that decay to zero at
 the budget's end, as the cosine here does).
+
+The trial's few steps on cached batches can misjudge the step time by a fifth, and a shared machine's speed drifts
+(by a quarter over seconds on a 2-core virtual machine), so the run checks its course at the end of every epoch's
+training with the step time measured over all its steps so far (fed by the real loader, on the machine as busy as
+it is now). After epoch 1 it always takes the corrected plan: epoch 1's learning rate does not depend on the
+run's length (the warm-up, kept, sets it), so that plan is still what ``--total_epoch N`` reproduces exactly.
+Later it plans again only when the run would end past the budget or leave more than the reserve of it unused;
+such a correction is printed and listed in ``budget.json``, and ``--total_epoch N`` then reproduces the run only
+approximately (the epochs before it had the earlier length's cosine).
 """
 import copy
 import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -79,6 +88,9 @@ class Plan:
     step_seconds: float = 0.0
     last_epoch_steps: int = 0  # the last epoch ends after this many optimizer steps (0: a whole epoch)
     steps_per_epoch: int = 0
+    trial_step_seconds: float = 0.0  # once the run has corrected the plan: the step time the trial measured
+    measured_steps: int = 0  # the steps the corrected plan's step time was measured over
+    corrections: tuple = ()  # (after epoch, total_epoch, last_epoch_steps) of each correction
 
     @property
     def epochs(self):
@@ -91,9 +103,18 @@ class Plan:
         length = f"{self.total_epoch} epochs" if not self.last_epoch_steps else (
             f"{self.epochs:.2f} epochs ({self.total_epoch - 1} + {self.last_epoch_steps} of {self.steps_per_epoch} "
             f"steps)")
+        if self.corrections:
+            return (f"budget {self.budget_minutes:g} min, planned again after epoch {self.corrections[-1][0]} -> "
+                    f"{length} ({self.step_seconds:.3f} s a step measured over {self.measured_steps} steps, the "
+                    f"trial's {self.trial_step_seconds:.3f}; {self.epoch_seconds:.1f} s/epoch)")
         return (f"budget {self.budget_minutes:g} min -> {length}, warm-up {self.warmup_epoch} "
                 f"({self.epoch_seconds:.1f} s/epoch incl. {self.evaluation_seconds:.1f} s evaluation, after "
                 f"{self.setup_seconds:.0f} s of set-up and trial; {self.step_seconds:.3f} s a step; measured)")
+
+    def length(self):
+        """(total_epoch, warmup_epoch, last_epoch_steps): what --total_epoch, --warmup_epoch and
+        --last_epoch_steps reproduce the run with."""
+        return self.total_epoch, self.warmup_epoch, self.last_epoch_steps
 
 
 def plan_epochs(budget_minutes, elapsed, costs, warmup_share, typed_warmup=None):
@@ -103,9 +124,8 @@ def plan_epochs(budget_minutes, elapsed, costs, warmup_share, typed_warmup=None)
 
     ``warmup_share`` is the defaults' warm-up / total (e.g. 200 / 2000); a typed warm-up is kept if it fits.
     """
-    budget_seconds = budget_minutes * 60
-    available = budget_seconds - max(SAFETY * budget_seconds, EXIT_SECONDS) - elapsed - costs.final
-    epochs = math.floor(available / costs.epoch) if costs.epoch > 0 else 0
+    available = seconds_left(budget_minutes, elapsed) - costs.final
+    epochs, last_steps = fit_epochs(available, costs)
     if epochs < 1:
         raise UserError(f"--time_budget {budget_minutes:g} minutes is too short: the set-up and trial took "
                         f"{elapsed:.0f} s, one epoch takes {costs.epoch:.1f} s ({costs.steps_per_epoch} steps of "
@@ -116,9 +136,48 @@ def plan_epochs(budget_minutes, elapsed, costs, warmup_share, typed_warmup=None)
                         f"--time_budget {budget_minutes:g} allows; leave it out (the warm-up is then "
                         f"{warmup_share:.0%} of the run) or give a smaller one")
     warmup = typed_warmup if typed_warmup is not None else round(epochs * warmup_share)  # as sweep.py rounds
-    last_steps = partial_epoch_steps(available - epochs * costs.epoch, costs)
     return Plan(budget_minutes, epochs + bool(last_steps), warmup, costs.epoch, costs.evaluation, elapsed,
                 costs.final, costs.step, last_steps, costs.steps_per_epoch)
+
+
+def on_course(plan, costs, elapsed, epochs_done, step_seconds, measured_steps):
+    """The plan checked at the end of an epoch's training, ``elapsed`` seconds after the process started, with the
+    step time measured over this process's ``measured_steps`` steps so far: the same plan while it still ends
+    within the budget (by no more than half the reserve past the planned end) and uses it (by no more than the
+    reserve short of it), else the epochs after this one fitted again to what is left. The warm-up is kept (it
+    set the learning rates already trained); the epochs still to come pay this one's evaluation and logging first.
+    The first check (after epoch 1) always applies its plan: whatever the trial misjudged, that plan is exact."""
+    if epochs_done >= plan.total_epoch or step_seconds <= 0:
+        return plan
+    measured = replace(costs, step=step_seconds)
+    left = seconds_left(plan.budget_minutes, elapsed) - costs.final - measured.part_of_epoch(0)
+    whole = plan.total_epoch - epochs_done - bool(plan.last_epoch_steps)
+    needed = whole * measured.epoch + (measured.part_of_epoch(plan.last_epoch_steps) if plan.last_epoch_steps else 0)
+    slack = reserve_seconds(plan.budget_minutes)
+    if epochs_done > 1 and left - slack <= needed <= left + slack / 2:
+        return plan
+    more, last_steps = fit_epochs(left, measured)
+    return replace(plan, total_epoch=epochs_done + more + bool(last_steps), last_epoch_steps=last_steps,
+                   epoch_seconds=measured.epoch, step_seconds=step_seconds,
+                   trial_step_seconds=plan.trial_step_seconds or plan.step_seconds,
+                   corrections=(*plan.corrections, (epochs_done, epochs_done + more + bool(last_steps), last_steps)),
+                   measured_steps=measured_steps)
+
+
+def reserve_seconds(budget_minutes):
+    """What a plan keeps back of the budget: for noise between epochs, and at least enough for the exit."""
+    return max(SAFETY * budget_minutes * 60, EXIT_SECONDS)
+
+
+def seconds_left(budget_minutes, elapsed):
+    """What the budget leaves for training after ``elapsed`` seconds, the reserve for noise and the exit kept."""
+    return budget_minutes * 60 - reserve_seconds(budget_minutes) - elapsed
+
+
+def fit_epochs(seconds, costs):
+    """(whole epochs, steps of a partial last one) that fit in ``seconds``."""
+    epochs = max(math.floor(seconds / costs.epoch), 0) if costs.epoch > 0 else 0
+    return epochs, partial_epoch_steps(seconds - epochs * costs.epoch, costs)
 
 
 def partial_epoch_steps(seconds, costs):
@@ -131,14 +190,16 @@ def partial_epoch_steps(seconds, costs):
 
 
 def agree(plan):
-    """Under torchrun every process trains the epochs rank 0 planned (their trials measure alike, not equal)."""
+    """Under torchrun every process trains the epochs rank 0 planned (their clocks measure alike, not equal)."""
     if not dist.is_initialized():
         return plan
     numbers = torch.tensor([plan.total_epoch, plan.warmup_epoch, plan.last_epoch_steps], dtype=torch.float64,
                            device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.broadcast(numbers, 0)
-    plan.total_epoch, plan.warmup_epoch, plan.last_epoch_steps = (int(n) for n in numbers)
-    return plan
+    total, warmup, last = (int(n) for n in numbers)
+    if (total, warmup, last) == plan.length():
+        return plan
+    return replace(plan, total_epoch=total, warmup_epoch=warmup, last_epoch_steps=last)
 
 
 # ------------------------------------------------------------------------------------------------ the trial

@@ -282,6 +282,10 @@ class EpochSchedule:
     def __init__(self, optimizer, warmup_epoch, total_epoch):
         self.optimizer = optimizer
         self.peaks = [group["lr"] for group in optimizer.param_groups]
+        self.set_length(warmup_epoch, total_epoch)
+
+    def set_length(self, warmup_epoch, total_epoch):
+        """A new length (a budgeted run's corrected plan), the peaks kept."""
         self.factor = warmup_cosine(warmup_epoch, total_epoch)
 
     def set_epoch(self, epoch):

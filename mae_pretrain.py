@@ -140,7 +140,7 @@ def main(argv=None):
                                                        scaler, fixed_images, steps_per_epoch))
     schedule = engine.EpochSchedule(optimizer, args.warmup_epoch, args.total_epoch)
     book = run_setup.Bookkeeping(run, args, FIELDS, done, steps_per_epoch * run.accum_steps, position)
-    for epoch in range(done + 1, args.total_epoch + 1):
+    for epoch in run_setup.epochs_to_train(done, args):
         run.loader.set_epoch(epoch)
         lr = schedule.set_epoch(epoch)
         model.train()
@@ -154,6 +154,8 @@ def main(argv=None):
             book.save_now(args.model_path, ckpt.training_state("mae", model, config, optimizer, epoch - 1, args,
                                                                result.stopped_at, run_dir=str(run.log_dir)))
             break
+        if run.plan is not None:  # a run that planned a budget checks its course by the steps timed so far
+            book.check_course(epoch, args, timer, schedule)
         book.bar.set_postfix(epoch=epoch, loss=f"{result.loss:.4f}")
         monitor = {}
         if env.is_main and args.knn_every and (epoch % args.knn_every == 0 or epoch == args.total_epoch):

@@ -264,16 +264,45 @@ class Bookkeeping:
         self.logger = utils.RunLogger(run.log_dir, fields, done + 1, run.env.is_main)
         self.writer, self.saves = ckpt.CheckpointWriter(), SaveSchedule(args)
         self.stop = engine.StopFlag(run.env.device).install()
-        done_steps = done * steps_per_epoch + (position.micro_batches if position else 0)
-        last = min(args.last_epoch_steps * run.accum_steps, steps_per_epoch) if args.last_epoch_steps \
-            else steps_per_epoch  # micro-batches of the last epoch: a planned partial one is shorter
-        total_steps = max((args.total_epoch - 1) * steps_per_epoch + last, done_steps)
-        self.bar = engine.progress_bar(total_steps, done_steps, run.env.is_main)
-        self.steps_left = (total_steps - done_steps) // run.accum_steps
+        self.steps_per_epoch, self.done_steps = steps_per_epoch, done * steps_per_epoch + (
+            position.micro_batches if position else 0)
+        self.bar = engine.progress_bar(self.total_steps(args), self.done_steps, run.env.is_main)
+        self.steps_left = (self.total_steps(args) - self.done_steps) // run.accum_steps
         self.budgeted = bool(getattr(args, "time_budget", None))
+        self.measured = [0.0, 0]  # seconds and optimizer steps of this process's training, for check_course
         self.final = None  # (epoch, metrics) of the last epoch this process finished
         if self.is_main:
             self._record_plan(done)
+
+    def total_steps(self, args):
+        """Micro-batches of the whole run (the progress bar's total): a planned partial last epoch is shorter."""
+        last = min(args.last_epoch_steps * self.run.accum_steps, self.steps_per_epoch) if args.last_epoch_steps \
+            else self.steps_per_epoch
+        return max((args.total_epoch - 1) * self.steps_per_epoch + last, self.done_steps)
+
+    def check_course(self, epoch, args, timer, schedule):
+        """A run that planned a budget, at the end of each epoch's training: the step time measured over this
+        process's steps so far (the first, timed apart, left out) checks the plan (budget.on_course); a new plan
+        is applied to the arguments the checkpoint saves, the schedule, the save schedule and the bar, printed,
+        and recorded in budget.json. Every process follows rank 0's plan."""
+        steps = self.steps_per_epoch // self.run.accum_steps
+        seconds = timer.seconds - (timer.first_step_seconds or 0.0)
+        self.measured[0] += seconds
+        self.measured[1] += steps - (timer.first_step_seconds is not None)
+        if self.measured[1] < 2:
+            return
+        elapsed = time.monotonic() - budget.process_start()
+        plan = budget.on_course(self.run.plan, self.run.costs, elapsed, epoch, self.measured[0] / self.measured[1],
+                                self.measured[1])
+        if budget.agree(plan).length() == self.run.plan.length():  # on course (rank 0's word, on every process)
+            return
+        apply_plan(self.run, args, plan)
+        schedule.set_length(args.warmup_epoch, args.total_epoch)
+        self.total_epoch = args.total_epoch
+        self.bar.total = self.total_steps(args)
+        self.bar.refresh()
+        if self.is_main:
+            self._record_plan(epoch)
 
     def _record_plan(self, done):
         """budget.json: written by a budgeted run when it plans, updated with each process's wall time; a new
@@ -341,6 +370,7 @@ class Run:
     accum_steps: int = None
     locks: list = None
     plan: object = None  # budget.Plan of a --time_budget run, once planned
+    costs: object = None  # budget.Costs its trial measured
     test_loader: GpuLoader = None  # the classifier's evaluation batches
 
     def lock_folder(self):
@@ -439,12 +469,28 @@ def plan_budget(run, args, costs):
     one line and keep it in the arguments, so the checkpoint saves it and --total_epoch N reproduces the run."""
     typed_warmup = args.warmup_epoch if "warmup_epoch" in args.typed else None
     elapsed = time.monotonic() - budget.process_start()
-    run.plan = budget.agree(budget.plan_epochs(args.time_budget, elapsed, costs, args.warmup_share, typed_warmup))
-    args.total_epoch, args.warmup_epoch = run.plan.total_epoch, run.plan.warmup_epoch
-    args.last_epoch_steps = run.plan.last_epoch_steps
+    run.costs = costs  # for the checks of its course after each epoch (Bookkeeping.check_course)
+    return apply_plan(run, args, budget.plan_epochs(args.time_budget, elapsed, costs, args.warmup_share,
+                                                    typed_warmup))
+
+
+def apply_plan(run, args, plan):
+    """Every process takes rank 0's plan, keeps it in the arguments (so the checkpoint saves it and
+    --total_epoch N reproduces the run) and rank 0 prints it."""
+    run.plan = budget.agree(plan)
+    args.total_epoch, args.warmup_epoch, args.last_epoch_steps = run.plan.length()
     if run.env.is_main:
-        print(run.plan.describe())
+        print(run.plan.describe(), flush=True)
     return run.plan
+
+
+def epochs_to_train(done, args):
+    """The epochs after ``done``, up to --total_epoch as it stands at each epoch's start (a budgeted run may
+    correct its length at the end of an epoch: Bookkeeping.check_course)."""
+    epoch = done + 1
+    while epoch <= args.total_epoch:
+        yield epoch
+        epoch += 1
 
 
 def steps_cap(args, epoch):

@@ -259,7 +259,7 @@ def main(argv=None):
                                    classes=classes, stopped_early=stopped_early, run_dir=str(run.log_dir),
                                    ema=ema.module.state_dict() if ema else None)
 
-    for epoch in range(done + 1, args.total_epoch + 1):
+    for epoch in run_setup.epochs_to_train(done, args):
         run.loader.set_epoch(epoch)
         lr = schedule.set_epoch(epoch)  # with layer decay: the head's, the largest
         model.train()
@@ -273,6 +273,8 @@ def main(argv=None):
         if result.stopped_at:  # a stop signal: save where this epoch stands, then exit
             book.save_now(last_path, training_state(epoch - 1, result.stopped_at))
             break
+        if run.plan is not None:  # a run that planned a budget checks its course by the steps timed so far
+            book.check_course(epoch, args, timer, schedule)
         (correct,) = result.extras
         scores = dict(zip(("val_loss", "val_acc"), evaluations[0](run.test_loader)))
         if ema:

@@ -1,13 +1,13 @@
-"""Training to a time budget: time the run's cost first, then fix its number of epochs once.
+"""Training to a time budget: time the run's cost first, fix its number of epochs, correct it only when needed.
 
 ``--time_budget M`` runs a short timed trial before training (the first steps hold the compilation; then a few
 steady optimizer steps, one evaluation and the monitors the run logs), undoes every effect of it on the model,
 the optimizer and the random streams, and plans as many epochs as end within M minutes of the process's start,
-with a warm-up that is the same share of the run as the defaults'. From then on the run is exactly the run
-``--total_epoch N`` would be: the plan is printed, saved in the checkpoint's arguments and in ``budget.json``
-beside the metrics, and kept when the run resumes. Planning by the clock inside the loop would make runs
-irreproducible (see Li, Yumer, Ramanan, "Budgeted Training", ICLR 2020, for schedules that decay to zero at
-the budget's end, as the cosine here does).
+with a warm-up that is the same share of the run as the defaults'. The run is then the run ``--total_epoch N``
+would be: the plan is printed, saved in the checkpoint's arguments and in ``budget.json`` beside the metrics,
+and kept when the run resumes. Planning by the clock at every epoch would make runs irreproducible (see Li,
+Yumer, Ramanan, "Budgeted Training", ICLR 2020, for schedules that decay to zero at the budget's end, as the
+cosine here does), so the plan changes only as below.
 
 The trial's few steps on cached batches can misjudge the step time by a fifth, and a shared machine's speed drifts
 (by a quarter over seconds on a 2-core virtual machine), so the run checks its course at the end of every epoch's
@@ -15,8 +15,9 @@ training with the step time measured over all its steps so far (fed by the real 
 it is now). After epoch 1 it always takes the corrected plan: epoch 1's learning rate does not depend on the
 run's length (the warm-up, kept, sets it), so that plan is still what ``--total_epoch N`` reproduces exactly.
 Later it plans again only when the run would end past the budget or leave more than the reserve of it unused;
-such a correction is printed and listed in ``budget.json``, and ``--total_epoch N`` then reproduces the run only
-approximately (the epochs before it had the earlier length's cosine).
+such a correction is printed and listed in ``budget.json``, and the epochs before it keep the earlier length's
+cosine (``--earlier_lengths EPOCH:LENGTH``, saved with the run): ``budget.json``'s ``reproduce`` flags train the
+same run without a budget, to the bit.
 """
 import copy
 import json
@@ -311,10 +312,15 @@ def read_record(log_dir):
         return {}
 
 
-def record_of(plan, device):
+def record_of(plan, device, earlier_lengths=()):
+    """budget.json's content: the plan, the flags that train the same run without a budget, the machine, the date."""
+    flags = f"--total_epoch {plan.total_epoch} --warmup_epoch {plan.warmup_epoch} --last_epoch_steps " \
+            f"{plan.last_epoch_steps}" + "".join(f"{' --earlier_lengths' * (i == 0)} {epoch}:{length}"
+                                                 for i, (epoch, length) in enumerate(earlier_lengths))
     return {"time_budget_minutes": plan.budget_minutes, **{k: v for k, v in asdict(plan).items()
                                                              if k != "budget_minutes"},
-            "machine": machine_description(device), "date": time.strftime("%Y-%m-%d", time.gmtime())}
+            "reproduce": flags, "machine": machine_description(device),
+            "date": time.strftime("%Y-%m-%d", time.gmtime())}
 
 
 def machine_description(device):

@@ -373,6 +373,11 @@ def settle_resume_settings(checkpoint, args, fixed, source):
     if "total_epoch" in typed and "last_epoch_steps" not in typed and getattr(args, "last_epoch_steps", 0):
         applied.append(f"--last_epoch_steps {args.last_epoch_steps!r} -> 0 (the new last epoch is whole)")
         args.last_epoch_steps = 0  # the old plan's partial epoch was its last, not the new length's
+    earlier = getattr(args, "earlier_lengths", [])
+    kept = [change for change in earlier if change[0] <= checkpoint["epoch"]]
+    if "total_epoch" in typed and kept != earlier:  # the new length takes over from the resumed epoch
+        applied.append(f"--earlier_lengths {earlier!r} -> {kept!r} (the new length holds from here)")
+        args.earlier_lengths = kept
     if applied:
         print(f"resuming {source} from epoch {checkpoint['epoch'] + 1} with changed settings, applied from there: "
               f"{', '.join(applied)}")

@@ -175,6 +175,19 @@ EPOCHS = ranged(int, 1, MAX_EPOCHS)
 BUDGET_MINUTES = ranged(float, 0, 7 * 24 * 60, low_open=True)  # a week: beyond it, a typo (seconds?), not a plan
 
 
+def epoch_length(text):
+    """``EPOCH:LENGTH`` (--earlier_lengths): epochs up to EPOCH followed the schedule of a LENGTH-epoch run."""
+    epoch, _, length = text.partition(":")
+    try:
+        epoch, length = EPOCHS(epoch), EPOCHS(length)
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: {error} (give EPOCH:LENGTH, e.g. 2:7)") from None
+    if length <= epoch:
+        raise argparse.ArgumentTypeError(f"{text!r}: a run of {length} epochs ended at epoch {epoch}, it had no "
+                                         f"length left to change")
+    return [epoch, length]
+
+
 def path_text(text):
     """An argparse ``type`` for a path: an empty string would quietly mean the current folder or a default."""
     if not text.strip():

@@ -279,19 +279,22 @@ class EpochSchedule:
     remaining epoch with exactly the lr an uninterrupted run with the new settings would have used.
     """
 
-    def __init__(self, optimizer, warmup_epoch, total_epoch):
+    def __init__(self, optimizer, warmup_epoch, total_epoch, earlier_lengths=()):
         self.optimizer = optimizer
         self.peaks = [group["lr"] for group in optimizer.param_groups]
-        self.set_length(warmup_epoch, total_epoch)
+        self.set_length(warmup_epoch, total_epoch, earlier_lengths)
 
-    def set_length(self, warmup_epoch, total_epoch):
-        """A new length (a budgeted run's corrected plan), the peaks kept."""
-        self.factor = warmup_cosine(warmup_epoch, total_epoch)
+    def set_length(self, warmup_epoch, total_epoch, earlier_lengths=()):
+        """The run's length, the peaks kept: ``total_epoch``, except that the epochs up to E of each (E, N) in
+        ``earlier_lengths`` follow an N-epoch run's schedule (a budgeted run that corrected its plan)."""
+        self.warmup_epoch, self.lengths = warmup_epoch, [*map(tuple, earlier_lengths), (math.inf, total_epoch)]
 
     def set_epoch(self, epoch):
         """Set the lr of epoch ``epoch`` (1 = the first); returns the largest group's lr, the one logged."""
+        length = next(n for last, n in self.lengths if epoch <= last)
+        factor = warmup_cosine(self.warmup_epoch, length)(epoch - 1)
         for group, peak in zip(self.optimizer.param_groups, self.peaks):
-            group["lr"] = peak * self.factor(epoch - 1)
+            group["lr"] = peak * factor
         return max(group["lr"] for group in self.optimizer.param_groups)
 
 

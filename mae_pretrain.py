@@ -138,7 +138,7 @@ def main(argv=None):
     if args.time_budget and not resumed:
         run_setup.plan_budget(run, args, measure_costs(args, run, config, step, model, optimizer, train_model,
                                                        scaler, fixed_images, steps_per_epoch))
-    schedule = engine.EpochSchedule(optimizer, args.warmup_epoch, args.total_epoch)
+    schedule = engine.EpochSchedule(optimizer, args.warmup_epoch, args.total_epoch, args.earlier_lengths)
     book = run_setup.Bookkeeping(run, args, FIELDS, done, steps_per_epoch * run.accum_steps, position)
     for epoch in run_setup.epochs_to_train(done, args):
         run.loader.set_epoch(epoch)

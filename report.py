@@ -65,9 +65,21 @@ BUDGET_COMMANDS = {"cpu_budget30": """\
       --patch_size 4 --emb_dim 96 --encoder_depth 4 --encoder_heads 3 --finetune_batch_size 64 \\
       --finetune_args="--base_learning_rate 2e-3 --augment flip --threads 1 --no_compile"
     python summarize.py logs/cifar10/sweep_budget30t_mae logs/cifar10/sweep_budget30t_scratch \\
-      --output_dir results/cpu_budget30_tuned"""}
+      --output_dir results/cpu_budget30_tuned""",
+                   "cpu_budget30_course": """\
+    # the tuned study again, its runs now checking their course after every epoch (so each arm spends its minutes)
+    python sweep.py --name budget30c_mae --time_budget 30 --seeds 0 1 --decoder_depth 2 --no_linear_probe \\
+      --data_dir DATA --device cpu --patch_size 4 --emb_dim 96 --encoder_depth 4 --encoder_heads 3 --decoder_heads 2 \\
+      --pretrain_batch_size 256 --finetune_batch_size 64 \\
+      --pretrain_args="--decoder_emb_dim 64 --base_learning_rate 1.5e-3 --threads 1 --no_compile" \\
+      --finetune_args="--base_learning_rate 2e-3 --augment flip --threads 1 --no_compile" &
+    python sweep.py --name budget30c_scratch --time_budget 30 --seeds 0 1 --scratch_only --data_dir DATA --device cpu \\
+      --patch_size 4 --emb_dim 96 --encoder_depth 4 --encoder_heads 3 --finetune_batch_size 64 \\
+      --finetune_args="--base_learning_rate 2e-3 --augment flip --threads 1 --no_compile"
+    python summarize.py logs/cifar10/sweep_budget30c_mae logs/cifar10/sweep_budget30c_scratch \\
+      --output_dir results/cpu_budget30_course"""}
 # Studies that a later one repeats with better settings: docs/results.md keeps them, the glance shows the later one.
-SUPERSEDED = {"cpu_budget30": "cpu_budget30_tuned"}
+SUPERSEDED = {"cpu_budget30": "cpu_budget30_tuned", "cpu_budget30_tuned": "cpu_budget30_course"}
 REFERENCE = {"pretrain": 3760, "finetune": 2080}  # img/s of IcarusWizard/MAE on one H100, as campaign.py has them
 ACCURACY_COLUMNS = ("test_acc", "val_acc", "accuracy", "test_accuracy")
 BUDGET_COLUMNS = ("arm", "budget_minutes", "seed", "machine")
@@ -350,8 +362,9 @@ def budget_section(results, page):
             "how a run plans its epochs: [usage.md](usage.md#training-to-a-time-budget)). The MAE arm pretrains "
             "for its pretraining share of them and fine-tunes for the rest; from scratch fine-tunes for all of them. "
             "Epochs: pretraining + fine-tuning per seed; wall: minutes the arm's processes took, per seed (a partial last "
-            "epoch spends what whole epochs leave over; `cpu_budget30` predates it and planned whole epochs only; a "
-            "trial that misjudges the step time still leaves minutes unused or overruns a little).", "",
+            "epoch spends what whole epochs leave over; `cpu_budget30` predates it and planned whole epochs only; "
+            "before `cpu_budget30_course` a trial that misjudged the step time left minutes unused or overran a "
+            "little, since then a run checks its course after every epoch).", "",
             *table(["machine", "minutes per arm", "arm", "n", "final test acc.", "per seed", "epochs",
                     "wall (min)", "CSV"], rows), "",
             *[line for name, command in BUDGET_COMMANDS.items() if (results / name / "budget.csv").is_file()

@@ -48,6 +48,10 @@ def add_schedule_arguments(p, batch_size, max_device_batch_size, base_learning_r
     p.add_argument("--last_epoch_steps", type=checks.NONNEGATIVE_INT, default=0, metavar="STEPS",
                    help="end the last epoch after this many optimizer steps (0: a whole epoch); a --time_budget "
                         "run sets it to spend what its whole epochs leave over")
+    p.add_argument("--earlier_lengths", type=checks.epoch_length, nargs="*", default=[], metavar="EPOCH:LENGTH",
+                   help="epochs up to EPOCH followed the learning rates of a LENGTH-epoch run, the rest those of "
+                        "--total_epoch: how a budgeted run that corrected its length is reproduced (budget.json "
+                        "gives the flags)")
 
 
 def parse_with_presets(parser, argv, **presets):
@@ -64,15 +68,26 @@ def parse_with_presets(parser, argv, **presets):
             on_command_line |= set(chosen)
     args = parser.parse_args(argv)
     args.typed = sorted(on_command_line)
-    if getattr(args, "time_budget", None) and {"total_epoch", "last_epoch_steps"} & literal:  # a preset's gives way
-        flag = "total_epoch" if "total_epoch" in literal else "last_epoch_steps"
+    if getattr(args, "time_budget", None) and {"total_epoch", "last_epoch_steps", "earlier_lengths"} & literal:
+        flag = next(f for f in ("total_epoch", "last_epoch_steps", "earlier_lengths") if f in literal)  # a preset's
         parser.error(f"argument --time_budget: {args.time_budget} cannot be combined with --{flag} "
                      f"{getattr(args, flag)}: the budget plans the number of epochs; give one of the two")
     if getattr(args, "time_budget", None):  # its warm-up is planned with its length, as this share
         args.warmup_share = parser.get_default("warmup_epoch") / parser.get_default("total_epoch")
     else:
         fit_warmup(parser, args, argv)
+    check_earlier_lengths(parser, args)
     return args, typed
+
+
+def check_earlier_lengths(parser, args):
+    """--earlier_lengths in the order they happened, each ending before the run did."""
+    changes = [epoch for epoch, _ in getattr(args, "earlier_lengths", [])]
+    if changes != sorted(set(changes)):
+        parser.error(f"argument --earlier_lengths: the epochs {changes} must grow, each given once")
+    if changes and changes[-1] > args.total_epoch:
+        parser.error(f"argument --earlier_lengths: epoch {changes[-1]} is past --total_epoch {args.total_epoch}, "
+                     f"where the run ends")
 
 
 def options_typed(parser, argv):
@@ -272,7 +287,7 @@ class Bookkeeping:
         self.measured = [0.0, 0]  # seconds and optimizer steps of this process's training, for check_course
         self.final = None  # (epoch, metrics) of the last epoch this process finished
         if self.is_main:
-            self._record_plan(done)
+            self._record_plan(done, args)
 
     def total_steps(self, args):
         """Micro-batches of the whole run (the progress bar's total): a planned partial last epoch is shorter."""
@@ -296,20 +311,23 @@ class Bookkeeping:
                                 self.measured[1])
         if budget.agree(plan).length() == self.run.plan.length():  # on course (rank 0's word, on every process)
             return
-        apply_plan(self.run, args, plan)
-        schedule.set_length(args.warmup_epoch, args.total_epoch)
+        if epoch > 1:  # epoch 1's learning rate is the same whatever the length: no need to keep the old one
+            args.earlier_lengths = [*args.earlier_lengths, [epoch, args.total_epoch]]
+        apply_plan(self.run, args, plan, self.bar)
+        schedule.set_length(args.warmup_epoch, args.total_epoch, args.earlier_lengths)
         self.total_epoch = args.total_epoch
         self.bar.total = self.total_steps(args)
         self.bar.refresh()
         if self.is_main:
-            self._record_plan(epoch)
+            self._record_plan(epoch, args)
 
-    def _record_plan(self, done):
-        """budget.json: written by a budgeted run when it plans, updated with each process's wall time; a new
-        unbudgeted run in the folder removes an older run's."""
+    def _record_plan(self, done, args):
+        """budget.json: written by a budgeted run when it plans (with the flags that reproduce it), updated with
+        each process's wall time; a new unbudgeted run in the folder removes an older run's."""
         path = self.run.log_dir / "budget.json"
         if self.run.plan is not None:
-            budget.write_record(self.run.log_dir, budget.record_of(self.run.plan, self.run.env.device))
+            budget.write_record(self.run.log_dir, budget.record_of(self.run.plan, self.run.env.device,
+                                                                   args.earlier_lengths))
         elif done == 0 and path.is_file():
             path.unlink()
 
@@ -474,13 +492,16 @@ def plan_budget(run, args, costs):
                                                     typed_warmup))
 
 
-def apply_plan(run, args, plan):
+def apply_plan(run, args, plan, bar=None):
     """Every process takes rank 0's plan, keeps it in the arguments (so the checkpoint saves it and
-    --total_epoch N reproduces the run) and rank 0 prints it."""
+    --total_epoch N reproduces the run) and rank 0 prints it (above the progress ``bar`` once there is one)."""
     run.plan = budget.agree(plan)
     args.total_epoch, args.warmup_epoch, args.last_epoch_steps = run.plan.length()
     if run.env.is_main:
-        print(run.plan.describe(), flush=True)
+        if bar is not None:
+            bar.write(run.plan.describe())
+        else:
+            print(run.plan.describe(), flush=True)
     return run.plan
 
 

@@ -251,7 +251,7 @@ def main(argv=None):
     if args.time_budget and not resumed:
         run_setup.plan_budget(run, args, measure_costs(args, run, step, model, optimizer, train_model, scaler, ema,
                                                        evaluations, steps_per_epoch, fields))
-    schedule = engine.EpochSchedule(optimizer, args.warmup_epoch, args.total_epoch)
+    schedule = engine.EpochSchedule(optimizer, args.warmup_epoch, args.total_epoch, args.earlier_lengths)
     book = run_setup.Bookkeeping(run, args, fields, done, steps_per_epoch * run.accum_steps, position)
 
     def training_state(epoch, position=None, stopped_early=False):

@@ -109,6 +109,12 @@ CASES = [  # (script, argv after the common ones, what the error line must conta
     ("mae", ["--emb_dim", "1000000", "--encoder_heads", "1", "--decoder_heads", "1"], "M parameters, whose training"),
     ("cls", ["--emb_dim", "4096", "--encoder_depth", "100000"], "M parameters, whose training needs"),
     ("bench", ["--batch_sizes", "1000000000000"], "argument --batch_sizes: 1000000000000 images of 32x32 need"),
+    # A corrected budgeted run's history (--earlier_lengths EPOCH:LENGTH): well formed, growing, within the run.
+    ("cls", ["--earlier_lengths", "2"], "argument --earlier_lengths: '2': '' is not an integer (give EPOCH:LENGTH"),
+    ("cls", ["--earlier_lengths", "0:5"], "argument --earlier_lengths: '0:5': 0 is not allowed"),
+    ("cls", ["--earlier_lengths", "5:5"], "'5:5': a run of 5 epochs ended at epoch 5, it had no length left"),
+    ("mae", ["--total_epoch", "9", "--earlier_lengths", "3:8", "2:7"], "the epochs [3, 2] must grow, each given once"),
+    ("mae", ["--earlier_lengths", "3:8"], "epoch 3 is past --total_epoch 1, where the run ends"),
 ]
 
 

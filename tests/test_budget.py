@@ -180,6 +180,46 @@ def test_a_budgeted_run_records_its_plan_and_total_epoch_reproduces_it(tmp_path,
     assert same_weights(checkpoint["model"], load_state(tmp_path / "epochs" / "mae.pt")["model"])
 
 
+def test_a_run_corrected_later_is_reproduced_by_the_flags_its_record_gives(tmp_path, cls_argv, process_starts_now,
+                                                                         monkeypatch):
+    """A correction after epoch 2 (forced: the plan loses two epochs there; on course after it) changes the
+    learning rates from epoch 3 on: --total_epoch alone does not give the run again, the flags budget.json
+    records do, to the bit."""
+    monkeypatch.setattr(budget, "SAFETY", 0.5)
+    measured_course = budget.on_course
+
+    def two_epochs_shorter_after_epoch_2(plan, costs, elapsed, epochs_done, *measured):
+        if epochs_done == 1:
+            return measured_course(plan, costs, elapsed, epochs_done, *measured)
+        if epochs_done > 2:
+            return plan
+        total = plan.total_epoch - 2
+        return dataclasses.replace(plan, total_epoch=total, last_epoch_steps=0,
+                                   corrections=(*plan.corrections, (2, total, 0)))
+
+    monkeypatch.setattr(budget, "on_course", two_epochs_shorter_after_epoch_2)
+    # No warm-up: epoch 2's learning rate is then the cosine's, which depends on the length (a warm-up's may not).
+    argv = budget_argv(cls_argv, tmp_path / "budget", 0.06, "--run_name", "r") + ["--warmup_epoch", "0"]
+    assert train_classifier.main(argv) == 0
+    record = json.loads((tmp_path / "budget" / "logs" / "cifar10" / "r" / "budget.json").read_text())
+    total, warmup = record["total_epoch"], record["warmup_epoch"]
+    assert total >= 3 and record["reproduce"] == (f"--total_epoch {total} --warmup_epoch {warmup} "
+                                                  f"--last_epoch_steps 0 --earlier_lengths 2:{total + 2}")
+    budgeted = load_state(tmp_path / "budget" / "cls_last.pt")
+    assert budgeted["args"]["earlier_lengths"] == [[2, total + 2]]
+    weights = {}
+    for name, flags in (("replayed", record["reproduce"].split()), ("length_only", flags_of(total, warmup))):
+        argv = without(cls_argv(tmp_path / name, "--run_name", "r"), "--total_epoch", "--warmup_epoch") + flags
+        assert train_classifier.main(argv) == 0
+        weights[name] = load_state(tmp_path / name / "cls_last.pt")["model"]
+    assert same_weights(budgeted["model"], weights["replayed"])
+    assert not same_weights(budgeted["model"], weights["length_only"])
+
+
+def flags_of(total, warmup):
+    return ["--total_epoch", str(total), "--warmup_epoch", str(warmup)]
+
+
 def test_a_resumed_budgeted_run_keeps_its_plan(tmp_path, cls_argv, process_starts_now, stop_after_epoch, capsys):
     argv = budget_argv(cls_argv, tmp_path, 0.06, "--run_name", "r")
     with stop_after_epoch(1):
@@ -200,6 +240,8 @@ def test_time_budget_with_a_typed_total_epoch_is_refused(tmp_path, mae_argv, cli
     argv = without(mae_argv(tmp_path), "--total_epoch", "--warmup_epoch") + ["--time_budget", "5"]
     line = cli_error(mae_pretrain.main, argv + ["--last_epoch_steps", "3"])
     assert "--time_budget: 5.0 cannot be combined with --last_epoch_steps 3" in line
+    line = cli_error(mae_pretrain.main, argv + ["--earlier_lengths", "2:5"])
+    assert "--time_budget: 5.0 cannot be combined with --earlier_lengths [[2, 5]]" in line
     assert not (tmp_path / "logs").exists()
 
 

@@ -316,6 +316,18 @@ def test_typing_a_new_length_ends_a_budgeted_plan():
     assert kept.total_epoch == 10  # the plan it made
 
 
+def test_a_new_length_keeps_only_the_earlier_lengths_already_trained():
+    """A corrected run's history stays with it; a typed new length holds from the resumed epoch (4) on, so a
+    length that was to change later (epoch 6) is dropped."""
+    saved = {**SAVED, "args": {**SAVED["args"], "earlier_lengths": [[2, 12], [6, 11]]}}
+    args = resume_args(earlier_lengths=[])
+    ckpt.settle_resume_settings(saved, args, (), "run.pt")
+    assert args.earlier_lengths == [[2, 12], [6, 11]]
+    args = resume_args(["total_epoch"], total_epoch=20, earlier_lengths=[])
+    applied = ckpt.settle_resume_settings(saved, args, (), "run.pt")
+    assert args.earlier_lengths == [[2, 12]] and "(the new length holds from here)" in applied[-1]
+
+
 def test_a_new_length_makes_a_partial_last_epoch_whole_unless_typed_too(capsys):
     saved = {**SAVED, "args": {**SAVED["args"], "time_budget": 5.0, "last_epoch_steps": 7}}
     args = resume_args(last_epoch_steps=0)  # --resume auto alone: the plan's partial last epoch stays

@@ -42,6 +42,22 @@ CPU_STUDY = dict(
       --pretrain_args="--decoder_emb_dim 64 --base_learning_rate 1.5e-3 --warmup_epoch 2 --knn_every 4 --probe_epochs 10" \\
       --finetune_args="--augment crop_flip"
     python summarize.py logs/cifar10/sweep_main logs/cifar10/sweep_depth logs/cifar10/sweep_masking --output_dir results/cpu_study""")
+def tuned_study_commands(sweep, output, comment):
+    """The tuned 30-minute CPU study's commands, its sweeps named ``sweep``_mae and ``sweep``_scratch."""
+    return f"""\
+    # {comment}
+    python sweep.py --name {sweep}_mae --time_budget 30 --seeds 0 1 --decoder_depth 2 --no_linear_probe \\
+      --data_dir DATA --device cpu --patch_size 4 --emb_dim 96 --encoder_depth 4 --encoder_heads 3 --decoder_heads 2 \\
+      --pretrain_batch_size 256 --finetune_batch_size 64 \\
+      --pretrain_args="--decoder_emb_dim 64 --base_learning_rate 1.5e-3 --threads 1 --no_compile" \\
+      --finetune_args="--base_learning_rate 2e-3 --augment flip --threads 1 --no_compile" &
+    python sweep.py --name {sweep}_scratch --time_budget 30 --seeds 0 1 --scratch_only --data_dir DATA --device cpu \\
+      --patch_size 4 --emb_dim 96 --encoder_depth 4 --encoder_heads 3 --finetune_batch_size 64 \\
+      --finetune_args="--base_learning_rate 2e-3 --augment flip --threads 1 --no_compile"
+    python summarize.py logs/cifar10/sweep_{sweep}_mae logs/cifar10/sweep_{sweep}_scratch \\
+      --output_dir results/{output}"""
+
+
 # The commands of the time-budget studies under results/ (summarize.py writes their budget.csv).
 BUDGET_COMMANDS = {"cpu_budget30": """\
     # the two sweeps side by side, each run one thread (--threads 1) on its own core of the 2-core machine
@@ -54,30 +70,12 @@ BUDGET_COMMANDS = {"cpu_budget30": """\
       --patch_size 4 --emb_dim 96 --encoder_depth 4 --encoder_heads 3 --finetune_batch_size 128 \\
       --finetune_args="--augment crop_flip --threads 1 --no_compile"
     python summarize.py logs/cifar10/sweep_budget30_mae logs/cifar10/sweep_budget30_scratch --output_dir results/cpu_budget30""",
-                   "cpu_budget30_tuned": """\
-    # the same, with the tuned fine-tuning (batch 64, base lr 2e-3, a flip alone: results/cpu_budget30/tuning.csv)
-    python sweep.py --name budget30t_mae --time_budget 30 --seeds 0 1 --decoder_depth 2 --no_linear_probe \\
-      --data_dir DATA --device cpu --patch_size 4 --emb_dim 96 --encoder_depth 4 --encoder_heads 3 --decoder_heads 2 \\
-      --pretrain_batch_size 256 --finetune_batch_size 64 \\
-      --pretrain_args="--decoder_emb_dim 64 --base_learning_rate 1.5e-3 --threads 1 --no_compile" \\
-      --finetune_args="--base_learning_rate 2e-3 --augment flip --threads 1 --no_compile" &
-    python sweep.py --name budget30t_scratch --time_budget 30 --seeds 0 1 --scratch_only --data_dir DATA --device cpu \\
-      --patch_size 4 --emb_dim 96 --encoder_depth 4 --encoder_heads 3 --finetune_batch_size 64 \\
-      --finetune_args="--base_learning_rate 2e-3 --augment flip --threads 1 --no_compile"
-    python summarize.py logs/cifar10/sweep_budget30t_mae logs/cifar10/sweep_budget30t_scratch \\
-      --output_dir results/cpu_budget30_tuned""",
-                   "cpu_budget30_course": """\
-    # the tuned study again, its runs now checking their course after every epoch (so each arm spends its minutes)
-    python sweep.py --name budget30c_mae --time_budget 30 --seeds 0 1 --decoder_depth 2 --no_linear_probe \\
-      --data_dir DATA --device cpu --patch_size 4 --emb_dim 96 --encoder_depth 4 --encoder_heads 3 --decoder_heads 2 \\
-      --pretrain_batch_size 256 --finetune_batch_size 64 \\
-      --pretrain_args="--decoder_emb_dim 64 --base_learning_rate 1.5e-3 --threads 1 --no_compile" \\
-      --finetune_args="--base_learning_rate 2e-3 --augment flip --threads 1 --no_compile" &
-    python sweep.py --name budget30c_scratch --time_budget 30 --seeds 0 1 --scratch_only --data_dir DATA --device cpu \\
-      --patch_size 4 --emb_dim 96 --encoder_depth 4 --encoder_heads 3 --finetune_batch_size 64 \\
-      --finetune_args="--base_learning_rate 2e-3 --augment flip --threads 1 --no_compile"
-    python summarize.py logs/cifar10/sweep_budget30c_mae logs/cifar10/sweep_budget30c_scratch \\
-      --output_dir results/cpu_budget30_course"""}
+                   "cpu_budget30_tuned": tuned_study_commands(
+                       "budget30t", "cpu_budget30_tuned", "the same, with the tuned fine-tuning (batch 64, base lr "
+                       "2e-3, a flip alone: results/cpu_budget30/tuning.csv)"),
+                   "cpu_budget30_course": tuned_study_commands(
+                       "budget30c", "cpu_budget30_course", "the tuned study again, its runs now checking their course "
+                       "after every epoch (so each arm spends its minutes)")}
 # Studies that a later one repeats with better settings: docs/results.md keeps them, the glance shows the later one.
 SUPERSEDED = {"cpu_budget30": "cpu_budget30_tuned", "cpu_budget30_tuned": "cpu_budget30_course"}
 REFERENCE = {"pretrain": 3760, "finetune": 2080}  # img/s of IcarusWizard/MAE on one H100, as campaign.py has them

@@ -2,12 +2,12 @@
 
 ``--time_budget M`` runs a short timed trial before training (the first steps hold the compilation; then a few
 steady optimizer steps, one evaluation and the monitors the run logs), undoes every effect of it on the model,
-the optimizer and the random streams, and plans as many epochs as end within M minutes of the process's start,
-with a warm-up that is the same share of the run as the defaults'. The run is then the run ``--total_epoch N``
-would be: the plan is printed, saved in the checkpoint's arguments and in ``budget.json`` beside the metrics,
-and kept when the run resumes. Planning by the clock at every epoch would make runs irreproducible (see Li,
-Yumer, Ramanan, "Budgeted Training", ICLR 2020, for schedules that decay to zero at the budget's end, as the
-cosine here does), so the plan changes only as below.
+the optimizer and the random streams, and plans as many epochs as end within M minutes of the process's start
+(of the call, for a script's main called from Python), with a warm-up that is the same share of the run as the
+defaults'. The run is then the run ``--total_epoch N`` would be: the plan is printed, saved in the checkpoint's
+arguments and in ``budget.json`` beside the metrics, and kept when the run resumes. Planning by the clock at
+every epoch would make runs irreproducible (see Li, Yumer, Ramanan, "Budgeted Training", ICLR 2020, for schedules
+that decay to zero at the budget's end, as the cosine here does), so the plan changes only as below.
 
 The trial's few steps on cached batches can misjudge the step time by a fifth, and a shared machine's speed drifts
 (by a quarter over seconds on a 2-core virtual machine), so the run checks its course at the end of every epoch's
@@ -55,6 +55,21 @@ def process_start():
         return time.monotonic() - max(age, 0.0)
     except (OSError, ValueError, IndexError):
         return _IMPORTED_AT
+
+
+_CLOCK_START = None  # when this run's budget began counting (start_clock)
+
+
+def start_clock(from_process_start):
+    """Where a budget counts from: the process's start for a script run from the command line (Python's and
+    torch's imports count), the call for a main([...]) called inside a longer-lived Python (a notebook's kernel,
+    a test), whose age is not the run's."""
+    global _CLOCK_START
+    _CLOCK_START = process_start() if from_process_start else time.monotonic()
+
+
+def seconds_since_start():
+    return time.monotonic() - (process_start() if _CLOCK_START is None else _CLOCK_START)
 
 
 @dataclass

@@ -57,6 +57,7 @@ def add_schedule_arguments(p, batch_size, max_device_batch_size, base_learning_r
 def parse_with_presets(parser, argv, **presets):
     """Parse twice: a named preset (``preset=PRESETS`` for ``--preset``) replaces the defaults, and what the user
     typed still wins. Returns the final arguments and the first parse (the flags as typed, no preset)."""
+    budget.start_clock(from_process_start=argv is None)  # a time budget counts from here, or the process's start
     argv = sys.argv[1:] if argv is None else argv
     literal = options_typed(parser, argv)
     on_command_line = set(literal)
@@ -306,7 +307,7 @@ class Bookkeeping:
         self.measured[1] += steps - (timer.first_step_seconds is not None)
         if self.measured[1] < 2:
             return
-        elapsed = time.monotonic() - budget.process_start()
+        elapsed = budget.seconds_since_start()
         plan = budget.on_course(self.run.plan, self.run.costs, elapsed, epoch, self.measured[0] / self.measured[1],
                                 self.measured[1])
         if budget.agree(plan).length() == self.run.plan.length():  # on course (rank 0's word, on every process)
@@ -366,7 +367,7 @@ class Bookkeeping:
 
     def _record_wall_time(self):
         """This process's wall time, beside the budget it planned for (a resumed run adds its own)."""
-        wall = time.monotonic() - budget.process_start()
+        wall = budget.seconds_since_start()
         record = budget.read_record(self.run.log_dir)
         record["wall_seconds"] = [*record.get("wall_seconds", []), round(wall, 2)]
         budget.write_record(self.run.log_dir, record)
@@ -486,7 +487,7 @@ def plan_budget(run, args, costs):
     """--time_budget: fix the run's epochs from the trial's measured ``costs`` (budget.py), print the plan in
     one line and keep it in the arguments, so the checkpoint saves it and --total_epoch N reproduces the run."""
     typed_warmup = args.warmup_epoch if "warmup_epoch" in args.typed else None
-    elapsed = time.monotonic() - budget.process_start()
+    elapsed = budget.seconds_since_start()
     run.costs = costs  # for the checks of its course after each epoch (Bookkeeping.check_course)
     return apply_plan(run, args, budget.plan_epochs(args.time_budget, elapsed, costs, args.warmup_share,
                                                     typed_warmup))

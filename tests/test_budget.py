@@ -292,6 +292,15 @@ def test_a_real_process_ends_within_its_budget(tmp_path, cls_argv):
     assert len(read_metrics(run_dir)[1]) == record["total_epoch"]
 
 
+def test_a_main_called_from_python_counts_its_budget_from_the_call(tmp_path, cls_argv, monkeypatch):
+    """In a process an hour old (a notebook's kernel), a 0.1-minute budget still plans, and the run's wall time is
+    counted from the call; run as a script, the process's start counts (test_a_real_process_ends_within_its_budget)."""
+    monkeypatch.setattr(budget, "process_start", lambda: time.monotonic() - 3600)
+    assert train_classifier.main(budget_argv(cls_argv, tmp_path, 0.1, "--run_name", "r")) == 0
+    record = json.loads((tmp_path / "logs" / "cifar10" / "r" / "budget.json").read_text())
+    assert record["total_epoch"] >= 2 and record["setup_seconds"] < 6 and record["wall_seconds"][0] < 60
+
+
 def test_a_presets_length_gives_way_to_a_budget():
     args = mae_pretrain.parse_args(["--preset", "small", "--time_budget", "5", "--device", "cpu"])
     assert args.time_budget == 5.0

@@ -330,8 +330,9 @@ def read_record(log_dir):
 def record_of(plan, device, earlier_lengths=()):
     """budget.json's content: the plan, the flags that train the same run without a budget, the machine, the date."""
     flags = f"--total_epoch {plan.total_epoch} --warmup_epoch {plan.warmup_epoch} --last_epoch_steps " \
-            f"{plan.last_epoch_steps}" + "".join(f"{' --earlier_lengths' * (i == 0)} {epoch}:{length}"
-                                                 for i, (epoch, length) in enumerate(earlier_lengths))
+            f"{plan.last_epoch_steps}"
+    if earlier_lengths:
+        flags += " --earlier_lengths " + " ".join(f"{epoch}:{length}" for epoch, length in earlier_lengths)
     return {"time_budget_minutes": plan.budget_minutes, **{k: v for k, v in asdict(plan).items()
                                                              if k != "budget_minutes"},
             "reproduce": flags, "machine": machine_description(device),

@@ -154,8 +154,7 @@ def main(argv=None):
             book.save_now(args.model_path, ckpt.training_state("mae", model, config, optimizer, epoch - 1, args,
                                                                result.stopped_at, run_dir=str(run.log_dir)))
             break
-        if run.plan is not None:  # a run that planned a budget checks its course by the steps timed so far
-            book.check_course(epoch, args, timer, schedule)
+        book.check_course(epoch, args, timer, schedule)  # a budgeted run: its plan, by the steps timed so far
         book.bar.set_postfix(epoch=epoch, loss=f"{result.loss:.4f}")
         monitor = {}
         if env.is_main and args.knn_every and (epoch % args.knn_every == 0 or epoch == args.total_epoch):

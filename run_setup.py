@@ -276,7 +276,7 @@ class Bookkeeping:
 
     def __init__(self, run, args, fields, done, steps_per_epoch, position=None, after_step=None):
         run.lock_folder()  # before the first file this run writes
-        self.run, self.is_main, self.total_epoch, self.stopping = run, run.env.is_main, args.total_epoch, False
+        self.run, self.args, self.is_main, self.stopping = run, args, run.env.is_main, False
         self.logger = utils.RunLogger(run.log_dir, fields, done + 1, run.env.is_main)
         self.writer, self.saves = ckpt.CheckpointWriter(), SaveSchedule(args)
         self.stop = engine.StopFlag(run.env.device).install()
@@ -285,7 +285,7 @@ class Bookkeeping:
         self.bar = engine.progress_bar(self.total_steps(args), self.done_steps, run.env.is_main)
         self.steps_left = (self.total_steps(args) - self.done_steps) // run.accum_steps
         self.budgeted = bool(getattr(args, "time_budget", None))
-        self.measured = [0.0, 0]  # seconds and optimizer steps of this process's training, for check_course
+        self.measured_seconds, self.measured_steps = 0.0, 0  # this process's training so far, for check_course
         self.final = None  # (epoch, metrics) of the last epoch this process finished
         if self.is_main:
             self._record_plan(done, args)
@@ -297,26 +297,25 @@ class Bookkeeping:
         return max((args.total_epoch - 1) * self.steps_per_epoch + last, self.done_steps)
 
     def check_course(self, epoch, args, timer, schedule):
-        """A run that planned a budget, at the end of each epoch's training: the step time measured over this
-        process's steps so far (the first, timed apart, left out) checks the plan (budget.on_course); a new plan
-        is applied to the arguments the checkpoint saves, the schedule, the save schedule and the bar, printed,
-        and recorded in budget.json. Every process follows rank 0's plan."""
-        steps = self.steps_per_epoch // self.run.accum_steps
-        seconds = timer.seconds - (timer.first_step_seconds or 0.0)
-        self.measured[0] += seconds
-        self.measured[1] += steps - (timer.first_step_seconds is not None)
-        if self.measured[1] < 2:
+        """At the end of each epoch's training, in a run that planned a budget (nothing otherwise): the step time
+        measured over this process's steps so far (the first, timed apart, left out) checks the plan
+        (budget.on_course); a new plan is applied to the arguments (which the checkpoint saves and the save
+        schedule reads), the schedule and the bar, printed, and recorded in budget.json. Every process follows
+        rank 0's plan."""
+        if self.run.plan is None:
             return
-        elapsed = budget.seconds_since_start()
-        plan = budget.on_course(self.run.plan, self.run.costs, elapsed, epoch, self.measured[0] / self.measured[1],
-                                self.measured[1])
-        if budget.agree(plan).length() == self.run.plan.length():  # on course (rank 0's word, on every process)
+        self.measured_seconds += timer.seconds - (timer.first_step_seconds or 0.0)
+        self.measured_steps += self.steps_per_epoch // self.run.accum_steps - (timer.first_step_seconds is not None)
+        if self.measured_steps < 2:
+            return
+        plan = budget.agree(budget.on_course(self.run.plan, self.run.costs, budget.seconds_since_start(), epoch,
+                                             self.measured_seconds / self.measured_steps, self.measured_steps))
+        if plan.length() == self.run.plan.length():  # on course (rank 0's word, on every process)
             return
         if epoch > 1:  # epoch 1's learning rate is the same whatever the length: no need to keep the old one
             args.earlier_lengths = [*args.earlier_lengths, [epoch, args.total_epoch]]
         apply_plan(self.run, args, plan, self.bar)
         schedule.set_length(args.warmup_epoch, args.total_epoch, args.earlier_lengths)
-        self.total_epoch = args.total_epoch
         self.bar.total = self.total_steps(args)
         self.bar.refresh()
         if self.is_main:
@@ -344,7 +343,7 @@ class Bookkeeping:
         """Whether to save after this epoch (rank 0). A stop signal is read once here, so the save and the exit
         agree; one that arrives later is handled at the next epoch's end."""
         self.stopping = self.stop.requested
-        return self.saves.due(epoch, self.total_epoch, self.stopping or ended_early) and self.is_main
+        return self.saves.due(epoch, self.args.total_epoch, self.stopping or ended_early) and self.is_main
 
     def save_now(self, path, state):
         """A stop in the middle of an epoch: save where it stands (rank 0), and end the run."""
@@ -489,14 +488,14 @@ def plan_budget(run, args, costs):
     typed_warmup = args.warmup_epoch if "warmup_epoch" in args.typed else None
     elapsed = budget.seconds_since_start()
     run.costs = costs  # for the checks of its course after each epoch (Bookkeeping.check_course)
-    return apply_plan(run, args, budget.plan_epochs(args.time_budget, elapsed, costs, args.warmup_share,
-                                                    typed_warmup))
+    return apply_plan(run, args, budget.agree(budget.plan_epochs(args.time_budget, elapsed, costs, args.warmup_share,
+                                                                 typed_warmup)))
 
 
 def apply_plan(run, args, plan, bar=None):
-    """Every process takes rank 0's plan, keeps it in the arguments (so the checkpoint saves it and
-    --total_epoch N reproduces the run) and rank 0 prints it (above the progress ``bar`` once there is one)."""
-    run.plan = budget.agree(plan)
+    """Take the plan every process agreed on (budget.agree), keep it in the arguments (so the checkpoint saves
+    it and --total_epoch N reproduces the run); rank 0 prints it (above the progress ``bar`` once there is one)."""
+    run.plan = plan
     args.total_epoch, args.warmup_epoch, args.last_epoch_steps = run.plan.length()
     if run.env.is_main:
         if bar is not None:

@@ -273,8 +273,7 @@ def main(argv=None):
         if result.stopped_at:  # a stop signal: save where this epoch stands, then exit
             book.save_now(last_path, training_state(epoch - 1, result.stopped_at))
             break
-        if run.plan is not None:  # a run that planned a budget checks its course by the steps timed so far
-            book.check_course(epoch, args, timer, schedule)
+        book.check_course(epoch, args, timer, schedule)  # a budgeted run: its plan, by the steps timed so far
         (correct,) = result.extras
         scores = dict(zip(("val_loss", "val_acc"), evaluations[0](run.test_loader)))
         if ema:

@@ -25,7 +25,6 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
-import checks
 import engine
 import run_setup
 import utils
@@ -46,10 +45,10 @@ PRESETS = {"small": dict(patch_size=4, emb_dim=96, encoder_depth=4, encoder_head
 
 
 def build_parser():
-    p = checks.ArgumentParser(description=__doc__)
+    p = utils.ArgumentParser(description=__doc__)
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, mps, cuda or cuda:N")
     p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
-    p.add_argument("--batch_sizes", nargs="+", type=checks.POSITIVE_INT, default=None,
+    p.add_argument("--batch_sizes", nargs="+", type=utils.POSITIVE_INT, default=None,
                    help=f"default {' '.join(map(str, CUDA_BATCH_SIZES))} on CUDA, "
                         f"{' '.join(map(str, CPU_BATCH_SIZES))} on the CPU")
     p.add_argument("--precisions", nargs="+", choices=engine.PRECISIONS, default=["auto"])
@@ -58,39 +57,39 @@ def build_parser():
     p.add_argument("--augments", nargs="+", choices=sorted(AUGMENTATIONS), default=["none"],
                    help="fine-tuning rows with the loader's augmentation of every batch")
     p.add_argument("--no_baseline", action="store_true", help="skip the fp32 eager rows the ratio column needs")
-    p.add_argument("--steps", type=checks.POSITIVE_INT, default=20, help="timed optimizer steps per row")
-    p.add_argument("--warmup", type=checks.NONNEGATIVE_INT, default=5,
+    p.add_argument("--steps", type=utils.POSITIVE_INT, default=20, help="timed optimizer steps per row")
+    p.add_argument("--warmup", type=utils.NONNEGATIVE_INT, default=5,
                    help="untimed steps first; they include the compilation")
-    p.add_argument("--threads", type=checks.POSITIVE_INT, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--peak_tflops", type=checks.POSITIVE_FLOAT, default=None,
+    p.add_argument("--threads", type=utils.POSITIVE_INT, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--peak_tflops", type=utils.POSITIVE_FLOAT, default=None,
                    help="the device's peak for the '%% of peak' column (default: known GPUs' dense bf16 peak)")
-    p.add_argument("--output", type=checks.path_text, default=None,
+    p.add_argument("--output", type=utils.path_text, default=None,
                    help="also write the results: .csv gives CSV, else markdown")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="also profile each row: a Chrome trace and a table of the costliest operators in DIR")
-    p.add_argument("--profile_steps", type=checks.POSITIVE_INT, default=3, help="optimizer steps per profile")
+    p.add_argument("--profile_steps", type=utils.POSITIVE_INT, default=3, help="optimizer steps per profile")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="the training scripts' preset model")
     # The model, with the training scripts' defaults (ViT-T/2 on 32 x 32 images).
     defaults = ModelConfig()
     for name in ("image_size", "patch_size", "emb_dim", "encoder_depth", "encoder_heads", "decoder_depth",
                  "decoder_heads", "num_classes"):
-        p.add_argument(f"--{name}", type=checks.POSITIVE_INT, default=getattr(defaults, name))
-    p.add_argument("--decoder_emb_dim", type=checks.POSITIVE_INT, default=None,
+        p.add_argument(f"--{name}", type=utils.POSITIVE_INT, default=getattr(defaults, name))
+    p.add_argument("--decoder_emb_dim", type=utils.POSITIVE_INT, default=None,
                    help="decoder width (default: the encoder's)")
     p.add_argument("--mask_strategy", choices=MASK_STRATEGIES, default="random")
-    p.add_argument("--mask_ratio", type=checks.OPEN_UNIT, default=0.75)
+    p.add_argument("--mask_ratio", type=utils.OPEN_UNIT, default=0.75)
     return p
 
 
 def parse_args(argv=None):
     parser = build_parser()
     args, _ = run_setup.parse_with_presets(parser, argv, preset=PRESETS)
-    checks.check_device(parser, args.device)
+    utils.check_device(parser, args.device)
     if args.output:
-        checks.check_output_file(parser, "--output", args.output)
+        utils.check_output_file(parser, "--output", args.output)
     if args.profile:
-        checks.check_writable_folder(parser, "--profile", args.profile)
+        utils.check_writable_folder(parser, "--profile", args.profile)
     try:  # impossible shapes (heads, ratio and strategy) and absurd sizes fail here, before any row
         for workload in args.workloads:
             pretrain = workload == "pretrain"

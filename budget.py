@@ -31,8 +31,8 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
-import checks
 import engine
+import utils
 from utils import UserError, synchronize
 
 _IMPORTED_AT = time.monotonic()
@@ -317,7 +317,7 @@ def time_bookkeeping(fields, copy=None, rows=3):
 
 def write_record(log_dir, record):
     """``budget.json`` beside the metrics: the plan, and (at the end) the wall time it took."""
-    checks.write_text(Path(log_dir) / "budget.json", json.dumps(record, indent=1) + "\n", "budget record")
+    utils.write_text(Path(log_dir) / "budget.json", json.dumps(record, indent=1) + "\n", "budget record")
 
 
 def read_record(log_dir):

@@ -38,7 +38,7 @@ from pathlib import Path
 STARTED = time.monotonic()  # a part's time counts from here, the import of torch included
 import torch  # noqa: E402
 
-import checks  # noqa: E402
+import utils  # noqa: E402
 from utils import auto_device  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -118,7 +118,7 @@ def parse_args(argv=None):
             pass
         raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected minutes in (0, 1440]")
 
-    p = checks.ArgumentParser(description=__doc__)
+    p = utils.ArgumentParser(description=__doc__)
     p.add_argument("--time_limit", type=minutes, default=9.0, help="minutes per part, start-up included (9)")
     p.add_argument("--only", choices=STEPS, default=None, help="run this step only")
     p.add_argument("--dry_run", action="store_true", help="print the plan with estimated times; write nothing")
@@ -126,9 +126,9 @@ def parse_args(argv=None):
                    "torchvision's)")
     p.add_argument("--device", default=None, help="auto, cpu or cuda[:N] (default auto; cpu with --tiny)")
     p.add_argument("--tiny", action="store_true", help="a tiny model and schedule in fp32 eager (tests, CPU)")
-    p.add_argument("--results_dir", type=checks.path_text, default=str(HERE / "results"),
+    p.add_argument("--results_dir", type=utils.path_text, default=str(HERE / "results"),
                    help="the committed CSVs and REPORT.md")
-    p.add_argument("--work_dir", type=checks.path_text, default=str(HERE / "campaign_runs"),
+    p.add_argument("--work_dir", type=utils.path_text, default=str(HERE / "campaign_runs"),
                    help="logs and checkpoints (git-ignored)")
     args = p.parse_args(argv)
     args.device = args.device or ("cpu" if args.tiny else "auto")
@@ -137,7 +137,7 @@ def parse_args(argv=None):
     if args.data_dir and not all((Path(args.data_dir) / split).is_dir() for split in ("train", "test")):
         p.error(f"argument --data_dir: {args.data_dir} has no train/ and test/ folders")
     for flag in ("results_dir", "work_dir"):
-        checks.check_writable_folder(p, f"--{flag}", getattr(args, flag))
+        utils.check_writable_folder(p, f"--{flag}", getattr(args, flag))
     for flag in ("data_dir", "results_dir", "work_dir"):  # absolute: the scripts run in the repository folder
         setattr(args, flag, getattr(args, flag) and str(Path(getattr(args, flag)).resolve()))
     return args
@@ -230,11 +230,11 @@ class Campaign:
         return any(r["key"] == unit.key for r in self.rows(unit.step))
 
     def append(self, step, rows):
-        """Add rows: the small CSV is rewritten whole (checks.write_csv), so a failed write leaves it as it was;
+        """Add rows: the small CSV is rewritten whole (utils.write_csv), so a failed write leaves it as it was;
         a CSV written by an older version keeps its own columns."""
         path = self.csv(step)
         header = next(csv.reader(path.read_text().splitlines()), None) if path.is_file() else None
-        checks.write_csv(path, header or COLUMNS[step], [*read_csv(path), *rows])
+        utils.write_csv(path, header or COLUMNS[step], [*read_csv(path), *rows])
 
 
 class RunFolders:
@@ -536,7 +536,7 @@ def export_encoder(source, target):
             if tmp.stat().st_size < ENCODER_LIMIT:
                 break
 
-    checks.atomic_write(target, write, "encoder")
+    utils.atomic_write(target, write, "encoder")
     return round(target.stat().st_size / 2 ** 20, 2)
 
 
@@ -686,7 +686,7 @@ def write_report(campaign, missing):
     out += [f"- {step}: " + ", ".join(u.key for u in missing if u.step == step) for step in steps] or [
         "Nothing: every unit has its row."]
     out += ["", "## Runs", "", *cite.lines()]
-    checks.write_text(campaign.results / "REPORT.md", "\n".join(out) + "\n")
+    utils.write_text(campaign.results / "REPORT.md", "\n".join(out) + "\n")
 
 
 def budget_section(budget, cite):
@@ -777,4 +777,4 @@ def main(argv=None, start=None):
 
 
 if __name__ == "__main__":
-    checks.run_cli(partial(main, start=STARTED))
+    utils.run_cli(partial(main, start=STARTED))

@@ -32,7 +32,7 @@ KIND_NAMES = {"mae": "an MAE pretraining checkpoint (from mae_pretrain.py)",
 
 def save_checkpoint(path, state):
     """Write through a temporary file in the same folder, then rename: a reader never sees half a checkpoint, and
-    a failed write (a full disk) leaves the one before it (see checks.atomic_write)."""
+    a failed write (a full disk) leaves the one before it (see utils.atomic_write)."""
     atomic_write(path, lambda tmp: torch_save(state, tmp), "checkpoint")
 
 

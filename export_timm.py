@@ -11,7 +11,6 @@ then, in any project with timm:
 from pathlib import Path
 
 import checkpoint as ckpt
-import checks
 import utils
 from model import to_timm_state_dict
 
@@ -24,10 +23,10 @@ def timm_model_kwargs(config, num_classes=10):
 
 
 def main(argv=None):
-    parser = checks.ArgumentParser(description=__doc__)
-    parser.add_argument("checkpoint", type=checks.path_text,
+    parser = utils.ArgumentParser(description=__doc__)
+    parser.add_argument("checkpoint", type=utils.path_text,
                         help="a checkpoint from mae_pretrain.py or train_classifier.py")
-    parser.add_argument("output", type=checks.path_text, help="where to write the timm state dict")
+    parser.add_argument("output", type=utils.path_text, help="where to write the timm state dict")
     parser.add_argument("--trust_checkpoint", action="store_true", help="allow a pickled whole-module checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     args = parser.parse_args(argv)
@@ -35,7 +34,7 @@ def main(argv=None):
         parser.error(f"argument checkpoint: {args.checkpoint} is not a file")
     if Path(args.output).resolve() == Path(args.checkpoint).resolve():
         parser.error(f"argument output: {args.output} is the input checkpoint; writing there would replace it")
-    checks.check_output_file(parser, "output", args.output)
+    utils.check_output_file(parser, "output", args.output)
     if Path(args.output).exists() and not args.overwrite:
         parser.error(f"argument output: {args.output} already exists; pass --overwrite to replace it")
     checkpoint = ckpt.load_checkpoint(args.checkpoint, args.trust_checkpoint)

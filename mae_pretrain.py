@@ -11,7 +11,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 import budget
 import checkpoint as ckpt
-import checks
 import engine
 import run_setup
 import utils
@@ -35,11 +34,11 @@ FIELDS = ["loss", "lr", "seconds", "images_per_s", "compile_seconds", "knn_acc",
 
 
 def build_parser():
-    p = checks.ArgumentParser(description=__doc__)
+    p = utils.ArgumentParser(description=__doc__)
     run_setup.add_schedule_arguments(p, batch_size=4096, max_device_batch_size=512, base_learning_rate=1.5e-4,
                                      total_epoch=2000, warmup_epoch=200)  # the reference's
-    p.add_argument("--mask_ratio", type=checks.OPEN_UNIT, default=None, help="default 0.75")
-    p.add_argument("--model_path", type=checks.path_text, default=None,
+    p.add_argument("--mask_ratio", type=utils.OPEN_UNIT, default=None, help="default 0.75")
+    p.add_argument("--model_path", type=utils.path_text, default=None,
                    help="checkpoint; default vit-t-mae.pt, or vit-t-<run>.pt")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="a named model size and schedule; options given explicitly still win")
@@ -49,13 +48,13 @@ def build_parser():
     p.add_argument("--norm_pix_loss", action="store_true", help="per-patch normalised targets (the paper's)")
     p.add_argument("--augment", choices=sorted(AUGMENTATIONS), default="none")
     # Monitoring the representation while it trains.
-    p.add_argument("--image_every", type=checks.POSITIVE_INT, default=10,
+    p.add_argument("--image_every", type=utils.POSITIVE_INT, default=10,
                    help="log the reconstruction grid every N epochs (and at the first and last); each is ~75 KB")
-    p.add_argument("--knn_every", type=checks.NONNEGATIVE_INT, default=0,
+    p.add_argument("--knn_every", type=utils.NONNEGATIVE_INT, default=0,
                    help="log k-NN test accuracy every K epochs (0: off)")
-    p.add_argument("--knn_k", type=checks.POSITIVE_INT, default=20)
+    p.add_argument("--knn_k", type=utils.POSITIVE_INT, default=20)
     p.add_argument("--knn_pool", choices=["cls", "mean"], default="cls", help="cls token or mean patch feature")
-    p.add_argument("--probe_epochs", type=checks.NONNEGATIVE_INT, default=0,
+    p.add_argument("--probe_epochs", type=utils.NONNEGATIVE_INT, default=0,
                    help="with --knn_every: also train a linear probe on the frozen features for N epochs")
     run_setup.add_run_arguments(p)
     return p

@@ -10,7 +10,6 @@ import torch
 
 import budget
 import checkpoint as ckpt
-import checks
 import engine
 import utils
 from data import AUGMENTATIONS, GpuLoader, load_dataset, peek, physical_memory
@@ -25,30 +24,30 @@ SIZE_FLAGS = tuple(name for name in ModelConfig.ENCODER_FIELDS if name != "image
 def add_size_arguments(p, decoder=False):
     """The architecture flags, defaulting to None so that a checkpoint's own sizes are never silently overridden."""
     for name in SIZE_FLAGS + (("decoder_depth", "decoder_heads", "decoder_emb_dim") if decoder else ()):
-        p.add_argument(f"--{name}", type=checks.POSITIVE_INT, default=None,
+        p.add_argument(f"--{name}", type=utils.POSITIVE_INT, default=None,
                        help=f"default {getattr(ModelConfig, name)} (or the checkpoint's)")
 
 
 def add_schedule_arguments(p, batch_size, max_device_batch_size, base_learning_rate, total_epoch, warmup_epoch):
     """The reference's optimisation flags, with each script's own defaults."""
-    p.add_argument("--seed", type=checks.SEED, default=42)
-    p.add_argument("--batch_size", type=checks.POSITIVE_INT, default=batch_size)
+    p.add_argument("--seed", type=utils.SEED, default=42)
+    p.add_argument("--batch_size", type=utils.POSITIVE_INT, default=batch_size)
     p.add_argument("--max_device_batch_size", type=micro_batch_size, default=max_device_batch_size,
                    help="micro-batch, or auto (the largest that fits); gradients accumulate")
-    p.add_argument("--base_learning_rate", type=checks.POSITIVE_FLOAT, default=base_learning_rate,
+    p.add_argument("--base_learning_rate", type=utils.POSITIVE_FLOAT, default=base_learning_rate,
                    help="lr = base * batch_size / 256")
-    p.add_argument("--weight_decay", type=checks.NONNEGATIVE_FLOAT, default=0.05)
-    p.add_argument("--total_epoch", type=checks.EPOCHS, default=total_epoch)
-    p.add_argument("--time_budget", type=checks.BUDGET_MINUTES, default=None, metavar="MINUTES",
+    p.add_argument("--weight_decay", type=utils.NONNEGATIVE_FLOAT, default=0.05)
+    p.add_argument("--total_epoch", type=utils.EPOCHS, default=total_epoch)
+    p.add_argument("--time_budget", type=utils.BUDGET_MINUTES, default=None, metavar="MINUTES",
                    help="instead of --total_epoch: time the run's cost first, then train as many epochs as end "
                         "within this many minutes from the start of the process (saved, so the run reproduces "
                         "with --total_epoch and resumes with its plan)")
-    p.add_argument("--warmup_epoch", type=checks.ranged(int, 0, checks.MAX_EPOCHS), default=warmup_epoch,
+    p.add_argument("--warmup_epoch", type=utils.ranged(int, 0, utils.MAX_EPOCHS), default=warmup_epoch,
                    help="at most --total_epoch")
-    p.add_argument("--last_epoch_steps", type=checks.NONNEGATIVE_INT, default=0, metavar="STEPS",
+    p.add_argument("--last_epoch_steps", type=utils.NONNEGATIVE_INT, default=0, metavar="STEPS",
                    help="end the last epoch after this many optimizer steps (0: a whole epoch); a --time_budget "
                         "run sets it to spend what its whole epochs leave over")
-    p.add_argument("--earlier_lengths", type=checks.epoch_length, nargs="*", default=[], metavar="EPOCH:LENGTH",
+    p.add_argument("--earlier_lengths", type=utils.epoch_length, nargs="*", default=[], metavar="EPOCH:LENGTH",
                    help="epochs up to EPOCH followed the learning rates of a LENGTH-epoch run, the rest those of "
                         "--total_epoch: how a budgeted run that corrected its length is reproduced (budget.json "
                         "gives the flags)")
@@ -121,7 +120,7 @@ def fit_warmup(parser, args, argv):
 def add_run_arguments(p):
     """Data, device, precision and bookkeeping options, the same in both training scripts."""
     p.add_argument("--dataset", choices=["cifar10", "cifar100"], default="cifar10")
-    p.add_argument("--data_dir", type=checks.path_text, default=None,
+    p.add_argument("--data_dir", type=utils.path_text, default=None,
                    help="image folder with train/<class>/ and test/<class>/")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, mps, cuda or cuda:N")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
@@ -129,16 +128,16 @@ def add_run_arguments(p):
                         "bf16, else fp32")
     p.add_argument("--no_compile", action="store_true", help="skip torch.compile (GPU, or CPU with a C++ compiler)")
     p.add_argument("--compile_mode", choices=COMPILE_MODES, default="default")
-    p.add_argument("--threads", type=checks.thread_count, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--threads", type=utils.thread_count, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--deterministic", action="store_true", help="deterministic kernels, for exact reruns (slower)")
-    p.add_argument("--log_dir", type=checks.path_text, default="logs")
-    p.add_argument("--run_name", type=checks.run_name, default=None,
+    p.add_argument("--log_dir", type=utils.path_text, default="logs")
+    p.add_argument("--run_name", type=utils.run_name_text, default=None,
                    help="log folder name (default: built from the settings)")
-    p.add_argument("--resume", type=checks.path_text, default=None,
+    p.add_argument("--resume", type=utils.path_text, default=None,
                    help="a checkpoint to continue from, or 'auto' for this run's own")
-    p.add_argument("--save_every", type=checks.POSITIVE_INT, default=None,
+    p.add_argument("--save_every", type=utils.POSITIVE_INT, default=None,
                    help="also save every N epochs (default: by time only)")
-    p.add_argument("--save_minutes", type=checks.POSITIVE_FLOAT, default=10.0,
+    p.add_argument("--save_minutes", type=utils.POSITIVE_FLOAT, default=10.0,
                    help="save when this many minutes have passed since the last save (and always at the end); "
                         "each save is written in the background from a copy")
     p.add_argument("--overwrite", action="store_true",
@@ -151,16 +150,16 @@ def add_run_arguments(p):
 
 def micro_batch_size(text):
     """``--max_device_batch_size``: a positive integer, or ``auto``."""
-    return text if text == "auto" else checks.POSITIVE_INT(text)
+    return text if text == "auto" else utils.POSITIVE_INT(text)
 
 
 def check_run_arguments(parser, args, outputs, inputs=None):
     """Everything that can be checked before a file is written: the device, the log folder, the output files
-    (``outputs``, ``{flag: path}``: none may be one of the ``inputs``; see checks.check_outputs)."""
-    checks.check_device(parser, args.device)
-    checks.check_writable_folder(parser, "--log_dir", args.log_dir)
-    checks.check_name_lengths(parser, "--run_name", Path(args.log_dir) / args.dataset / args.run_name)
-    checks.check_outputs(parser, outputs, inputs, args.data_dir)
+    (``outputs``, ``{flag: path}``: none may be one of the ``inputs``; see utils.check_outputs)."""
+    utils.check_device(parser, args.device)
+    utils.check_writable_folder(parser, "--log_dir", args.log_dir)
+    utils.check_name_lengths(parser, "--run_name", Path(args.log_dir) / args.dataset / args.run_name)
+    utils.check_outputs(parser, outputs, inputs, args.data_dir)
     check_learning_rate(parser, args)
     if args.resume not in (None, "auto") and not Path(args.resume).is_file():
         parser.error(f"argument --resume: {args.resume} is not a checkpoint file; pass a file or 'auto'")

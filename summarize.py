@@ -19,7 +19,7 @@ from statistics import mean, stdev
 
 import numpy as np
 
-import checks
+import utils
 
 WORDS = {"decoder_depth": "decoder depth", "mask_strategy": "mask strategy", "mask_ratio": "mask ratio",
          "pretrain_epochs": "pretraining epochs", "finetune_epochs": "fine-tuning epochs"}  # known ablations first
@@ -146,7 +146,7 @@ def curve_figure(groups, curve, axes, title, path):
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize="small")
     figure.suptitle(f"{title[0].upper()}{title[1:]} (mean ± std over seeds)")
-    checks.atomic_write(path, partial(figure.savefig, dpi=120), "figure")
+    utils.atomic_write(path, partial(figure.savefig, dpi=120), "figure")
     return [f"![{title}]({path.name})", ""]
 
 
@@ -165,7 +165,7 @@ def spread_figure(rows, varying, columns, path):
     ax.set_xticks(range(len(rows)), [label(row, varying) for row in rows], rotation=20, ha="right")
     ax.set(ylabel="test accuracy (%)", title="Accuracy per setting: each seed (dots), mean ± std (bars)")
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1, 1))
-    checks.atomic_write(path, partial(figure.savefig, dpi=120), "figure")
+    utils.atomic_write(path, partial(figure.savefig, dpi=120), "figure")
     return ["## Accuracy per setting", "", f"![accuracy per setting]({path.name})", ""]
 
 
@@ -290,19 +290,19 @@ def budget_figure(groups, path):
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    checks.atomic_write(path, partial(fig.savefig, dpi=120), "figure")
+    utils.atomic_write(path, partial(fig.savefig, dpi=120), "figure")
     plt.close(fig)
 
 
 def main(argv=None):
-    parser = checks.ArgumentParser(description=__doc__)
+    parser = utils.ArgumentParser(description=__doc__)
     parser.add_argument("folders", nargs="+", type=Path, help="sweep folders, or any folders above them")
     parser.add_argument("--output_dir", type=Path, help="for results.md, runs.csv, figures (default: the first folder)")
     args = parser.parse_args(argv)
     if missing := [str(f) for f in args.folders if not f.is_dir()]:
         parser.error(f"argument folders: not a folder: {', '.join(missing)}")
     output_dir = args.output_dir or args.folders[0]
-    checks.check_writable_folder(parser, "--output_dir", output_dir)
+    utils.check_writable_folder(parser, "--output_dir", output_dir)
     found = {p.resolve(): read_run(p) for f in args.folders for p in sorted(f.rglob("settings.json"))}  # each once
     runs, unfinished = [r for r, _ in found.values() if r], [why for _, why in found.values() if why]
     if not runs:
@@ -311,11 +311,11 @@ def main(argv=None):
     report = summarize(runs, output_dir)
     if budget := budget_rows(runs):
         report += "\n" + "\n".join(budget_section(budget, output_dir))
-        checks.write_csv(output_dir / "budget.csv", BUDGET_FIELDS, budget)
+        utils.write_csv(output_dir / "budget.csv", BUDGET_FIELDS, budget)
     report += "\nLeft out: " + "; ".join(unfinished) + "\n" if unfinished else ""
-    checks.write_text(output_dir / "results.md", report + "\n")
+    utils.write_text(output_dir / "results.md", report + "\n")
     keys = sorted({k for run in runs for k in run["key"]})
-    checks.write_csv(output_dir / "runs.csv", ["run", "sweep", "stage", "seed", *keys, "epochs", *RESULTS],
+    utils.write_csv(output_dir / "runs.csv", ["run", "sweep", "stage", "seed", *keys, "epochs", *RESULTS],
                      [{**{k: run[k] for k in ("run", "sweep", "stage", "seed", "epochs")},
                        **{k: show(run["key"][k]) for k in keys if k in run["key"]},
                        **{k: f"{v:.6g}" for k, v in run["results"].items()}}
@@ -325,4 +325,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    checks.run_cli(main)
+    utils.run_cli(main)

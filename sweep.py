@@ -29,7 +29,6 @@ from types import SimpleNamespace
 import torch
 
 import budget
-import checks
 import data
 import utils
 from model import MASK_STRATEGIES
@@ -60,7 +59,7 @@ def no_file_on(path):
 
 def parse_args(argv=None):
     positive = typed(int, lambda v: v >= 1, "an integer >= 1")
-    p = checks.ArgumentParser(description=__doc__)
+    p = utils.ArgumentParser(description=__doc__)
     p.add_argument("--name", default="ablation", help="the sweep's folder is <log_dir>/<dataset>/sweep_<name>",
                    type=typed(str, lambda t: t.strip(".") and "/" not in t, "a folder name without '/'"))
     grid = p.add_argument_group("the grid: one run chain for every combination")
@@ -92,7 +91,7 @@ def parse_args(argv=None):
     common.add_argument("--device", help="cuda, cpu or auto", type=typed(
         str, lambda t: t == "auto" or torch.device(t).type != "cuda" or torch.cuda.is_available(),
         "cpu, auto, or cuda[:N] where a GPU is visible"))
-    common.add_argument("--log_dir", default="logs", type=checks.path_text)
+    common.add_argument("--log_dir", default="logs", type=utils.path_text)
     for name in ("pretrain_batch_size", "finetune_batch_size", "max_device_batch_size", *MODEL_SIZE, "decoder_heads"):
         common.add_argument(f"--{name}", type=positive)
     # Free-form options for mae_pretrain.py and train_classifier.py, split into words (the default "" too).
@@ -118,8 +117,8 @@ def parse_args(argv=None):
         flag = "--linear_probe_epochs" if args.linear_probe_epochs else "--probe_args"
         p.error(f"argument {flag}: sets up a linear probe that --no_linear_probe turns off; leave one out")
     args.folder = Path(args.log_dir) / args.dataset / f"sweep_{args.name}"
-    checks.check_writable_folder(p, "--log_dir", args.log_dir)
-    checks.check_name_lengths(p, "--name", args.folder / "checkpoints")
+    utils.check_writable_folder(p, "--log_dir", args.log_dir)
+    utils.check_name_lengths(p, "--name", args.folder / "checkpoints")
     if not no_file_on(args.folder / "checkpoints"):
         p.error(f"argument --name: a file stands where {args.folder}/checkpoints/ would go")
     return args
@@ -265,7 +264,7 @@ def planned_epochs(run):
 
 
 def write_settings(run, command):
-    checks.write_text(run.log_dir / "settings.json", json.dumps(
+    utils.write_text(run.log_dir / "settings.json", json.dumps(
         {"run": run.name, "settings": run.settings, "total_epochs": planned_epochs(run),
          "checkpoint": str(run.checkpoint), "command": shlex.join(command)}, indent=1) + "\n")
 

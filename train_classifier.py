@@ -17,7 +17,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 import budget
 import checkpoint as ckpt
-import checks
 import engine
 import run_setup
 import utils
@@ -42,12 +41,12 @@ FIXED_ON_RESUME = ("dataset", "data_dir", "pretrained_model_path", "linear_probe
 
 
 def build_parser():
-    p = checks.ArgumentParser(description=__doc__)
+    p = utils.ArgumentParser(description=__doc__)
     run_setup.add_schedule_arguments(p, batch_size=128, max_device_batch_size=256, base_learning_rate=1e-3,
                                      total_epoch=100, warmup_epoch=5)  # the reference's
-    p.add_argument("--pretrained_model_path", type=checks.path_text, default=None,
+    p.add_argument("--pretrained_model_path", type=utils.path_text, default=None,
                    help="an MAE pretraining checkpoint (default: scratch)")
-    p.add_argument("--output_model_path", type=checks.path_text, default=None,
+    p.add_argument("--output_model_path", type=utils.path_text, default=None,
                    help="best checkpoint; default vit-t-<run>.pt")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="a named model size and schedule; options given explicitly still win")
@@ -57,22 +56,22 @@ def build_parser():
     p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
                    help="a preset of the options below; options given explicitly still win")
     p.add_argument("--augment", choices=sorted(AUGMENTATIONS), default="none")
-    p.add_argument("--mixup", type=checks.NONNEGATIVE_FLOAT, default=0.0, help="mixup alpha (0: off)")
-    p.add_argument("--cutmix", type=checks.NONNEGATIVE_FLOAT, default=0.0, help="cutmix alpha (0: off)")
-    p.add_argument("--label_smoothing", type=checks.ranged(float, 0, 1, high_open=True), default=0.0)
-    p.add_argument("--layer_decay", type=checks.ranged(float, 0, 1, low_open=True), default=None,
+    p.add_argument("--mixup", type=utils.NONNEGATIVE_FLOAT, default=0.0, help="mixup alpha (0: off)")
+    p.add_argument("--cutmix", type=utils.NONNEGATIVE_FLOAT, default=0.0, help="cutmix alpha (0: off)")
+    p.add_argument("--label_smoothing", type=utils.ranged(float, 0, 1, high_open=True), default=0.0)
+    p.add_argument("--layer_decay", type=utils.ranged(float, 0, 1, low_open=True), default=None,
                    help="layer-wise lr decay, e.g. 0.65")
-    p.add_argument("--drop_path", type=checks.ranged(float, 0, 1, high_open=True), default=0.0,
+    p.add_argument("--drop_path", type=utils.ranged(float, 0, 1, high_open=True), default=0.0,
                    help="stochastic depth rate of the last block")
-    p.add_argument("--reprob", type=checks.PROBABILITY, default=0.0, help="random erasing probability")
-    p.add_argument("--model_ema", type=checks.ranged(float, 0, 1, high_open=True), default=None, metavar="DECAY",
+    p.add_argument("--reprob", type=utils.PROBABILITY, default=0.0, help="random erasing probability")
+    p.add_argument("--model_ema", type=utils.ranged(float, 0, 1, high_open=True), default=None, metavar="DECAY",
                    help="also keep an exponential moving average of the weights (e.g. 0.999); it is evaluated "
                         "every epoch and is what the best checkpoint holds")
     p.add_argument("--linear_probe", action="store_true",
                    help="freeze the pretrained encoder; train only a BatchNorm + linear head")
-    p.add_argument("--patience", type=checks.POSITIVE_INT, default=None,
+    p.add_argument("--patience", type=utils.POSITIVE_INT, default=None,
                    help="stop when val accuracy has not improved for N epochs")
-    p.add_argument("--eval_batch_size", type=checks.POSITIVE_INT, default=1000)
+    p.add_argument("--eval_batch_size", type=utils.POSITIVE_INT, default=1000)
     run_setup.add_run_arguments(p)
     return p
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 
 import checkpoint as ckpt
-import checks
 import utils
 from data import load_dataset, normalize
 from figures import drawable_maskings, prediction_figure, strategies_figure
@@ -46,20 +45,20 @@ def per_class_accuracy(labels, predictions, classes):
 
 
 def build_parser():
-    p = checks.ArgumentParser(description=__doc__)
-    p.add_argument("--model_path", type=checks.path_text, default=None,
+    p = utils.ArgumentParser(description=__doc__)
+    p.add_argument("--model_path", type=utils.path_text, default=None,
                    help="a classifier checkpoint (from train_classifier.py)")
-    p.add_argument("--mae_model_path", type=checks.path_text, default=None,
+    p.add_argument("--mae_model_path", type=utils.path_text, default=None,
                    help="an MAE checkpoint: also draw the reconstructions")
     p.add_argument("--dataset", choices=["cifar10", "cifar100"], default="cifar10")
-    p.add_argument("--data_dir", type=checks.path_text, default=None,
+    p.add_argument("--data_dir", type=utils.path_text, default=None,
                    help="image folder with train/<class>/ and test/<class>/")
-    p.add_argument("--num_images", type=checks.POSITIVE_INT, default=32)
-    p.add_argument("--seed", type=checks.SEED, default=0)
-    p.add_argument("--output", type=checks.path_text, default="predictions.png")
-    p.add_argument("--reconstruction_output", type=checks.path_text, default="reconstructions.png")
+    p.add_argument("--num_images", type=utils.POSITIVE_INT, default=32)
+    p.add_argument("--seed", type=utils.SEED, default=0)
+    p.add_argument("--output", type=utils.path_text, default="predictions.png")
+    p.add_argument("--reconstruction_output", type=utils.path_text, default="reconstructions.png")
     p.add_argument("--overwrite", action="store_true", help="replace existing figure files")
-    p.add_argument("--mask_ratios", type=checks.OPEN_UNIT, nargs="+", default=[0.75])
+    p.add_argument("--mask_ratios", type=utils.OPEN_UNIT, nargs="+", default=[0.75])
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, mps, cuda or cuda:N")
     p.add_argument("--trust_checkpoint", action="store_true", help="allow a pickled whole-module checkpoint")
     return p
@@ -71,7 +70,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if not args.model_path and not args.mae_model_path:
         parser.error("nothing to draw: pass --model_path (a classifier) and/or --mae_model_path")
-    checks.check_device(parser, args.device)
+    utils.check_device(parser, args.device)
     inputs = {"--model_path": args.model_path, "--mae_model_path": args.mae_model_path}
     for flag, path in inputs.items():
         if path and not Path(path).is_file():
@@ -80,9 +79,9 @@ def parse_args(argv=None):
         parser.error(f"argument --data_dir: {args.data_dir} is not a folder")
     outputs = {"--output": args.output} if args.model_path else {}
     outputs.update({"--reconstruction_output": args.reconstruction_output} if args.mae_model_path else {})
-    checks.check_outputs(parser, outputs, inputs, args.data_dir)
+    utils.check_outputs(parser, outputs, inputs, args.data_dir)
     for flag, path in outputs.items():
-        checks.check_figure_file(parser, flag, path, args.overwrite)
+        utils.check_figure_file(parser, flag, path, args.overwrite)
     return args
 
 

@@ -1,4 +1,4 @@
-"""checkpoint.py: atomic saves, safe loading, the model a checkpoint holds, resume state and its checks."""
+"""checkpoint.py: atomic saves, safe loading, the model a checkpoint holds, resume state and its utils."""
 import argparse
 import random
 

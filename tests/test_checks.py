@@ -1,19 +1,19 @@
-"""checks.py: range-checked argparse types and the checks of devices and paths."""
+"""utils.py: range-checked argparse types and the checks of devices and paths."""
 import argparse
 import os
 
 import pytest
 import torch
 
-import checks
+import utils
 
 
 @pytest.mark.parametrize("kind, text, ok", [
-    (checks.POSITIVE_INT, "3", True), (checks.POSITIVE_INT, "0", False), (checks.POSITIVE_INT, "-2", False),
-    (checks.POSITIVE_INT, "2.5", False), (checks.NONNEGATIVE_INT, "0", True), (checks.PROBABILITY, "1", True),
-    (checks.PROBABILITY, "1.01", False), (checks.OPEN_UNIT, "0", False), (checks.OPEN_UNIT, "1", False),
-    (checks.OPEN_UNIT, "0.75", True), (checks.POSITIVE_FLOAT, "nan", False), (checks.POSITIVE_FLOAT, "inf", False),
-    (checks.POSITIVE_FLOAT, "1e-3", True)])
+    (utils.POSITIVE_INT, "3", True), (utils.POSITIVE_INT, "0", False), (utils.POSITIVE_INT, "-2", False),
+    (utils.POSITIVE_INT, "2.5", False), (utils.NONNEGATIVE_INT, "0", True), (utils.PROBABILITY, "1", True),
+    (utils.PROBABILITY, "1.01", False), (utils.OPEN_UNIT, "0", False), (utils.OPEN_UNIT, "1", False),
+    (utils.OPEN_UNIT, "0.75", True), (utils.POSITIVE_FLOAT, "nan", False), (utils.POSITIVE_FLOAT, "inf", False),
+    (utils.POSITIVE_FLOAT, "1e-3", True)])
 def test_ranged_types_accept_only_their_range(kind, text, ok):
     parser = argparse.ArgumentParser()
     parser.add_argument("--x", type=kind)
@@ -27,7 +27,7 @@ def test_ranged_types_accept_only_their_range(kind, text, ok):
 
 def test_range_errors_name_the_flag_the_value_and_the_range(capsys):
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mask_ratio", type=checks.OPEN_UNIT)
+    parser.add_argument("--mask_ratio", type=utils.OPEN_UNIT)
     with pytest.raises(SystemExit):
         parser.parse_args(["--mask_ratio", "1.5"])
     assert "argument --mask_ratio: 1.5 is not allowed: it must be in (0, 1)" in capsys.readouterr().err
@@ -36,11 +36,11 @@ def test_range_errors_name_the_flag_the_value_and_the_range(capsys):
 def test_writable_folder_checks(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     (tmp_path / "file").write_text("x")
-    checks.check_writable_folder(parser, "--log_dir", tmp_path / "new" / "deeper")  # can be made: fine
+    utils.check_writable_folder(parser, "--log_dir", tmp_path / "new" / "deeper")  # can be made: fine
     assert not (tmp_path / "new").exists()  # a check writes nothing
     for bad in (tmp_path / "file", tmp_path / "file" / "below"):
         with pytest.raises(SystemExit) as exit_info:
-            checks.check_writable_folder(parser, "--log_dir", bad)
+            utils.check_writable_folder(parser, "--log_dir", bad)
         assert exit_info.value.code == 2
     assert "is a file" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == [tmp_path / "file"]  # the probe file is gone
@@ -50,7 +50,7 @@ def test_writable_folder_checks(tmp_path, capsys):
 def test_a_folder_where_no_file_can_be_made_is_refused_even_for_root(capsys):
     # /proc: even root, whom permission bits do not stop, cannot make a file there.
     with pytest.raises(SystemExit) as exit_info:
-        checks.check_writable_folder(argparse.ArgumentParser(), "--log_dir", "/proc/logs")
+        utils.check_writable_folder(argparse.ArgumentParser(), "--log_dir", "/proc/logs")
     assert exit_info.value.code == 2
     assert "argument --log_dir: /proc/logs is not writable" in capsys.readouterr().err
 
@@ -61,5 +61,5 @@ def test_unknown_or_missing_devices_are_refused(device, capsys):
     if device == "cuda:7" and torch.cuda.device_count() > 7:
         pytest.skip("this machine has 8 GPUs")
     with pytest.raises(SystemExit):
-        checks.check_device(parser, device)
+        utils.check_device(parser, device)
     assert "argument --device" in capsys.readouterr().err

@@ -5,7 +5,6 @@ import argparse
 import pytest
 import torch
 
-import checks
 import engine
 import utils
 from utils import UserError
@@ -51,16 +50,16 @@ def test_mps_under_torchrun_is_refused(machine, monkeypatch):
 def test_check_device_accepts_mps_only_where_it_is_available(machine, capsys):
     parser = argparse.ArgumentParser()
     machine(mps=True)
-    checks.check_device(parser, "mps")  # no error
+    utils.check_device(parser, "mps")  # no error
     machine(mps=False)
     with pytest.raises(SystemExit) as exit_info:
-        checks.check_device(parser, "mps")
+        utils.check_device(parser, "mps")
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith("error: argument --device: mps was asked for but Apple's MPS is not available here; "
                             "use --device cpu")
     with pytest.raises(SystemExit):
-        checks.check_device(parser, "tpu")
+        utils.check_device(parser, "tpu")
     assert "use auto, cpu, mps, cuda or cuda:N" in capsys.readouterr().err
 
 

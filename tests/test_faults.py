@@ -17,7 +17,6 @@ import pytest
 import torch
 from PIL import Image
 
-import checks
 import data
 import engine
 import mae_pretrain
@@ -68,7 +67,7 @@ def test_a_failed_checkpoint_write_leaves_the_earlier_one_and_says_what_the_scri
     """export_timm.py has no --resume: its advice is to run it again; the training scripts' is --resume auto."""
     source, output = tmp_path / "cls.pt", tmp_path / "timm.pt"
     config = ModelConfig(image_size=8, patch_size=4, emb_dim=32, encoder_depth=1, encoder_heads=2, num_classes=3)
-    checks.atomic_write(source, lambda tmp: torch.save({"kind": "classifier", "config": config.to_dict(),
+    utils.atomic_write(source, lambda tmp: torch.save({"kind": "classifier", "config": config.to_dict(),
                                                         "model": build_classifier(config).state_dict()}, tmp))
     output.write_bytes(b"an earlier export")
     result = run_limited(f"""
@@ -132,7 +131,7 @@ def test_a_failed_tensorboard_write_is_one_line_from_the_main_thread(tmp_path):
 def test_a_failed_figure_write_leaves_the_earlier_figure(tmp_path, tiny_image_folder):
     config = ModelConfig(image_size=16, patch_size=4, emb_dim=32, encoder_depth=1, encoder_heads=2, num_classes=10)
     model = tmp_path / "cls.pt"
-    checks.atomic_write(model, lambda tmp: torch.save({"kind": "classifier", "config": config.to_dict(),
+    utils.atomic_write(model, lambda tmp: torch.save({"kind": "classifier", "config": config.to_dict(),
                                                        "model": build_classifier(config).state_dict()}, tmp))
     figure = tmp_path / "predictions.png"
     Image.new("RGB", (4, 4), "red").save(figure)
@@ -158,7 +157,7 @@ def test_failed_report_writes_of_summarize_leave_the_earlier_report(tmp_path):
     result = run_limited(f"""
         import checks, summarize
         limit_file_size(100)
-        checks.run_cli(summarize.main, [{str(tmp_path / "sweep_a")!r}])
+        utils.run_cli(summarize.main, [{str(tmp_path / "sweep_a")!r}])
     """, tmp_path)
     line = assert_write_refused(result, tmp_path / "sweep_a" / "finetune_acc.png", b"an earlier figure")
     assert line.endswith("run the command again")
@@ -186,7 +185,7 @@ def test_a_training_run_whose_checkpoint_cannot_be_written_says_how_to_go_on(tmp
     """, tmp_path)
     line = assert_write_refused(result, tmp_path / "mae.pt", None)
     assert line.startswith("error: could not write checkpoint") and "--resume auto" in line
-    with pytest.raises(checks.UserError, match="no checkpoint at .*mae.pt to continue them from; add --overwrite"):
+    with pytest.raises(utils.UserError, match="no checkpoint at .*mae.pt to continue them from; add --overwrite"):
         mae_pretrain.main([*argv, "--resume", "auto"])
 
 
@@ -301,7 +300,7 @@ def test_a_refused_flag_is_one_usage_line_and_the_error(script, tmp_path, capsys
     module = __import__(script[:-3])
     argv = [word.format(tmp=tmp_path) for word in POSITIONAL.get(script, [])]
     with pytest.raises(SystemExit) as exit_info:
-        checks.run_cli(module.main, [*argv, "--no_such_flag"])
+        utils.run_cli(module.main, [*argv, "--no_such_flag"])
     assert exit_info.value.code == 2
     prog = Path(sys.argv[0]).name  # argparse's name for the program: the script's own when it is run
     assert capsys.readouterr().err.splitlines() == [

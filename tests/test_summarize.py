@@ -130,7 +130,7 @@ def figure_texts(monkeypatch):
 
     def recording_savefig(self, path, **kwargs):
         legends = [[t.get_text() for t in ax.get_legend().get_texts()] if ax.get_legend() else [] for ax in self.axes]
-        # Saved as a hidden temporary file beside the figure (checks.atomic_write): keyed by the figure's name.
+        # Saved as a hidden temporary file beside the figure (utils.atomic_write): keyed by the figure's name.
         name = re.sub(r"^\.(.*)\.tmp\d+(\.\w+)$", r"\1\2", Path(path).name)
         texts[name] = {"title": self.get_suptitle() or self.axes[0].get_title(), "axes": [
             (ax.get_xlabel(), ax.get_ylabel(), legend) for ax, legend in zip(self.axes, legends)]}

@@ -6,7 +6,7 @@ A checkpoint is a dict that ``torch.load(path, weights_only=True)`` reads:
 checkpoints without ``config`` (and the reference's pickled modules, behind ``--trust_checkpoint``) are rebuilt
 from their weights' shapes.
 """
-import io
+import argparse
 import math
 import pickle
 import random
@@ -95,11 +95,6 @@ def to_host(value):
     return value
 
 
-def save_to_memory(state):
-    """What a save costs, without a file: the host copy and the serialisation (for --time_budget's trial)."""
-    torch.save(to_host(state), io.BytesIO())
-
-
 class CheckpointWriter:
     """Saves in a background thread from a host copy, so the training loop does not wait for the disk.
 
@@ -122,6 +117,9 @@ class CheckpointWriter:
         except Exception as error:  # reported in the training thread by wait()
             self.error = error if isinstance(error, UserError) else UserError(
                 f"could not write checkpoint {path} ({first_line(error)})")
+
+    def busy(self):
+        return self.thread is not None and self.thread.is_alive()
 
     def wait(self):
         if self.thread is not None:
@@ -299,32 +297,17 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def resolve_resume(resume, checkpoint_path):
-    """``--resume auto`` means the run's own last checkpoint, if there is one yet."""
-    if resume == "auto":
-        return checkpoint_path if Path(checkpoint_path).is_file() else None
-    return resume
-
-
-def training_state(kind, model, config, optimizer, epoch, args, position=None, **extra):
+def training_state(kind, model, config, optimizer, epoch, settings, **extra):
     """Everything a run needs to continue exactly where it stopped; loadable with ``weights_only=True``.
 
     ``epoch`` counts finished epochs; ``position`` (engine.EpochPosition) is where a stop ended the next one.
-    The learning-rate schedule is not saved: it is computed from the resumed command's flags (EpochSchedule).
-    """
-    return {"kind": kind, "model": model.state_dict(), "config": config.to_dict(), "args": vars(args),
+    ``settings`` is what the run trained with (a resumed run's own values for the flags left out). The learning
+    rate is not saved: it is computed from the resumed command's flags."""
+    position = extra.pop("position", None)
+    settings = {k: v for k, v in vars(settings).items() if k != "typed"}
+    return {"kind": kind, "model": model.state_dict(), "config": config.to_dict(), "args": settings,
             "epoch": epoch, "optimizer": optimizer.state_dict(), "rng": rng_state(),
             "position": position.to_dict() if position else None, **extra}
-
-
-# Flags that say where or how a run executes, not what it trains: never taken from the checkpoint, never a change.
-RUNTIME_FLAGS = {"resume", "run_name", "log_dir", "device", "image_size", "threads", "check_args", "overwrite",
-                 "trust_checkpoint", "typed", "no_compile", "compile_mode", "precision", "deterministic",
-                 "save_every", "save_minutes", "max_device_batch_size", "model_path", "output_model_path"}
-
-
-# The data is loaded before the checkpoint is read: these must match whether typed or not.
-LOADED_FIRST = ("dataset", "data_dir")
 
 
 def check_resume_model(checkpoint, config, source):
@@ -336,52 +319,42 @@ def check_resume_model(checkpoint, config, source):
                         f"settings, or start a new run with --run_name NAME")
 
 
-def settle_resume_settings(checkpoint, args, fixed, source):
-    """Decide, flag by flag, what a resumed run trains with, so that it trains as its command line says.
+def resume_settings(checkpoint, args, fixed, source, log_dir):
+    """What a resumed run trains with, flag by flag, so that it trains as its command line says (``args`` stays
+    as the user gave it): the ``fixed`` flags may not change; a flag left out continues with the run's own value;
+    a typed change is applied from the resumed epoch (the schedule is recomputed from it) and said in one line."""
+    from run_setup import RUNTIME_FLAGS
 
-    - The model (checked apart, once it is built: check_resume_model), and the ``fixed`` flags (the data, the
-      objective, the seed whose random streams the checkpoint restores), may not change: one error line lists
-      the differences.
-    - A flag left off the command line continues with the run's own value: ``--resume auto`` alone continues
-      the run as it was (its schedule, its time-budget plan).
-    - A flag typed with another value (``args.typed``) is applied from the resumed epoch (the learning-rate
-      schedule is recomputed from it) and the changes are printed in one line.
-    - ``--batch_size`` may not change in the middle of an epoch: the position there is counted in batches.
-    """
-    saved_args, typed = checkpoint.get("args", {}), set(getattr(args, "typed", ()))
-    changed = [f"--{k}: {saved_args.get(k)!r} -> {getattr(args, k)!r}" for k in fixed
-                if k in saved_args and (k in typed or k in LOADED_FIRST) and saved_args.get(k) != getattr(args, k)]
-    if "time_budget" in typed and saved_args.get("time_budget") != args.time_budget:
-        changed.append(f"--time_budget: {saved_args.get('time_budget')!r} -> {args.time_budget!r} (a resumed run "
-                       f"keeps its length, {saved_args.get('total_epoch')} epochs; change it with --total_epoch)")
-    if checkpoint.get("position") and "batch_size" in typed and saved_args.get("batch_size") != args.batch_size:
-        changed.append(f"--batch_size: {saved_args.get('batch_size')!r} -> {args.batch_size!r} (it stopped in "
-                       f"the middle of an epoch; resume with its batch size, then change it)")
+    owner = checkpoint.get("run_dir")
+    if owner is not None and Path(owner).resolve() != Path(log_dir).resolve():
+        raise UserError(f"{source} belongs to the run in {owner}, not {log_dir}: resume it with that run's "
+                        f"--log_dir / --run_name, or give this run another checkpoint path")
+    saved, typed, settings = checkpoint.get("args", {}), set(args.typed), vars(args)
+    changed = [f"--{k}: {saved[k]!r} -> {settings[k]!r}" for k in fixed if k in saved and saved[k] != settings[k]
+               and (k in typed or k in ("dataset", "data_dir"))]
+    if checkpoint.get("position") and "batch_size" in typed and saved.get("batch_size") != args.batch_size:
+        changed.append(f"--batch_size: {saved.get('batch_size')!r} -> {args.batch_size!r} (it stopped in the middle "
+                       f"of an epoch; resume with its batch size, then change it)")
+    if "time_budget" in typed and saved.get("time_budget") != args.time_budget:
+        changed.append(f"--time_budget: {saved.get('time_budget')!r} -> {args.time_budget!r} (a resumed run "
+                       f"keeps its budget; give --total_epoch to train it for a fixed length instead)")
     if changed:
         raise UserError(f"cannot resume {source} with other settings ({'; '.join(changed)}); use the run's own "
                         f"settings, or start a new run with --run_name NAME")
-    applied = []
-    for key, saved in saved_args.items():
-        if key in RUNTIME_FLAGS or not hasattr(args, key) or saved == getattr(args, key):
+    resolved, applied = dict(settings), []
+    for key, value in saved.items():
+        if key in RUNTIME_FLAGS or key not in settings or value == settings[key]:
             continue
         if key in typed:
-            applied.append(f"--{key} {saved!r} -> {getattr(args, key)!r}")
+            applied.append(f"--{key} {value!r} -> {settings[key]!r}")
         else:
-            setattr(args, key, saved)  # left out: the run's own value
-    if "total_epoch" in typed and getattr(args, "time_budget", None):
-        args.time_budget = None  # a new length was typed: the run is no longer planned by its budget
-    if "total_epoch" in typed and "last_epoch_steps" not in typed and getattr(args, "last_epoch_steps", 0):
-        applied.append(f"--last_epoch_steps {args.last_epoch_steps!r} -> 0 (the new last epoch is whole)")
-        args.last_epoch_steps = 0  # the old plan's partial epoch was its last, not the new length's
-    earlier = getattr(args, "earlier_lengths", [])
-    kept = [change for change in earlier if change[0] <= checkpoint["epoch"]]
-    if "total_epoch" in typed and kept != earlier:  # the new length takes over from the resumed epoch
-        applied.append(f"--earlier_lengths {earlier!r} -> {kept!r} (the new length holds from here)")
-        args.earlier_lengths = kept
+            resolved[key] = value  # left out: the run's own value
+    if "total_epoch" in typed and resolved.get("time_budget"):
+        resolved["time_budget"] = None  # a length was typed: the run is no longer driven by its budget
     if applied:
         print(f"resuming {source} from epoch {checkpoint['epoch'] + 1} with changed settings, applied from there: "
               f"{', '.join(applied)}")
-    return applied
+    return argparse.Namespace(**resolved)
 
 
 def restore_training_state(checkpoint, kind, model, optimizer, source):

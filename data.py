@@ -367,7 +367,7 @@ class GpuLoader:
         self.seed = seed
         self.rank, self.world_size = rank, world_size
         self.drop_last = train if drop_last is None else drop_last
-        self.epoch = 0
+        self.epoch, self.repeats = 0, 1  # repeats: passes over the data in one epoch
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -377,14 +377,15 @@ class GpuLoader:
         if not self.train:
             return torch.arange(n, device=self.images.device)[self.rank::self.world_size]
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(n, generator=generator)
+        order = torch.cat([torch.randperm(n, generator=generator) for _ in range(self.repeats)])
+        n *= self.repeats
         # Interleaved slices with the same count per rank (so the collectives line up): at every step the ranks
         # together see the same images as one process with the whole batch, as a single-GPU run would.
         per_rank = n // self.world_size
         return order[self.rank:per_rank * self.world_size:self.world_size].to(self.images.device)
 
     def __len__(self):
-        n = len(self.labels) // self.world_size if self.train else len(range(self.rank, len(self.labels),
+        n = len(self.labels) * self.repeats // self.world_size if self.train else len(range(self.rank, len(self.labels),
                                                                                self.world_size))
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 

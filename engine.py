@@ -1,4 +1,5 @@
-"""The training engine both scripts share: precision, compilation, a step, an epoch, evaluation, the schedule."""
+"""The training engine both scripts share: precision and compile, a step, an epoch, evaluation, the learning rate
+(per epoch, or driven by a time budget), a graceful stop, and what a loop keeps beside the model (Bookkeeping)."""
 import logging
 import math
 import shutil
@@ -6,8 +7,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -26,10 +26,11 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def cpu_has_native_bf16():
-    """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    """AVX512-BF16 or AMX: elsewhere bf16 is emulated on the CPU and slower than fp32."""
     try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:  # not Linux: assume not, fp32 is always correct
+        with open("/proc/cpuinfo") as f:
+            flags = f.read().split()
+    except OSError:  # not Linux: fp32 is always correct
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
@@ -40,18 +41,11 @@ def resolve_precision(requested, device):
         return requested
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device.type == "mps":
-        # Autocast on MPS depends on the versions: it came late in torch 2.x, bf16 there needs macOS 14 or later,
-        # and fp16 needs the loss scaler too. fp32 runs on every Mac and torch 2.x; --precision fp16 asks for more.
-        return "fp32"
-    return "bf16" if cpu_has_native_bf16() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"  # MPS: fp32 on every torch 2.x
 
 
 def autocast(device, precision):
-    """Mixed precision for the forward pass; ``fp32`` is plain fp32."""
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
+    return nullcontext() if precision == "fp32" else torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
 def grad_scaler(device, precision):
@@ -60,8 +54,8 @@ def grad_scaler(device, precision):
 
 
 def why_eager(device):
-    """Why torch.compile is not used on ``device``, or None where it is: it needs Triton on a GPU (bundled with
-    CUDA torch) and a C++ compiler on the CPU; on MPS it is experimental in torch 2.x, so the step runs eagerly."""
+    """Why torch.compile is not used here (None where it is): it needs a C++ compiler on the CPU, and on MPS it
+    is experimental in torch 2.x."""
     if device.type == "mps":
         return "torch.compile on MPS is experimental in torch 2.x"
     if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
@@ -69,18 +63,26 @@ def why_eager(device):
     return None
 
 
-def compiler_available(device):
-    return why_eager(device) is None
+def maybe_compile(fn, device, enabled=True, mode="default"):
+    if not enabled or why_eager(device):
+        return fn
+    if device.type != "cuda":  # a CUDA build compiling for the CPU logs "No CUDA runtime is found": true, harmless
+        logging.getLogger("torch.utils.cpp_extension").addFilter(
+            lambda record: not str(record.msg).startswith("No CUDA runtime is found"))
+    return torch.compile(fn, mode=None if mode == "default" else mode)
+
+
+def describe_speed_path(device, precision, compiled, requested_precision=None):
+    """One log line: what the step will run as."""
+    compile_note = ("eager" if not compiled else f"eager ({why_eager(device)})" if why_eager(device)
+                    else "torch.compile")
+    chosen = " (chosen by --precision auto)" if requested_precision == "auto" else ""
+    return f"device {device}, precision {precision}{chosen}, {compile_note}, {torch.get_num_threads()} CPU threads"
 
 
 def largest_fitting_micro_batch(trial, per_process_batch, device, cpu_cap=256):
-    """``--max_device_batch_size auto``: the largest power of two that divides the batch and fits in memory.
-
-    ``trial(size)`` runs one forward and backward at that micro-batch size; on a GPU each size is tried from the
-    largest down until one runs without running out of memory. The CPU has no such limit worth a trial, and
-    Apple's MPS (memory shared with the CPU) runs out differently: there ``cpu_cap`` (cache-friendly, and fast on
-    few cores) or the batch, whichever is smaller.
-    """
+    """``--max_device_batch_size auto``: the largest power of two dividing the batch that fits in GPU memory
+    (``trial(size)`` runs one forward and backward); elsewhere ``cpu_cap`` or the batch, whichever is smaller."""
     sizes = [1 << k for k in range(per_process_batch.bit_length() - 1, -1, -1) if per_process_batch % (1 << k) == 0]
     if device.type != "cuda":
         return next(size for size in sizes if size <= cpu_cap)
@@ -92,36 +94,6 @@ def largest_fitting_micro_batch(trial, per_process_batch, device, cpu_cap=256):
             pass
         torch.cuda.empty_cache()  # outside the except block, so the failed step's tensors are freed
     raise UserError("not even a micro-batch of 1 image fits in GPU memory")
-
-
-def maybe_compile(fn, device, enabled=True, mode="default"):
-    """``fn`` under torch.compile when ``enabled`` and this device compiles (see why_eager), else ``fn`` itself."""
-    if not enabled or not compiler_available(device):
-        return fn
-    if device.type != "cuda":
-        quiet_cuda_home_warning()
-    return torch.compile(fn, mode=None if mode == "default" else mode)
-
-
-def quiet_cuda_home_warning():
-    """A CUDA build of torch compiling for the CPU, on a machine with CUDA's tools but no GPU, logs "No CUDA runtime
-    is found, using CUDA_HOME=..." (torch.utils.cpp_extension): true, harmless for a CPU run, and nothing for its
-    user to act on. That one message is dropped; the logger's others still print."""
-    logger = logging.getLogger("torch.utils.cpp_extension")
-    if no_cuda_runtime_note not in logger.filters:
-        logger.addFilter(no_cuda_runtime_note)
-
-
-def no_cuda_runtime_note(record):
-    return not str(record.msg).startswith("No CUDA runtime is found")
-
-
-def describe_speed_path(device, precision, compiled, requested_precision=None):
-    """One line for the log: what the step will run as (and that ``--precision auto`` chose the precision)."""
-    compile_note = "torch.compile" if compiled and compiler_available(device) else (
-        f"eager ({why_eager(device)})" if compiled else "eager")
-    chosen = " (chosen by --precision auto)" if requested_precision == "auto" else ""
-    return f"device {device}, precision {precision}{chosen}, {compile_note}, {torch.get_num_threads()} CPU threads"
 
 
 # ------------------------------------------------------------------------------------------------- steps
@@ -146,11 +118,7 @@ def make_classifier_step(model, device, precision, criterion, prepare=None, comp
         return criterion(logits.float(), targets), (logits.argmax(-1) == labels).sum()
 
     forward_loss = maybe_compile(forward_loss, device, compile, compile_mode)
-
-    def step(images, labels):
-        return forward_loss(*(prepare(images, labels) if prepare else (images, labels)), labels)
-
-    return step
+    return lambda images, labels: forward_loss(*(prepare(images, labels) if prepare else (images, labels)), labels)
 
 
 # ------------------------------------------------------------------------------------------ epoch, evaluation
@@ -162,8 +130,8 @@ class NonFiniteLoss(UserError):
 
 @dataclass
 class EpochPosition:
-    """Where a stopped epoch stands: the optimizer steps it finished and the sums of its micro-batches so far
-    (summed over all processes), so that a resumed epoch continues the same data order and logs the same loss."""
+    """Where a stopped epoch stands: its finished optimizer steps and the sums of their micro-batches (over all
+    processes), so that a resumed epoch continues the same data order and logs the same loss."""
     optimizer_steps: int
     micro_batches: int  # per process
     images_seen: int  # per process
@@ -178,42 +146,47 @@ class EpochResult:
     loss: float = None
     extras: list = None
     images_seen: int = 0
-    stopped_at: EpochPosition = None  # set when a stop request ended the epoch early
+    stopped_at: EpochPosition = None  # a stop request ended the epoch: resume from here
+    budget_spent: bool = False  # a time budget ended the epoch (and the run) early
 
-    def __iter__(self):  # (loss, extras, images_seen), as callers unpack a finished epoch
+    def __iter__(self):  # (loss, extras, images_seen)
         return iter((self.loss, self.extras, self.images_seen))
 
 
-def train_epoch(step, batches, optimizer, accum_steps, model, progress=None, after_step=None, scaler=None,
-                start=None, stop=None, max_steps=None):
+def train_epoch(step, batches, optimizer, accum_steps, model, *, progress=None, after_step=None, scaler=None,
+                start=None, stop=None, before_step=None):
     """One pass over ``batches``; ``step(images, labels)`` returns (loss, *extra sums) for one micro-batch.
 
-    Gradients of ``accum_steps`` micro-batches are averaged before each optimizer step, so a large batch split
-    across micro-batches gives the same update as the whole batch. Sums stay on the device: no sync per step.
-    ``after_step()``, if given, runs after every optimizer step (e.g. to update an EMA of the weights);
-    ``scaler`` is the fp16 gradient scaler. ``stop()`` is asked after every optimizer step but the last: when it
-    says so the epoch ends there, and the result's ``stopped_at`` says where; ``start`` (such a position)
-    continues that epoch. ``max_steps`` ends the epoch after that many optimizer steps (a partial last epoch, as
-    a time budget plans it), as if the data ended there. Returns an EpochResult: the per-micro-batch mean loss,
-    the extra sums, and the number of images seen by all processes.
+    Gradients of ``accum_steps`` micro-batches are averaged before each optimizer step, so a batch split into
+    micro-batches gives the same update as the whole. Sums stay on the device: one sync at the end.
+    ``before_step()`` runs before each optimizer step's first micro-batch (a time budget sets the lr there) and
+    ends the epoch when it returns False; ``after_step()`` after each optimizer step (an EMA's update).
+    ``stop()`` is asked after every micro-batch: when it says so, the unfinished accumulation is dropped and the
+    result's ``stopped_at`` is the position after the last optimizer step, which ``start`` continues from.
     """
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-    begin = start.micro_batches if start else 0
-    loss_sum, extra_sums, micro_batches, images_seen = 0.0, None, begin, start.images_seen if start else 0
+    done = start.micro_batches if start else 0
+    sums = None  # [loss, *extras] on the device, up to the last finished optimizer step
     if start and is_main_process():  # the other processes' share of the sums is in rank 0's saved totals
-        loss_sum, *extra_sums = (torch.tensor(v) for v in start.sums)
-        extra_sums = extra_sums or None
+        sums = [torch.tensor(v) for v in start.sums]
+    micro, images_seen = done, start.images_seen if start else 0
+    step_sums, step_images = None, 0
     usable = len(batches) // accum_steps * accum_steps  # an incomplete optimizer step at the end is skipped
-    if max_steps is not None:
-        usable = min(usable, max_steps * accum_steps)
-    for i, (images, labels) in enumerate(batches.starting_at(begin) if begin else batches, start=begin):
+    budget_spent = False
+    for i, (images, labels) in enumerate(batches.starting_at(done) if done else batches, start=done):
         if i >= usable:
+            break
+        if i % accum_steps == 0 and before_step is not None and not before_step():
+            budget_spent = True
             break
         sync = (i + 1) % accum_steps == 0
         with nullcontext() if sync or not ddp else model.no_sync():
             loss, *extras = step(images, labels)
             scaled = loss / accum_steps
             (scaler.scale(scaled) if scaler else scaled).backward()
+        values = [loss.detach().float(), *(e.detach().float() for e in extras)]
+        step_sums = values if step_sums is None else [a + b for a, b in zip(step_sums, values)]
+        step_images += len(labels)
         if sync:
             if scaler:
                 scaler.step(optimizer)
@@ -223,25 +196,25 @@ def train_epoch(step, batches, optimizer, accum_steps, model, progress=None, aft
             optimizer.zero_grad(set_to_none=True)
             if after_step is not None:
                 after_step()
-        loss_sum = loss_sum + loss.detach().float()
-        extras = [e.detach().float() for e in extras]
-        extra_sums = extras if extra_sums is None else [a + b for a, b in zip(extra_sums, extras)]
-        micro_batches += 1
-        images_seen += len(labels)
+            sums = step_sums if sums is None else [a + b for a, b in zip(sums, step_sums)]
+            micro, images_seen, step_sums, step_images = i + 1, images_seen + step_images, None, 0
         if progress is not None:
             progress.update(1)
-        if sync and stop is not None and i + 1 < usable and stop():
-            sums = all_reduce_sum(torch.stack([loss_sum, *(extra_sums or [])]).detach().float()).tolist()
-            return EpochResult(stopped_at=EpochPosition((i + 1) // accum_steps, micro_batches, images_seen, sums))
-    if micro_batches == 0:
+        if stop is not None and i + 1 < usable and stop():
+            optimizer.zero_grad(set_to_none=True)  # the unfinished step is done again on resume
+            totals = all_reduce_sum(torch.stack(sums or [torch.zeros(())]).float()).tolist()
+            return EpochResult(stopped_at=EpochPosition(micro // accum_steps, micro, images_seen, totals))
+    if sums is None:
+        if budget_spent:
+            return EpochResult(budget_spent=True)
         raise UserError(f"an epoch has fewer images than one optimizer step needs ({accum_steps} micro-batches)")
-    totals = all_reduce_sum(torch.stack([loss_sum, *(extra_sums or [])]).detach()).tolist()  # the one sync
+    totals = all_reduce_sum(torch.stack(sums).detach()).tolist()  # the one sync
     world = dist.get_world_size() if dist.is_initialized() else 1
-    mean_loss = totals[0] / (micro_batches * world)
+    mean_loss = totals[0] / (micro * world)
     if not math.isfinite(mean_loss):
         raise NonFiniteLoss(f"the training loss became {mean_loss}; stopping. The last checkpoint (from before "
                             f"this epoch) is kept; try a lower --base_learning_rate")
-    return EpochResult(mean_loss, totals[1:], images_seen * world)
+    return EpochResult(mean_loss, totals[1:], images_seen * world, budget_spent=budget_spent)
 
 
 def is_main_process():
@@ -263,71 +236,112 @@ def evaluate(model, loader, device, precision, forward=None):
     return loss_sum / count, correct / count
 
 
-# ----------------------------------------------------------------------------------- schedule, timing, stop
+# ------------------------------------------------------------------------------------ the learning rate
 
 
-def warmup_cosine(warmup_epoch, total_epoch):
-    """The reference's per-epoch schedule: linear warm-up, then a half cosine to zero."""
-    return lambda epoch: min((epoch + 1) / (warmup_epoch + 1e-8), 0.5 * (math.cos(epoch / total_epoch * math.pi) + 1))
+def warmup_cosine(warmup, total):
+    """The reference's schedule as a function of epoch (or of the share of a budget): linear warm-up, then a half
+    cosine to zero."""
+    return lambda t: min((t + 1) / (warmup + 1e-8), 0.5 * (math.cos(t / total * math.pi) + 1))
 
 
 class EpochSchedule:
-    """The learning rate of every epoch: each parameter group's peak lr (as the optimizer was built from this
-    command's flags) times the warm-up / cosine factor of this command's --warmup_epoch and --total_epoch.
+    """The lr of every epoch: each parameter group's peak (as the optimizer was built) times the warm-up / cosine
+    factor. Computed, not restored: a run resumed with a longer schedule or another lr trains each remaining epoch
+    as an uninterrupted run with the new settings would."""
 
-    It is computed, not restored: a run resumed with a longer schedule or another learning rate trains each
-    remaining epoch with exactly the lr an uninterrupted run with the new settings would have used.
-    """
-
-    def __init__(self, optimizer, warmup_epoch, total_epoch, earlier_lengths=()):
-        self.optimizer = optimizer
+    def __init__(self, optimizer, warmup_epoch, total_epoch):
+        self.optimizer, self.factor = optimizer, warmup_cosine(warmup_epoch, total_epoch)
         self.peaks = [group["lr"] for group in optimizer.param_groups]
-        self.set_length(warmup_epoch, total_epoch, earlier_lengths)
 
-    def set_length(self, warmup_epoch, total_epoch, earlier_lengths=()):
-        """The run's length, the peaks kept: ``total_epoch``, except that the epochs up to E of each (E, N) in
-        ``earlier_lengths`` follow an N-epoch run's schedule (a budgeted run that corrected its plan)."""
-        self.warmup_epoch, self.lengths = warmup_epoch, [*map(tuple, earlier_lengths), (math.inf, total_epoch)]
-
-    def set_epoch(self, epoch):
-        """Set the lr of epoch ``epoch`` (1 = the first); returns the largest group's lr, the one logged."""
-        length = next(n for last, n in self.lengths if epoch <= last)
-        factor = warmup_cosine(self.warmup_epoch, length)(epoch - 1)
+    def set_factor(self, factor):
         for group, peak in zip(self.optimizer.param_groups, self.peaks):
             group["lr"] = peak * factor
-        return max(group["lr"] for group in self.optimizer.param_groups)
+        return max(group["lr"] for group in self.optimizer.param_groups)  # the one logged
+
+    def set_epoch(self, epoch):
+        return self.set_factor(self.factor(epoch - 1))
 
 
-def progress_bar(total_steps, initial, enabled):
-    return tqdm(total=total_steps, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
-                smoothing=0.05)
+class BudgetSchedule(EpochSchedule):
+    """``--time_budget M``: before every optimizer step, the share of the budget spent so far sets the lr (warm-up,
+    then cosine to zero at the budget's end; Li, Yumer, Ramanan, "Budgeted Training", ICLR 2020), and the run ends
+    when the budget is spent, less what the end needs (the last evaluation and save, measured at each epoch's end,
+    and the exit). No trial, no plan: every step's share is recorded (``shares``), and a run given those shares
+    (``replay``) trains the same steps with the same learning rates, to the bit.
+
+    The clock counts from the process's start (from the call for a main() called in Python); a resumed run adds
+    the seconds its earlier processes spent (``spent_before``)."""
+
+    EXIT_SECONDS = 2.5  # tearing down an interpreter with torch loaded takes about 2 s
+
+    def __init__(self, optimizer, minutes, warmup_share, clock_start, shares=(), spent_before=0.0, replay=None):
+        super().__init__(optimizer, 0, 1)
+        self.factor = lambda share: min(max(share, 1e-3) / warmup_share if warmup_share else 1.0,
+                                        0.5 * (math.cos(share * math.pi) + 1))
+        self.seconds, self.clock_start, self.spent_before = minutes * 60, clock_start, spent_before
+        self.shares, self.replay = list(shares), replay
+        self.end_seconds = 0.05 * self.seconds  # what an epoch's end costs, until one is measured
+        self.window, self.measured = None, False  # (start time, share then) of this process's training
+
+    def spent(self):
+        return self.spent_before + time.monotonic() - self.clock_start
+
+    def before_step(self):
+        share = self.next_share()
+        if share is None:
+            return False
+        self.shares.append(share)
+        self.set_factor(self.factor(share))
+        return True
+
+    def next_share(self):
+        if self.replay is not None:
+            return self.replay[len(self.shares)] if len(self.shares) < len(self.replay) else None
+        now = time.monotonic()
+        if self.window is None:
+            self.window = (now, self.shares[-1] if self.shares else 0.0)
+        began, share_then = self.window
+        reserve = self.end_seconds + max(0.02 * self.seconds, self.EXIT_SECONDS)
+        end = self.clock_start + self.seconds - self.spent_before - reserve  # on this process's clock
+        share = share_then + (1 - share_then) * (now - began) / max(end - began, 1e-9)
+        return None if share >= 1 else max(share, self.shares[-1] if self.shares else 0.0)
+
+    def measured_end(self, seconds):
+        """An epoch's end took ``seconds`` (evaluation, monitors, logging, save): the run keeps the most for its own."""
+        self.end_seconds = max(seconds, self.end_seconds if self.measured else 0.0)
+        self.measured = True
+
+    def set_epoch(self, epoch):
+        return self.set_factor(self.factor(self.shares[-1] if self.shares else 0.0))
+
+    def record(self):
+        return {"shares": self.shares, "spent_seconds": round(self.spent(), 2)}
+
+
+# ----------------------------------------------------------------------------------- timing, stop, the loop
 
 
 class EpochTimer:
-    """Wall time of a block, synchronising the device first so GPU work is counted where it happened.
-
-    ``after_step(then)`` wraps an epoch's after-step hook so that the first optimizer step's time is recorded
-    too (one extra sync): in a process's first epoch that step holds the compilation, which
-    ``steady_rate`` leaves out of the images per second.
-    """
+    """Wall time of a block, synchronising the device first so GPU work is counted where it happened. In a
+    process's first epoch the first optimizer step holds the compilation: ``after_step`` times it apart."""
 
     def __init__(self, device):
-        self.device = device
-        self.first_step_seconds = None
+        self.device, self.first_step_seconds = device, None
 
     def __enter__(self):
-        self._sync()
+        synchronize(self.device)
         self.start = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
-        self._sync()
+        synchronize(self.device)
         self.seconds = time.perf_counter() - self.start
 
     def after_step(self, then=None):
         def hook():
             if self.first_step_seconds is None:
-                self._sync()
+                synchronize(self.device)
                 self.first_step_seconds = time.perf_counter() - self.start
             if then is not None:
                 then()
@@ -335,30 +349,22 @@ class EpochTimer:
         return hook
 
     def steady_rate(self, images_seen, images_per_step):
-        """Images per second without the first optimizer step (compilation, warm-up), when it was timed."""
+        """Images per second without the first optimizer step, when it was timed."""
         if self.first_step_seconds is None or images_seen <= images_per_step:
             return images_seen / self.seconds
         return (images_seen - images_per_step) / max(self.seconds - self.first_step_seconds, 1e-9)
 
-    def _sync(self):
-        synchronize(self.device)
-
 
 class StopFlag:
-    """SIGINT / SIGTERM ask the run to stop at the next optimizer step, save and exit; a second signal quits at
-    once.
-
-    ``poll()`` runs after every optimizer step. One process reads its own flag (no sync); under torchrun the
-    processes agree every ``agree_every`` steps with one tiny all-reduce, so they all stop at the same step
-    and none waits on a collective the others never reach. ``exit_code`` is what the script then exits with
-    (130 for SIGINT, 143 for SIGTERM, as shells report them), so that ``pretrain && finetune`` does not go on
-    with a half-trained encoder.
-    """
+    """SIGINT / SIGTERM ask the run to stop after the current micro-batch, save and exit 130 / 143, as shells report
+    them (so ``pretrain && finetune`` does not go on with a half-trained encoder). A second signal quits at once,
+    except while a checkpoint is being written (``saving()``): that write always ends whole, and the exit code
+    stays the first signal's. Under torchrun the processes agree every ``agree_every`` micro-batches with one tiny
+    all-reduce, so they all stop at the same step."""
 
     def __init__(self, device=None, agree_every=10):
-        self.requested = False
-        self.exit_code = 0
-        self.device, self.agree_every, self.steps = device, agree_every, 0
+        self.requested, self.exit_code, self.saving = False, 0, lambda: False
+        self.device, self.agree_every, self.polls = device, agree_every, 0
 
     def install(self):
         signal.signal(signal.SIGINT, self._handle)
@@ -368,8 +374,8 @@ class StopFlag:
     def poll(self):
         if not dist.is_initialized() or dist.get_world_size() == 1:
             return self.requested
-        self.steps += 1
-        if self.steps % self.agree_every:
+        self.polls += 1
+        if self.polls % self.agree_every:
             return False
         flag = torch.tensor([float(self.requested)], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -379,8 +385,30 @@ class StopFlag:
 
     def _handle(self, signum, frame):
         if self.requested:
+            if self.saving():
+                print("\na checkpoint is being written; it will end whole, then the run exits", file=sys.stderr)
+                return
             raise KeyboardInterrupt
-        self.requested = True
-        self.exit_code = 128 + signum
-        print(f"\n{signal.Signals(signum).name}: stopping at the next optimizer step, saving, then exiting "
+        self.requested, self.exit_code = True, 128 + signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this micro-batch, saving, then exiting "
               f"(send it again to quit now)", file=sys.stderr)
+
+
+def progress_bar(total_steps, initial, enabled):
+    return tqdm(total=total_steps, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
+                smoothing=0.05)
+
+
+@dataclass
+class SaveSchedule:
+    """When to checkpoint: every ``every`` epochs if given, after ``minutes`` since the last save, at the end."""
+    every: int = None
+    minutes: float = 10.0
+    last: float = field(default_factory=time.monotonic)
+
+    def due(self, epoch, last_epoch, stopping=False):
+        if stopping or epoch == last_epoch or (self.every and epoch % self.every == 0) or \
+                time.monotonic() - self.last >= self.minutes * 60:
+            self.last = time.monotonic()
+            return True
+        return False

@@ -4,8 +4,7 @@
     python train_classifier.py --pretrained_model_path vit-t-mae.pt     # from our pretraining checkpoint
     python train_classifier.py --pretrained_model_path vit-t-mae.pt --trust_checkpoint   # the reference's pickle
 """
-import os
-from functools import partial
+import hashlib
 from pathlib import Path
 
 import torch
@@ -15,105 +14,32 @@ from timm.optim import param_groups_layer_decay
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 
-import budget
 import checkpoint as ckpt
 import engine
 import run_setup
 import utils
-from data import AUGMENTATIONS, GpuLoader, random_erasing
+from data import AUGMENTATIONS, GpuLoader, Split, random_erasing
 from model import ModelConfig, build_classifier, encoder_state_dict
 
 # Fine-tuning a small ViT on CIFAR: crop/flip + RandAugment, mixup/cutmix, label smoothing, layer decay (which only
 # applies with a pretrained encoder), drop path and random erasing, in the spirit of the MAE / DeiT recipes.
 RECIPES = {"strong": dict(augment="randaug", mixup=0.8, cutmix=1.0, label_smoothing=0.1, layer_decay=0.65,
                           drop_path=0.1, reprob=0.25, batch_size=512, max_device_batch_size=512)}
-# The CPU-scale model (from scratch; a pretrained encoder brings its own) and schedule, as mae_pretrain.py's. Its
-# fine-tuning was tuned for short runs, which underfit (results/cpu_budget30/tuning.csv): batch 64 (twice the
-# steps of 128, at the same lr per image) and a flip alone beat batch 128 with crop and flip.
-PRESETS = {"small": dict(patch_size=4, emb_dim=96, encoder_depth=4, encoder_heads=3, batch_size=64,
-                         base_learning_rate=2e-3, total_epoch=2, warmup_epoch=0, augment="flip")}
 RUN_NAME_KEYS = {"preset": "", "linear_probe": "probe", "recipe": "", "augment": "aug", "mixup": "mix",
                  "cutmix": "cut", "label_smoothing": "ls", "layer_decay": "ld", "drop_path": "dp", "reprob": "re",
-                 "model_ema": "ema", "total_epoch": "ep", "batch_size": "bs", "base_learning_rate": "lr",
+                 "model_ema": "ema", "labels_per_class": "l", "total_epoch": "ep",
+                 "time_budget": "min", "batch_size": "bs", "base_learning_rate": "lr",
                  "patch_size": "p", "emb_dim": "e", "encoder_depth": "ed", "seed": "s"}
 # Changing these on resume would make it another run.
-FIXED_ON_RESUME = ("dataset", "data_dir", "pretrained_model_path", "linear_probe", "model_ema")
-
-
-def build_parser():
-    p = utils.ArgumentParser(description=__doc__)
-    run_setup.add_schedule_arguments(p, batch_size=128, max_device_batch_size=256, base_learning_rate=1e-3,
-                                     total_epoch=100, warmup_epoch=5)  # the reference's
-    p.add_argument("--pretrained_model_path", type=utils.path_text, default=None,
-                   help="an MAE pretraining checkpoint (default: scratch)")
-    p.add_argument("--output_model_path", type=utils.path_text, default=None,
-                   help="best checkpoint; default vit-t-<run>.pt")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="a named model size and schedule; options given explicitly still win")
-    # Model size: only from scratch; a pretrained encoder brings its own (a flag that contradicts it is an error).
-    run_setup.add_size_arguments(p)
-    # The accuracy recipe: everything off by default so that the reference run stays reproducible.
-    p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
-                   help="a preset of the options below; options given explicitly still win")
-    p.add_argument("--augment", choices=sorted(AUGMENTATIONS), default="none")
-    p.add_argument("--mixup", type=utils.NONNEGATIVE_FLOAT, default=0.0, help="mixup alpha (0: off)")
-    p.add_argument("--cutmix", type=utils.NONNEGATIVE_FLOAT, default=0.0, help="cutmix alpha (0: off)")
-    p.add_argument("--label_smoothing", type=utils.ranged(float, 0, 1, high_open=True), default=0.0)
-    p.add_argument("--layer_decay", type=utils.ranged(float, 0, 1, low_open=True), default=None,
-                   help="layer-wise lr decay, e.g. 0.65")
-    p.add_argument("--drop_path", type=utils.ranged(float, 0, 1, high_open=True), default=0.0,
-                   help="stochastic depth rate of the last block")
-    p.add_argument("--reprob", type=utils.PROBABILITY, default=0.0, help="random erasing probability")
-    p.add_argument("--model_ema", type=utils.ranged(float, 0, 1, high_open=True), default=None, metavar="DECAY",
-                   help="also keep an exponential moving average of the weights (e.g. 0.999); it is evaluated "
-                        "every epoch and is what the best checkpoint holds")
-    p.add_argument("--linear_probe", action="store_true",
-                   help="freeze the pretrained encoder; train only a BatchNorm + linear head")
-    p.add_argument("--patience", type=utils.POSITIVE_INT, default=None,
-                   help="stop when val accuracy has not improved for N epochs")
-    p.add_argument("--eval_batch_size", type=utils.POSITIVE_INT, default=1000)
-    run_setup.add_run_arguments(p)
-    return p
-
-
-def parse_args(argv=None):
-    """Parse twice: a ``--recipe`` or ``--preset`` replaces the defaults, and what the user typed still overrides
-    it. Returns the arguments and the size flags the user typed (a pretrained encoder must not contradict those)."""
-    parser = build_parser()
-    args, typed = run_setup.parse_with_presets(parser, argv, recipe=RECIPES, preset=PRESETS)
-    typed_sizes = run_setup.explicit_sizes(typed)  # as typed, before a preset filled the size flags in
-    if args.linear_probe and not args.pretrained_model_path:
-        parser.error("--linear_probe needs --pretrained_model_path (a frozen random encoder says little)")
-    if args.pretrained_model_path and not Path(args.pretrained_model_path).is_file():
-        parser.error(f"argument --pretrained_model_path: {args.pretrained_model_path} is not a checkpoint file")
-    if args.output_model_path is not None and (os.path.isdir(args.output_model_path) or  # never an OSError
-                                                not Path(args.output_model_path).name.strip(".")):
-        parser.error(f"argument --output_model_path: {args.output_model_path} is a folder; give a file name")
-    last_path = name_run(args, parser)
-    run_setup.check_run_arguments(
-        parser, args, {"--output_model_path": args.output_model_path,
-                       "--output_model_path (its last-epoch file)": last_path},
-        {"--pretrained_model_path": args.pretrained_model_path})
-    return args, typed_sizes, last_path
-
-
-def name_run(args, parser):
-    """The run's name and checkpoint paths: the best model, and ``<best>_last.pt`` to resume from."""
-    source = f"from-{Path(args.pretrained_model_path).stem}" if args.pretrained_model_path else "scratch"
-    defaults = utils.parser_defaults(parser)
-    defaults.update({k: v for k, v in ModelConfig().to_dict().items() if defaults.get(k) is None})
-    args.run_name = args.run_name or utils.run_name(f"cls_{source}", args, defaults, RUN_NAME_KEYS)
-    args.output_model_path = args.output_model_path or f"vit-t-{args.run_name}.pt"
-    return str(Path(args.output_model_path).with_suffix("")) + "_last.pt"
+FIXED_ON_RESUME = ("pretrained_model_path", "linear_probe", "model_ema", "labels_per_class")
 
 
 def build_model(args, typed_sizes, image_size, num_classes):
     """A classifier and its config: from scratch, or around the encoder of ``--pretrained_model_path``."""
     if not args.pretrained_model_path:
-        sizes = {k: v for k, v in run_setup.explicit_sizes(args).items() if k in ModelConfig.ENCODER_FIELDS}
+        sizes = {k: v for k, v in run_setup.sizes(args).items() if k in ModelConfig.ENCODER_FIELDS}
         config = ModelConfig.from_dict({**sizes, "image_size": image_size, "num_classes": num_classes})
-        run_setup.check_shapes(config)
-        run_setup.check_model_size(build_classifier, config)
+        run_setup.check_model(build_classifier, config)
         return build_classifier(config, args.drop_path), config
     path = args.pretrained_model_path
     checkpoint = ckpt.load_checkpoint(path, args.trust_checkpoint, "mae", "--pretrained_model_path")
@@ -172,6 +98,25 @@ def batch_regularizers(args, num_classes):
     return prepare, torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
 
 
+def labelled_subset(train_set, per_class, seed):
+    """A class-balanced subset of ``per_class`` images per class, drawn by a generator of its own from ``seed``:
+    every run with this seed (MAE and scratch arms alike) sees the same images. -> (subset, record)."""
+    if per_class is None:
+        return train_set, {}
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for label, name in enumerate(train_set.classes):
+        members = (train_set.labels == label).nonzero().flatten()
+        if len(members) < per_class:
+            raise utils.UserError(f"--labels_per_class {per_class}: class {name} has only {len(members)} training "
+                                  f"images")
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
+    index = torch.cat(chosen).sort().values
+    digest = hashlib.sha256(index.numpy().tobytes()).hexdigest()[:12]
+    subset = Split(train_set.images[index], train_set.labels[index], train_set.classes)
+    return subset, {"labels": len(index), "subset": digest}
+
+
 def resume(run, checkpoint, model, optimizer, ema):
     """Restore a run from its last checkpoint -> (finished epochs, position inside the next, best so far)."""
     done, position = ckpt.restore_training_state(checkpoint, "classifier", model, optimizer, run.resume_path)
@@ -182,122 +127,149 @@ def resume(run, checkpoint, model, optimizer, ema):
     return done, position, checkpoint["best"]
 
 
-def measure_costs(args, run, step, model, optimizer, train_model, scaler, ema, evaluations, steps_per_epoch,
-                  fields):
-    """--time_budget's trial (budget.py): a few optimizer steps and the per-epoch evaluation, timed.
+def parse_args(argv=None):
+    """-> the arguments, and the size flags the user typed (a pretrained encoder must not contradict those)."""
+    p = utils.ArgumentParser(description=__doc__)
+    run_setup.add_arguments(p, "train_classifier", batch_size=128, micro_batch=256, lr=1e-3, total_epoch=100,
+                            warmup_epoch=5)  # the reference's
+    p.add_argument("--pretrained_model_path", type=utils.path_text, default=None,
+                   help="an MAE pretraining checkpoint (default: scratch)")
+    p.add_argument("--output_model_path", type=utils.path_text, default=None,
+                   help="the best epoch's weights (default vit-t-<run>.pt); the latest epoch, to resume from, goes "
+                        "to <its stem>_last.pt")
+    p.add_argument("--labels_per_class", type=utils.POSITIVE_INT, default=None,
+                   help="fine-tune on a class-balanced subset of N labelled images per class, the same for every "
+                        "run with this --seed (an epoch repeats it to at least 10,000 images)")
+    # The accuracy recipe: everything off by default so that the reference run stays reproducible.
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                   help="a preset of the options below; options given explicitly still win")
+    p.add_argument("--augment", choices=sorted(AUGMENTATIONS), default="none")
+    p.add_argument("--mixup", type=utils.NONNEGATIVE_FLOAT, default=0.0, help="mixup alpha (0: off)")
+    p.add_argument("--cutmix", type=utils.NONNEGATIVE_FLOAT, default=0.0, help="cutmix alpha (0: off)")
+    p.add_argument("--label_smoothing", type=utils.ranged(float, 0, 1, high_open=True), default=0.0)
+    p.add_argument("--layer_decay", type=utils.ranged(float, 0, 1, low_open=True), default=None,
+                   help="layer-wise lr decay, e.g. 0.65")
+    p.add_argument("--drop_path", type=utils.ranged(float, 0, 1, high_open=True), default=0.0,
+                   help="stochastic depth rate of the last block")
+    p.add_argument("--reprob", type=utils.PROBABILITY, default=0.0, help="random erasing probability")
+    p.add_argument("--model_ema", type=utils.ranged(float, 0, 1, high_open=True), default=None, metavar="DECAY",
+                   help="also keep an exponential moving average of the weights (e.g. 0.999); it is evaluated "
+                        "every epoch and is what the best checkpoint holds")
+    p.add_argument("--linear_probe", action="store_true",
+                   help="freeze the pretrained encoder; train only a BatchNorm + linear head")
+    p.add_argument("--patience", type=utils.POSITIVE_INT, default=None,
+                   help="stop when val accuracy has not improved for N epochs")
+    p.add_argument("--eval_batch_size", type=utils.POSITIVE_INT, default=1000)
 
-    ``evaluations`` are the per-epoch test passes (the model's, an EMA's) as functions of a list of batches:
-    timed on a few batches once they are compiled, and scaled to the whole test set."""
-    device, test_batches = run.env.device, list(run.test_loader)
-    with budget.Trial([model, ema.module if ema else None], optimizer, scaler):
-        step_seconds = budget.step_seconds(step, run.loader, optimizer, run.accum_steps, train_model, device,
-                                           args.time_budget, scaler, (lambda: ema.update(model)) if ema else None)
-        sample = test_batches[1:4] or test_batches
-        evaluation = 0.0
-        for evaluate in evaluations:
-            evaluate(test_batches[:1])  # the first call compiles
-            evaluation += budget.timed(partial(evaluate, sample), device) * len(test_batches) / len(sample)
-        save = budget.timed(lambda: ckpt.save_to_memory({"model": model.state_dict(),
-                                                         "optimizer": optimizer.state_dict()}), device)
-    kept = ema.module if ema else model  # a better epoch saves it: its host copy is on this thread
-    logging = budget.time_bookkeeping(fields, lambda: ckpt.to_host(kept.state_dict())) if run.env.is_main else 0.0
-    return budget.Costs(step_seconds, steps_per_epoch, evaluation=evaluation, bookkeeping=logging, final=2 * save)
+    args, typed = run_setup.parse(p, argv, "train_classifier", recipe=RECIPES)
+    if args.linear_probe and not args.pretrained_model_path:
+        p.error("--linear_probe needs --pretrained_model_path (a frozen random encoder says little)")
+    if args.pretrained_model_path and not Path(args.pretrained_model_path).is_file():
+        p.error(f"argument --pretrained_model_path: {args.pretrained_model_path} is not a checkpoint file")
+    source = f"from-{Path(args.pretrained_model_path).stem}" if args.pretrained_model_path else "scratch"
+    args.run_name = args.run_name or run_setup.name_run(f"cls_{source}", args, p, RUN_NAME_KEYS)
+    args.output_model_path = args.output_model_path or f"vit-t-{args.run_name}.pt"
+    last_path = str(Path(args.output_model_path).with_suffix("")) + "_last.pt"
+    utils.check_outputs(p, {"--output_model_path": args.output_model_path,
+                            "--output_model_path (its last-epoch file)": last_path},
+                        {"--pretrained_model_path": args.pretrained_model_path}, args.data_dir)
+    return args, run_setup.sizes(typed), last_path
 
 
 def main(argv=None):
     args, typed_sizes, last_path = parse_args(argv)
     build_model(args, typed_sizes, *run_setup.peek_data(args))  # the encoder file and shapes, before the data loads
-    if args.check_args:
-        return run_setup.checked(args)
-    run = run_setup.start_run(args, [last_path, args.output_model_path])
-    env, device, classes = run.env, run.env.device, run.train_set.classes
-    run.test_loader = GpuLoader(run.test_set, args.eval_batch_size, device, train=False, rank=env.rank,
-                                world_size=env.world_size)
-    resumed = ckpt.load_checkpoint(run.resume_path, kind="classifier", option="--resume") if run.resume_path \
-        else None
+    run, resumed = run_setup.start_run(args, [last_path, args.output_model_path], "classifier", FIXED_ON_RESUME)
+    cfg, env, device, classes = run.settings, run.env, run.env.device, run.train_set.classes
     if resumed and resumed.get("stopped_early"):
         print(f"{run.resume_path} ended early at epoch {resumed['epoch']} (--patience): nothing to resume")
         return utils.cleanup_distributed()
-    if resumed:  # flags left out continue with the run's own values; typed ones are applied (or refused)
-        run_setup.settle_resume(run, resumed, args, FIXED_ON_RESUME)
-    model, config = build_model(args, typed_sizes, args.image_size, len(classes))
+    run.train_set, subset = labelled_subset(run.train_set, cfg.labels_per_class, cfg.seed)
+    test_loader = GpuLoader(run.test_set, cfg.eval_batch_size, device, train=False, rank=env.rank,
+                            world_size=env.world_size)
+    model, config = build_model(cfg, typed_sizes, run.image_size, len(classes))
     if resumed:
         ckpt.check_resume_model(resumed, config, run.resume_path)
     model = model.to(device)
-    optimizer = build_optimizer(model, args, fused=device.type == "cuda")
-    ema = ModelEmaV3(model, decay=args.model_ema) if args.model_ema else None
+    optimizer = build_optimizer(model, cfg, fused=device.type == "cuda")
+    ema = ModelEmaV3(model, decay=cfg.model_ema) if cfg.model_ema else None
     done, position, best = resume(run, resumed, model, optimizer, ema) if resumed \
         else (0, None, {"val_acc": -1.0, "epoch": 0})
-    if resumed and run_setup.finished_already(run, done, args.total_epoch):
+    if resumed and not cfg.time_budget and done >= cfg.total_epoch:
+        print(f"{run.resume_path} has finished all {done} epochs: nothing to do (a larger --total_epoch continues it)")
         return utils.cleanup_distributed()
     train_model = DistributedDataParallel(model) if env.world_size > 1 else model
-
-    prepare, criterion = batch_regularizers(args, len(classes))
-    step = engine.make_classifier_step(train_model, device, run.precision, criterion, prepare,
-                                       not args.no_compile, args.compile_mode)
-    run_setup.make_loader(run, args, args.augment, run_setup.trial_step(
+    prepare, criterion = batch_regularizers(cfg, len(classes))
+    step = engine.make_classifier_step(train_model, device, run.precision, criterion, prepare, not cfg.no_compile,
+                                       cfg.compile_mode)
+    loader = run_setup.make_loader(run, cfg, run_setup.trial_step(
         engine.make_classifier_step(train_model, device, run.precision, torch.nn.CrossEntropyLoss()), model,
         run.train_set.images.shape[1:], len(classes), device))
+    if subset:  # a small subset: an epoch (and its evaluation) every 10,000 images, not every few steps
+        loader.repeats = -(-10_000 // len(run.train_set.labels))
     scaler = engine.grad_scaler(device, run.precision)
-    forward = engine.maybe_compile(model, device, not args.no_compile, args.compile_mode)
-    ema_forward = engine.maybe_compile(ema.module, device, not args.no_compile, args.compile_mode) if ema else None
-    evaluations = [lambda batches, m=m, f=f: engine.evaluate(m, batches, device, run.precision, f)
-                   for m, f in ((model, forward), *(((ema.module, ema_forward),) if ema else ()))]
+    evaluated = [(m, engine.maybe_compile(m, device, not cfg.no_compile, cfg.compile_mode))
+                 for m in (model, *([ema.module] if ema else []))]
     kept = ema.module if ema else model  # what the best checkpoint holds, chosen by its own accuracy
-    steps_per_epoch = len(run.loader) // run.accum_steps
     fields = ["train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s", "compile_seconds",
-              *(["val_loss_ema", "val_acc_ema"] if ema else [])]  # metrics.csv
-    if args.time_budget and not resumed:
-        run_setup.plan_budget(run, args, measure_costs(args, run, step, model, optimizer, train_model, scaler, ema,
-                                                       evaluations, steps_per_epoch, fields))
-    schedule = engine.EpochSchedule(optimizer, args.warmup_epoch, args.total_epoch, args.earlier_lengths)
-    book = run_setup.Bookkeeping(run, args, fields, done, steps_per_epoch * run.accum_steps, position)
+              *(["val_loss_ema", "val_acc_ema"] if ema else []), *subset]  # metrics.csv
+    schedule = run_setup.schedule_for(run, cfg, optimizer, resumed)
+    book = run_setup.Bookkeeping(run, fields, done, position, schedule)
 
-    def training_state(epoch, position=None, stopped_early=False):
-        return ckpt.training_state("classifier", model, config, optimizer, epoch, args, position, best=best,
-                                   classes=classes, stopped_early=stopped_early, run_dir=str(run.log_dir),
-                                   ema=ema.module.state_dict() if ema else None)
+    def state(epoch, **extra):
+        return ckpt.training_state("classifier", model, config, optimizer, epoch, cfg, best=best, classes=classes,
+                                   run_dir=str(run.log_dir), ema=ema.module.state_dict() if ema else None,
+                                   budget=getattr(schedule, "record", dict)(), **extra)
 
-    for epoch in run_setup.epochs_to_train(done, args):
-        run.loader.set_epoch(epoch)
+    for epoch in book.epochs(done):
+        loader.set_epoch(epoch)
         lr = schedule.set_epoch(epoch)  # with layer decay: the head's, the largest
         model.train()
         first = epoch == done + 1  # this process's first epoch holds the compilation: timed apart
         with engine.EpochTimer(device) as timer:
             update_ema = (lambda: ema.update(model)) if ema else None
-            result = engine.train_epoch(step, run.loader, optimizer, run.accum_steps, train_model, book.bar,
-                                        book.first_epoch_hook(timer, update_ema) if first else update_ema, scaler,
-                                        position if first else None, book.stop.poll,
-                                        run_setup.steps_cap(args, epoch))
+            result = engine.train_epoch(step, loader, optimizer, run.accum_steps, train_model, progress=book.bar,
+                                        after_step=timer.after_step(update_ema) if first else update_ema,
+                                        scaler=scaler, start=position if first else None, stop=book.stop.poll,
+                                        before_step=getattr(schedule, "before_step", None))
         if result.stopped_at:  # a stop signal: save where this epoch stands, then exit
-            book.save_now(last_path, training_state(epoch - 1, result.stopped_at))
+            book.stopping = True
+            book.save(last_path, state(epoch - 1, position=result.stopped_at))
             break
-        book.check_course(epoch, args, timer, schedule)  # a budgeted run: its plan, by the steps timed so far
+        last = book.epoch_end(result) or epoch == cfg.total_epoch and not cfg.time_budget
+        if result.loss is None:  # the budget ended before this epoch trained a step
+            break
         (correct,) = result.extras
-        scores = dict(zip(("val_loss", "val_acc"), evaluations[0](run.test_loader)))
+        scores = dict(zip(("val_loss", "val_acc"), engine.evaluate(*evaluated[0][:1], test_loader, device,
+                                                                   run.precision, evaluated[0][1])))
         if ema:
-            scores.update(zip(("val_loss_ema", "val_acc_ema"), evaluations[1](run.test_loader)))
+            scores.update(zip(("val_loss_ema", "val_acc_ema"), engine.evaluate(
+                evaluated[1][0], test_loader, device, run.precision, evaluated[1][1])))
         book.bar.set_postfix(epoch=epoch, loss=f"{result.loss:.4f}", val_acc=f"{scores['val_acc']:.4f}")
         book.logger.log(epoch, train_loss=result.loss, train_acc=correct / result.images_seen, lr=lr,
-                        seconds=timer.seconds, images_per_s=timer.steady_rate(result.images_seen, args.batch_size),
-                        compile_seconds=timer.first_step_seconds if first and not args.no_compile else None, **scores)
+                        seconds=timer.seconds, images_per_s=timer.steady_rate(result.images_seen, cfg.batch_size),
+                        compile_seconds=timer.first_step_seconds if first and not cfg.no_compile else None,
+                        **scores, **subset)
         kept_acc = scores["val_acc_ema" if ema else "val_acc"]
         if kept_acc > best["val_acc"]:
             best = {"val_acc": kept_acc, "epoch": epoch}
-            if env.is_main:
-                book.writer.save(args.output_model_path, {"kind": "classifier", "model": kept.state_dict(),
-                                                          "config": config.to_dict(), "args": vars(args),
-                                                          "epoch": epoch, "val_acc": kept_acc, "classes": classes})
-        book.final = (epoch, {"val_acc": scores["val_acc"], "best_val_acc": best["val_acc"]})  # best: the kept one
-        patience_over = args.patience is not None and epoch - best["epoch"] >= args.patience
-        if book.save_due(epoch, ended_early=patience_over):
-            book.writer.save(last_path, training_state(epoch, stopped_early=patience_over))
+            book.save(args.output_model_path, {"kind": "classifier", "model": kept.state_dict(), "epoch": epoch,
+                                               "config": config.to_dict(), "args": vars(cfg), "val_acc": kept_acc,
+                                               "classes": classes})
+        book.final = (epoch, {"val_acc": scores["val_acc"], "best_val_acc": best["val_acc"]})
+        patience_over = cfg.patience is not None and epoch - best["epoch"] >= cfg.patience
+        if book.save_due(epoch, last or patience_over):
+            book.save(last_path, state(epoch, stopped_early=patience_over))
         if patience_over:
-            print(f"\nval accuracy has not improved for {args.patience} epochs (best {best['val_acc']:.4f} at "
+            print(f"\nval accuracy has not improved for {cfg.patience} epochs (best {best['val_acc']:.4f} at "
                   f"epoch {best['epoch']}); stopping early")
-        if book.stopping or patience_over:
+        if book.stopping or patience_over or last:
             break
-    return book.finish({**vars(args), **config.to_dict()})
+        book.before_next_epoch()
+    return book.finish({**vars(cfg), **config.to_dict()}, book.final and not book.stopping and (
+        f"test accuracy {book.final[1]['val_acc']:.4f} after epoch {book.final[0]}; best {best['val_acc']:.4f} "
+        f"(epoch {best['epoch']}) saved to {args.output_model_path}, the latest epoch (to resume) to {last_path}; "
+        f"logs in {run.log_dir}"))
 
 
 if __name__ == "__main__":

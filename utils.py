@@ -8,8 +8,8 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,23 +174,6 @@ POSITIVE_FLOAT = ranged(float, 0, low_open=True)
 NONNEGATIVE_FLOAT = ranged(float, 0)
 PROBABILITY = ranged(float, 0, 1)
 OPEN_UNIT = ranged(float, 0, 1, low_open=True, high_open=True)
-SEED = ranged(int, 0, 2 ** 32 - 1)  # numpy's range
-MAX_EPOCHS = 10 ** 6  # beyond any real schedule: a typo, not a plan
-EPOCHS = ranged(int, 1, MAX_EPOCHS)
-BUDGET_MINUTES = ranged(float, 0, 7 * 24 * 60, low_open=True)  # a week: beyond it, a typo (seconds?), not a plan
-
-
-def epoch_length(text):
-    """``EPOCH:LENGTH`` (--earlier_lengths): epochs up to EPOCH followed the schedule of a LENGTH-epoch run."""
-    epoch, _, length = text.partition(":")
-    try:
-        epoch, length = EPOCHS(epoch), EPOCHS(length)
-    except argparse.ArgumentTypeError as error:
-        raise argparse.ArgumentTypeError(f"{text!r}: {error} (give EPOCH:LENGTH, e.g. 2:7)") from None
-    if length <= epoch:
-        raise argparse.ArgumentTypeError(f"{text!r}: a run of {length} epochs ended at epoch {epoch}, it had no "
-                                         f"length left to change")
-    return [epoch, length]
 
 
 def path_text(text):
@@ -198,15 +181,6 @@ def path_text(text):
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty path; give a file or folder name")
     return text
-
-
-def thread_count(text):
-    """``--threads``: at least 1 and at most the CPUs this process may use (more only slows every step)."""
-    count = POSITIVE_INT(text)
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if count > available:
-        raise argparse.ArgumentTypeError(f"{count} is more than the {available} CPU(s) this machine gives the run")
-    return count
 
 
 def run_name_text(text):
@@ -218,70 +192,13 @@ def run_name_text(text):
     return text
 
 
-# Bytes a name keeps free for the files written beside it: ".<name>.tmp<pid><suffix>" (utils.atomic_write) and
-# ".<name>.lock" (utils.RunLock).
-NAME_SLACK = 16
-
-
-def check_name_lengths(parser, flag, path):
-    """Every part of ``path`` fits the file system's limit on a name (255 bytes on most), less NAME_SLACK, and the
-    whole its limit on a path: else the first write would fail, late, with "File name too long"."""
-    path = Path(os.path.abspath(path))
-    existing = next(p for p in (path, *path.parents) if os.path.isdir(p))  # isdir: False, never an error
-    name_max, path_max = (limit(existing, name, default) for name, default in (("PC_NAME_MAX", 255),
-                                                                               ("PC_PATH_MAX", 4096)))
-    for part in path.parts:
-        if len(os.fsencode(part)) > name_max - NAME_SLACK:
-            parser.error(f"argument {flag}: the name {part[:24]}... is {len(os.fsencode(part))} bytes long; names "
-                         f"here may have at most {name_max - NAME_SLACK} (the file system's {name_max}, less room "
-                         f"for the temporary and lock files beside it)")
-    if len(os.fsencode(str(path))) > path_max - NAME_SLACK:
-        parser.error(f"argument {flag}: {str(path)[:40]}... is {len(os.fsencode(str(path)))} bytes long; paths "
-                     f"here may have at most {path_max - NAME_SLACK}")
-
-
-def limit(folder, name, default):
-    try:
-        return os.pathconf(folder, name)
-    except (OSError, ValueError):  # not reported by this system or file system
-        return default
-
-
-def check_writable_folder(parser, flag, folder):
-    """The folder exists and is writable, or can be made: its nearest existing ancestor is a writable folder."""
-    check_name_lengths(parser, flag, folder)
-    path = Path(folder)
-    if path.exists() and not path.is_dir():
-        parser.error(f"argument {flag}: {folder} is a file, not a folder")
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        parser.error(f"argument {flag}: {folder} cannot be made: {probe} is a file")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        parser.error(f"argument {flag}: {folder} is not writable ({probe} is read-only)")
-    try:  # permissions do not tell everything (root, /proc, some mounts): make an unnamed file there and drop it
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as error:
-        parser.error(f"argument {flag}: {folder} is not writable (no file can be made in {probe}: "
-                     f"{error.strerror or error})")
-
-
-def check_output_file(parser, flag, path):
-    """A file the run will write: not a folder, and its folder writable."""
-    check_name_lengths(parser, flag, path)
-    if Path(path).is_dir():
-        parser.error(f"argument {flag}: {path} is a folder; give a file name")
-    check_writable_folder(parser, flag, Path(path).parent if str(Path(path).parent) else ".")
-
-
 def check_outputs(parser, outputs, inputs=None, data_dir=None):
     """The files a command writes (``{flag: path}``): each a writable file, none of them an input, none inside the
     data folder, none named like a run folder's own logs, and no two the same file."""
     seen = {}
     for flag, path in outputs.items():
-        check_output_file(parser, flag, path)
+        if Path(path).is_dir():
+            parser.error(f"argument {flag}: {path} is a folder; give a file name")
         target = Path(path).resolve()
         for input_flag, input_path in (inputs or {}).items():
             if input_path and target == Path(input_path).resolve():
@@ -328,6 +245,32 @@ def check_device(parser, requested):
     if device.index is not None and device.index >= torch.cuda.device_count():
         parser.error(f"argument --device: {requested} does not exist; this machine has "
                      f"{torch.cuda.device_count()} GPU(s)")
+
+
+PROCESS_START = time.monotonic()  # the process's real start where the system says (below)
+try:  # Linux: Python's and torch's imports count against a time budget too
+    with open("/proc/self/stat") as _stat, open("/proc/uptime") as _uptime:
+        _age = float(_uptime.read().split()[0]) - int(_stat.read().rsplit(")", 1)[1].split()[19]) / os.sysconf(
+            "SC_CLK_TCK")
+    PROCESS_START -= max(_age, 0.0)
+except (OSError, ValueError, IndexError):
+    pass
+CLOCK_START = PROCESS_START  # where a time budget counts from: the call, for a main() called inside Python
+
+
+def machine_description(device):
+    """What a run ran on, for the tables that cite it: the GPU, or the CPU and its vector units."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    name = "CPU"
+    with contextlib.suppress(OSError, StopIteration):
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+        name = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+        flags = set(next(line for line in info if line.startswith("flags")).split())
+        name += ", " + ("AVX512-BF16" if "avx512_bf16" in flags else "AVX-512" if "avx512f" in flags
+                        else "AVX2" if "avx2" in flags else "no AVX2")
+    threads = torch.get_num_threads()
+    return f"{name}, {threads} thread{'s' * (threads > 1)}, torch {torch.__version__}"
 
 
 try:
@@ -450,29 +393,6 @@ def split_batch(batch_size, max_device_batch_size, world_size):
 
 
 # ------------------------------------------------------------------------------------- run names and locks
-
-
-def run_name(prefix, args, defaults, abbreviations):
-    """``prefix`` plus the settings that differ from their defaults, e.g. ``mae_dd8_block``.
-
-    ``abbreviations`` maps an argument name to its short label; a string-valued setting appears as its value.
-    """
-    parts = [prefix]
-    for name, short in abbreviations.items():
-        value = getattr(args, name)
-        if value is not None and value != defaults.get(name):
-            if isinstance(value, bool):
-                parts.append(short)
-            elif isinstance(value, str) and not short:
-                parts.append(value)
-            else:
-                parts.append(f"{short}{value}")
-    return "_".join(parts)
-
-
-def parser_defaults(parser):
-    """{flag's dest: its default}, what ``run_name`` compares against (argparse keeps them only on its actions)."""
-    return {action.dest: action.default for action in parser._actions}
 
 
 class RunLock:

@@ -310,6 +310,14 @@ def training_state(kind, model, config, optimizer, epoch, settings, **extra):
             "position": position.to_dict() if position else None, **extra}
 
 
+def check_classes(checkpoint, classes, source):
+    """A checkpoint's classes must be the data's, names and order: else every label would be shifted silently."""
+    saved = checkpoint.get("classes")
+    if saved is not None and list(saved) != list(classes):
+        raise UserError(f"{source} was trained on the classes {list(saved)}, but the data has {list(classes)}: "
+                        f"another data set, or class folders renamed, added or removed")
+
+
 def check_resume_model(checkpoint, config, source):
     """A resumed run must build the model its checkpoint holds: one error line lists the differences."""
     saved = checkpoint["config"].to_dict()

@@ -289,6 +289,9 @@ class BudgetSchedule(EpochSchedule):
 
     def before_step(self):
         share = self.next_share()
+        if share is None and not self.shares:
+            raise UserError(f"--time_budget {self.seconds / 60:g} min was spent by the set-up ({self.spent():.0f} s: "
+                            f"imports, data, compilation) before one step trained; give a larger budget")
         if share is None:
             return False
         self.shares.append(share)

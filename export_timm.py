@@ -34,7 +34,8 @@ def main(argv=None):
         parser.error(f"argument checkpoint: {args.checkpoint} is not a file")
     if Path(args.output).resolve() == Path(args.checkpoint).resolve():
         parser.error(f"argument output: {args.output} is the input checkpoint; writing there would replace it")
-    utils.check_output_file(parser, "output", args.output)
+    if Path(args.output).is_dir():
+        parser.error(f"argument output: {args.output} is a folder; give a file name")
     if Path(args.output).exists() and not args.overwrite:
         parser.error(f"argument output: {args.output} already exists; pass --overwrite to replace it")
     checkpoint = ckpt.load_checkpoint(args.checkpoint, args.trust_checkpoint)

@@ -28,7 +28,6 @@ from types import SimpleNamespace
 
 import torch
 
-import budget
 import data
 import utils
 from model import MASK_STRATEGIES
@@ -260,7 +259,7 @@ def planned_epochs(run):
     """The run's epochs: fixed by the sweep, or (with --time_budget) as the run planned them, once it has."""
     if run.total_epochs is not None:
         return run.total_epochs
-    return budget.read_record(run.log_dir).get("total_epoch")
+    return (json.loads((run.log_dir / "budget.json").read_text()) if (run.log_dir / "budget.json").is_file() else {}).get("total_epoch")
 
 
 def write_settings(run, command):

@@ -15,15 +15,17 @@ from data import load_dataset, normalize
 from figures import drawable_maskings, prediction_figure, strategies_figure
 
 
-def load_model(path, kind, option, image_size, num_classes, trust):
+def load_model(path, kind, option, image_size, classes, trust):
     """The model a checkpoint holds, checked against the data it is about to be shown."""
     checkpoint = ckpt.load_checkpoint(path, trust, kind, option)
+    if kind == "classifier":
+        ckpt.check_classes(checkpoint, classes, path)
     config = checkpoint["config"]
     if config.image_size != image_size:
         raise utils.UserError(f"{path} was trained on {config.image_size} x {config.image_size} images; this data "
                               f"set's are {image_size} x {image_size}")
-    if kind == "classifier" and config.num_classes != num_classes:
-        raise utils.UserError(f"{path} predicts {config.num_classes} classes; this data set has {num_classes}")
+    if kind == "classifier" and config.num_classes != len(classes):
+        raise utils.UserError(f"{path} predicts {config.num_classes} classes; this data set has {len(classes)}")
     return ckpt.build_model(checkpoint, path)
 
 
@@ -54,7 +56,7 @@ def build_parser():
     p.add_argument("--data_dir", type=utils.path_text, default=None,
                    help="image folder with train/<class>/ and test/<class>/")
     p.add_argument("--num_images", type=utils.POSITIVE_INT, default=32)
-    p.add_argument("--seed", type=utils.SEED, default=0)
+    p.add_argument("--seed", type=utils.NONNEGATIVE_INT, default=0)
     p.add_argument("--output", type=utils.path_text, default="predictions.png")
     p.add_argument("--reconstruction_output", type=utils.path_text, default="reconstructions.png")
     p.add_argument("--overwrite", action="store_true", help="replace existing figure files")
@@ -98,7 +100,7 @@ def main(argv=None):
     # Both checkpoints are loaded and checked against the data before anything is computed or written.
     model = mae = None
     if args.model_path:
-        model = load_model(args.model_path, "classifier", "--model_path", size, len(classes),
+        model = load_model(args.model_path, "classifier", "--model_path", size, classes,
                            args.trust_checkpoint).to(device)
     if args.mae_model_path:
         mae = load_model(args.mae_model_path, "mae", "--mae_model_path", size, None, args.trust_checkpoint).to(device)

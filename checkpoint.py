@@ -306,7 +306,8 @@ def training_state(kind, model, config, optimizer, epoch, settings, **extra):
     position = extra.pop("position", None)
     settings = {k: v for k, v in vars(settings).items() if k != "typed"}
     return {"kind": kind, "model": model.state_dict(), "config": config.to_dict(), "args": settings,
-            "epoch": epoch, "optimizer": optimizer.state_dict(), "rng": rng_state(),
+            "epoch": epoch, "optimizer": optimizer.state_dict(), "rng": position.rng if position and position.rng
+            else rng_state(),
             "position": position.to_dict() if position else None, **extra}
 
 

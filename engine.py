@@ -136,9 +136,10 @@ class EpochPosition:
     micro_batches: int  # per process
     images_seen: int  # per process
     sums: list  # [loss, *extras], over all processes
+    rng: dict = None  # the random streams after the last finished step: a dropped micro-batch drew from them
 
     def to_dict(self):
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "rng"}
 
 
 @dataclass
@@ -154,7 +155,7 @@ class EpochResult:
 
 
 def train_epoch(step, batches, optimizer, accum_steps, model, *, progress=None, after_step=None, scaler=None,
-                start=None, stop=None, before_step=None):
+                start=None, stop=None, before_step=None, rng_state=None):
     """One pass over ``batches``; ``step(images, labels)`` returns (loss, *extra sums) for one micro-batch.
 
     Gradients of ``accum_steps`` micro-batches are averaged before each optimizer step, so a batch split into
@@ -162,17 +163,18 @@ def train_epoch(step, batches, optimizer, accum_steps, model, *, progress=None, 
     ``before_step()`` runs before each optimizer step's first micro-batch (a time budget sets the lr there) and
     ends the epoch when it returns False; ``after_step()`` after each optimizer step (an EMA's update).
     ``stop()`` is asked after every micro-batch: when it says so, the unfinished accumulation is dropped and the
-    result's ``stopped_at`` is the position after the last optimizer step, which ``start`` continues from.
+    result's ``stopped_at`` is the position after the last optimizer step, which ``start`` continues from, with
+    the random streams as they were there (``rng_state()`` is taken after every step, only when a stop can come).
     """
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     done = start.micro_batches if start else 0
     sums = None  # [loss, *extras] on the device, up to the last finished optimizer step
-    if start and is_main_process():  # the other processes' share of the sums is in rank 0's saved totals
+    if start and start.micro_batches and is_main_process():  # the other processes' sums are in rank 0's totals
         sums = [torch.tensor(v) for v in start.sums]
     micro, images_seen = done, start.images_seen if start else 0
     step_sums, step_images = None, 0
     usable = len(batches) // accum_steps * accum_steps  # an incomplete optimizer step at the end is skipped
-    budget_spent = False
+    budget_spent, rng = False, rng_state() if rng_state and stop else None
     for i, (images, labels) in enumerate(batches.starting_at(done) if done else batches, start=done):
         if i >= usable:
             break
@@ -198,12 +200,13 @@ def train_epoch(step, batches, optimizer, accum_steps, model, *, progress=None, 
                 after_step()
             sums = step_sums if sums is None else [a + b for a, b in zip(sums, step_sums)]
             micro, images_seen, step_sums, step_images = i + 1, images_seen + step_images, None, 0
+            rng = rng_state() if rng_state and stop else None
         if progress is not None:
             progress.update(1)
         if stop is not None and i + 1 < usable and stop():
             optimizer.zero_grad(set_to_none=True)  # the unfinished step is done again on resume
             totals = all_reduce_sum(torch.stack(sums or [torch.zeros(())]).float()).tolist()
-            return EpochResult(stopped_at=EpochPosition(micro // accum_steps, micro, images_seen, totals))
+            return EpochResult(stopped_at=EpochPosition(micro // accum_steps, micro, images_seen, totals, rng))
     if sums is None:
         if budget_spent:
             return EpochResult(budget_spent=True)
@@ -307,6 +310,8 @@ class BudgetSchedule(EpochSchedule):
         began, share_then = self.window
         reserve = self.end_seconds + max(0.02 * self.seconds, self.EXIT_SECONDS)
         end = self.clock_start + self.seconds - self.spent_before - reserve  # on this process's clock
+        if end <= began:
+            return None
         share = share_then + (1 - share_then) * (now - began) / max(end - began, 1e-9)
         return None if share >= 1 else max(share, self.shares[-1] if self.shares else 0.0)
 
@@ -400,6 +405,27 @@ class StopFlag:
 def progress_bar(total_steps, initial, enabled):
     return tqdm(total=total_steps, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
                 smoothing=0.05)
+
+
+class LongRunHint:
+    """The progress bar, which also says once, from the second micro-batch's time (the first holds the
+    compilation), how long the run would take when that is over a day: a GPU job started on a CPU."""
+
+    def __init__(self, bar, micro_batches_left):
+        self.bar, self.left, self.marks = bar, micro_batches_left, [time.perf_counter()]
+
+    def update(self, n):
+        self.bar.update(n)
+        if len(self.marks) < 3:
+            self.marks.append(time.perf_counter())
+            seconds = (self.marks[-1] - self.marks[-2]) * self.left
+            if len(self.marks) == 3 and seconds > 24 * 3600:
+                self.bar.write(f"at {self.marks[-1] - self.marks[-2]:.1f} s a micro-batch this run would take about "
+                               f"{seconds / 86400:,.0f} days here; on a CPU use --preset small, or --time_budget "
+                               f"MINUTES")
+
+    def __getattr__(self, name):
+        return getattr(self.bar, name)
 
 
 @dataclass

@@ -98,13 +98,14 @@ def main(argv=None):
             result = engine.train_epoch(step, loader, optimizer, run.accum_steps, train_model, progress=book.bar,
                                         after_step=timer.after_step() if first else None, scaler=scaler,
                                         start=position if first else None, stop=book.stop.poll,
-                                        before_step=getattr(schedule, "before_step", None))
+                                        before_step=getattr(schedule, "before_step", None), rng_state=ckpt.rng_state)
         if result.stopped_at:  # a stop signal: save where this epoch stands, then exit
             book.stopping = True
             book.save(args.model_path, state(epoch - 1, position=result.stopped_at))
             break
-        last = book.epoch_end(result) or epoch == cfg.total_epoch and not cfg.time_budget
-        if result.loss is None:  # the budget ended before this epoch trained a step
+        last = book.epoch_end(result) or epoch == book.last_epoch
+        if result.loss is None:  # the budget ran out before this epoch's first step: the run ended with the last
+            book.save(args.model_path, state(epoch - 1))
             break
         monitor = {}
         if env.is_main and cfg.knn_every and (epoch % cfg.knn_every == 0 or last or cfg.time_budget and first):

@@ -3,6 +3,7 @@ here), parsing, then seed, device, data, the run folder and its lock, resume's s
 beside the model (Bookkeeping)."""
 import argparse
 import json
+import os
 import sys
 import time
 from argparse import Namespace
@@ -62,7 +63,8 @@ def add_arguments(p, script, batch_size, micro_batch, lr, total_epoch, warmup_ep
                    help="auto: bf16 where native, fp16 with loss scaling on GPUs without bf16, else fp32")
     p.add_argument("--no_compile", action="store_true", help="skip torch.compile")
     p.add_argument("--compile_mode", choices=engine.COMPILE_MODES, default="default")
-    p.add_argument("--threads", type=utils.POSITIVE_INT, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--threads", type=utils.ranged(int, 1, len(os.sched_getaffinity(0))), default=None,
+                   help="CPU threads (default: torch's); at most the CPUs this process may use")
     p.add_argument("--deterministic", action="store_true", help="deterministic kernels, for exact reruns (slower)")
     p.add_argument("--log_dir", type=utils.path_text, default="logs")
     p.add_argument("--run_name", type=utils.run_name_text, default=None, help="default: built from the settings")
@@ -300,6 +302,12 @@ class Bookkeeping:
         self.last_epoch = 10 ** 6 if budgeted else settings.total_epoch
         self.bar = engine.progress_bar(None if budgeted else settings.total_epoch * per_epoch,
                                        done * per_epoch + (position.micro_batches if position else 0), self.is_main)
+        left = settings.total_epoch * per_epoch - self.bar.n
+        if self.is_main and not budgeted and left * settings.batch_size // run.accum_steps > 10 ** 7 and \
+                run.env.device.type == "cpu":
+            print(f"{settings.total_epoch} epochs at batch {settings.batch_size}: this run is meant for a GPU; on a "
+                  f"CPU use --preset small, or --time_budget MINUTES (its speed follows in a few micro-batches)")
+            self.bar = engine.LongRunHint(self.bar, left)
         self.epoch_ended = None  # when the last epoch's training ended: a budget measures what the end costs
 
     def epochs(self, done):
@@ -308,7 +316,8 @@ class Bookkeeping:
     def epoch_end(self, result):
         """After an epoch's training: the time its end (evaluation, logging, save) starts counting from."""
         self.epoch_ended = time.monotonic()
-        return result.budget_spent
+        budgeted = isinstance(self.schedule, engine.BudgetSchedule)
+        return result.budget_spent or budgeted and self.schedule.next_share() is None
 
     def before_next_epoch(self):
         if isinstance(self.schedule, engine.BudgetSchedule) and self.epoch_ended is not None:

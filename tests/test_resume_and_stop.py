@@ -14,7 +14,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture
 def stop_at_step(monkeypatch):
     """``stop_at_step(n)``: the run behaves as if SIGTERM arrived before the ``n``-th ``StopFlag.poll`` of the
-    process (one after every optimizer step but an epoch's last), as when the signal handler has run."""
+    process (one after every micro-batch but an epoch's last), as when the signal handler has run."""
     def arm(step):
         polls = []
         poll = engine.StopFlag.poll
@@ -35,15 +35,18 @@ def same_weights(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-# 80 training images, batch 16 in micro-batches of 8: 5 optimizer steps an epoch, 10 micro-batches.
-def test_pretraining_stopped_mid_epoch_resumes_bit_for_bit(tmp_path, mae_argv, stop_at_step):
+# 80 training images, batch 16 in micro-batches of 8: 5 optimizer steps an epoch, 10 micro-batches. A stop after
+# the 4th micro-batch of epoch 2 ends its 2nd step; after the 3rd, it drops the half-accumulated step, which the
+# resumed run trains again.
+@pytest.mark.parametrize("poll, steps", [(13, 2), (12, 1)])
+def test_pretraining_stopped_mid_epoch_resumes_bit_for_bit(tmp_path, mae_argv, stop_at_step, poll, steps):
     mae_pretrain.main(mae_argv(tmp_path / "full", "--total_epoch", 2))
     argv = mae_argv(tmp_path / "split", "--total_epoch", 2)
-    stop_at_step(6)  # 4 polls in epoch 1 (its last step ends the epoch anyway): the 2nd step of epoch 2
+    stop_at_step(poll)  # 9 polls in epoch 1 (its last micro-batch ends the epoch anyway)
     assert mae_pretrain.main(argv) == 143
     stopped = load_state(tmp_path / "split" / "mae.pt")
-    assert stopped["epoch"] == 1 and stopped["position"]["optimizer_steps"] == 2
-    assert stopped["position"]["micro_batches"] == 4
+    assert stopped["epoch"] == 1 and stopped["position"]["optimizer_steps"] == steps
+    assert stopped["position"]["micro_batches"] == 2 * steps
     (run_dir,) = run_dirs(tmp_path / "split" / "logs")
     assert [row["epoch"] for row in read_metrics(run_dir)[1]] == ["1"]  # the stopped epoch is not logged
 
@@ -60,7 +63,7 @@ def test_finetuning_stopped_mid_epoch_resumes_bit_for_bit(tmp_path, cls_argv, st
     extra = ["--total_epoch", 2, "--base_learning_rate", 0.01, "--model_ema", 0.9, "--augment", "crop_flip"]
     train_classifier.main(cls_argv(tmp_path / "full", *extra))
     argv = cls_argv(tmp_path / "split", *extra)
-    stop_at_step(3)  # in the first epoch: nothing was saved before, the stop saves
+    stop_at_step(6)  # after 6 micro-batches of the first epoch: nothing was saved before, the stop saves
     assert train_classifier.main(argv) == 143
     stopped = load_state(tmp_path / "split" / "cls_last.pt")
     assert stopped["epoch"] == 0 and stopped["position"]["optimizer_steps"] == 3

@@ -189,6 +189,8 @@ def run_name_text(text):
     if text.startswith(("/", "~")) or any(part.strip() in ("", ".", "..") for part in parts):
         raise argparse.ArgumentTypeError(f"{text!r} is not a folder name below --log_dir (no empty, '.' or '..' "
                                          f"parts, not absolute)")
+    if any(len(part.encode()) > 200 for part in parts):  # else its folders would be made before the OS refused it
+        raise argparse.ArgumentTypeError("a folder name longer than 200 bytes; give a shorter name")
     return text
 
 

@@ -1,18 +1,19 @@
-"""Tables and figures of ablation studies: each setting's results as mean ± std over its seeds. Needs numpy and
-matplotlib only (no torch), so it runs wherever the logs are copied to.
+"""Tables and figures of ablation studies (sweep.py's run folders), each setting's results as mean ± sample std
+over its seeds; numpy and matplotlib only (no torch), so it runs wherever the logs are copied to.
 
     python summarize.py logs/cifar10/sweep_depth                                  # writes into that folder
-    python summarize.py logs/cifar10/sweep_depth logs/cifar10/sweep_mask --output_dir results/ablations
+    python summarize.py logs/cifar10/sweep_a logs/cifar10/sweep_b --output_dir results/ablations
 
-Reads the run folders below the given folders (settings.json from sweep.py, metrics.csv; unfinished runs are named
-and left out). A setting, a table row, is a fine-tuning or from-scratch run's settings, joined by the pretraining
-and linear-probe runs of the same pretraining settings and seed. Writes runs.csv (a row per run) and results.md
-(also printed): a table of all settings, then one per setting that differs, as mean ± sample std over the seeds
-('-' for one seed, "(n=k)" where fewer have it); PNGs: each curve against epoch per differing setting (mean, ±std
-band), fine-tuning vs from scratch, and every setting's accuracies (each seed a dot, mean ± std bars).
+A setting (a table row) is a fine-tuning or from-scratch run's, joined by the pretraining and probe runs of the
+same settings. Writes runs.csv (a row per run), budget.csv (a row per budgeted arm and seed) and results.md (also
+printed): all settings, a table per setting that differs, the final accuracy of MAE and from scratch against the
+time budget or the labels per class; figures of each curve against epoch and of the accuracies. A run's value is
+the last one it logged: a blank cell (not measured) gives none; a non-finite one (a NaN loss) is shown as such,
+never averaged with others, its run named. Unfinished runs are named and left out.
 """
 import csv
 import json
+import math
 from functools import partial
 from pathlib import Path
 from statistics import mean, stdev
@@ -22,7 +23,8 @@ import numpy as np
 import utils
 
 WORDS = {"decoder_depth": "decoder depth", "mask_strategy": "mask strategy", "mask_ratio": "mask ratio",
-         "pretrain_epochs": "pretraining epochs", "finetune_epochs": "fine-tuning epochs"}  # known ablations first
+         "pretrain_epochs": "pretraining epochs", "finetune_epochs": "fine-tuning epochs",
+         "time_budget": "time budget (min)", "labels_per_class": "labels per class"}  # known ablations first
 RESULTS = ("loss", "val_acc", "knn_acc", "probe_acc", "best_val_acc", "seconds", "wall_seconds")  # in runs.csv
 TUNED, PRE = ("finetune", "scratch"), ("pretrain",)
 # Table columns: header, the stages whose runs give it, the run's result (accuracies shown in %).
@@ -32,60 +34,60 @@ COLUMNS = [("final acc (%)", TUNED, "val_acc"), ("best acc (%)", TUNED, "best_va
 CURVES = {"pretrain_loss": (PRE, "loss", "pretraining loss (MSE on masked patches)"),
           "knn_acc": (PRE, "knn_acc", "k-NN test accuracy during pretraining (%)"),
           "finetune_acc": (TUNED, "val_acc", "fine-tuning test accuracy (%)")}
+BUDGET_FIELDS = ["arm", "budget_minutes", "pretrain_share", "seed", "test_acc", "pretrain_epochs", "finetune_epochs",
+                 "wall_minutes", "machine", "date"]
+# Final accuracy against a setting, where fine-tuned runs have it: the section's heading and figure.
+AGAINST = {"time_budget": ("Accuracy against the time budget (equal compute)", "accuracy_vs_budget.png"),
+           "labels_per_class": ("Accuracy against labels per class", "accuracy_vs_labels.png")}
+
+
+def read_json(path):
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def read_rows(run_dir):
+    """metrics.csv's rows (text; '' where nothing was measured), [] before the first."""
+    path = run_dir / "metrics.csv"
+    return list(csv.DictReader(path.read_text().splitlines())) if path.is_file() else []
+
+
+def length(run_dir):
+    """The epochs that end a run, None while unknown: sweep.py's record (settings.json) has those it set, or those
+    the run had logged when it exited 0; a budgeted run's budget.json has total_epoch once the run ended."""
+    return read_json(run_dir / "settings.json").get("total_epochs") or read_json(run_dir / "budget.json").get(
+        "total_epoch")
 
 
 def read_run(path):
-    """(the run, or None and why it is left out: unfinished or unreadable) from a settings.json and the
-    metrics.csv beside it."""
+    """(the run, None), or (None, why it is left out: unfinished or unreadable), from a run's settings.json."""
     try:
-        return parse_run(path)
+        record, rows, total = json.loads(path.read_text()), read_rows(path.parent), length(path.parent)
+        if not total or len(rows) < total:
+            return None, f"{path.parent} (not finished: {len(rows)}/{total or '?'} epochs)"
+        return parse_run(path.parent, record["settings"], rows), None
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
         return None, f"{path.parent} (unreadable: {type(error).__name__}: {error})"
 
 
-def parse_run(path):
-    record, metrics = json.loads(path.read_text()), path.with_name("metrics.csv")
-    plan = read_plan(path.parent)
-    if record.get("total_epochs") is None and plan:  # a --time_budget run: the epochs it planned
-        record["total_epochs"] = plan.get("total_epoch")
-    if not isinstance(record.get("total_epochs"), int) or not isinstance(record.get("settings"), dict):
-        if isinstance(record.get("settings"), dict) and record["settings"].get("time_budget"):
-            return None, f"{path.parent} (not finished: it has not planned its budget yet)"
-        raise ValueError("settings.json has no total_epochs and settings")
-    rows = list(csv.DictReader(metrics.read_text().splitlines())) if metrics.is_file() else []
-    if len(rows) < record["total_epochs"]:
-        return None, f"{path.parent} (not finished: {len(rows)}/{record['total_epochs']} epochs)"
-    curves = {k: np.array([float(row[k] or "nan") for row in rows]) for k in rows[0] if k != "epoch"}
-    curves = {k: c for k, c in curves.items() if np.isfinite(c).any()}  # the columns it logged
-    results = {k: c[np.isfinite(c)][-1] for k, c in curves.items() if k in RESULTS}  # the last logged value
-    results.update(seconds=np.nansum(curves.get("seconds", 0)), **(
-        {"best_val_acc": np.nanmax(curves["val_acc"])} if "val_acc" in curves else {}))
-    if plan.get("wall_seconds"):  # a budgeted run: process start to exit, all its processes
-        results["wall_seconds"] = sum(plan["wall_seconds"])
-    key = dict(record["settings"])  # the settings, less the stage and seed
-    return dict(run=path.parent.name, sweep=path.parent.parent.name, stage=key.pop("stage"), seed=key.pop("seed"),
-                key=key, epochs=trained_epochs(len(rows), plan), curves=curves, results=results, plan=plan), None
-
-
-def trained_epochs(rows, plan):
-    """The epochs a run trained: its metrics rows, a budget's partial last epoch counted by its share of steps
-    (budget.Plan.epochs, from its budget.json: this module does not import torch)."""
-    last, per_epoch = plan.get("last_epoch_steps"), plan.get("steps_per_epoch")
-    if not last or not per_epoch:
-        return rows
-    return round(rows - 1 + last / per_epoch, 2)
-
-
-def read_plan(run_dir):
-    """budget.json of a --time_budget run (its plan, machine and wall time), or {}."""
-    path = Path(run_dir) / "budget.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+def parse_run(run_dir, settings, rows):
+    measured = {k: [float(row[k]) for row in rows if row[k]] for k in rows[0] if k != "epoch"}
+    results = {k: v[-1] for k, v in measured.items() if v and k in RESULTS}  # the last logged, finite or not
+    results["seconds"] = sum(measured.get("seconds", []))
+    if measured.get("val_acc"):
+        results["best_val_acc"] = float(np.max(measured["val_acc"]))  # a NaN anywhere stays NaN
+    budget, key = read_json(run_dir / "budget.json"), dict(settings)  # key: the settings less stage and seed
+    if "wall_seconds" in budget:  # process start to exit, all its processes
+        results["wall_seconds"] = sum(budget["wall_seconds"])
+    return dict(run=run_dir.name, sweep=run_dir.parent.name, stage=key.pop("stage"), seed=key.pop("seed"), key=key,
+                epochs=budget.get("epochs", len(rows)), budget=budget, results=results,
+                curves={k: np.array([float(row[k] or "nan") for row in rows]) for k, v in measured.items() if v},
+                non_finite=" ".join(f"{k}={v}" for k, v in results.items() if not math.isfinite(v)))
 
 
 def show(value):
-    """A setting as text: None (the script's default) 'default', a list its words, a dict k=v."""
+    """A setting as text: None (the script's or preset's default) 'default', a list its words, a dict k=v."""
     if isinstance(value, dict):
-        return " ".join(f"{k}={v}" for k, v in value.items()) or "default"
+        return " ".join(f"{k}={v}" for k, v in value.items() if v is not None) or "default"
     return " ".join(value) or "none" if isinstance(value, list) else "default" if value is None else str(value)
 
 
@@ -94,8 +96,8 @@ def word(key):
 
 
 def label(row, axes):
-    return "from scratch" if row["scratch"] else ", ".join(f"{word(a)} {show(row['key'].get(a))}" for a in axes) \
-        or "MAE pretraining"
+    parts = [f"{word(a)} {show(row['key'][a])}" for a in axes if a in row["key"]]
+    return ", ".join(["from scratch", *parts] if row["scratch"] else parts) or "MAE + fine-tuning"
 
 
 def values(row, stages, name, kind="results"):
@@ -105,20 +107,25 @@ def values(row, stages, name, kind="results"):
             and name in r[kind]]
 
 
+def spread(v, digits=2):
+    """'mean ± sample std' ('-' for one value); non-finite values are shown, never averaged: 'nan in 1 of 2'."""
+    if bad := [x for x in v if not math.isfinite(x)]:
+        return f"{'/'.join(sorted({str(x) for x in bad}))} in {len(bad)} of {len(v)}"
+    return f"{mean(v):.{digits}f} ± " + (f"{stdev(v):.{digits}f}" if len(v) > 1 else "-")
+
+
 def table(rows, heads, cells, columns):
-    """Markdown: ``heads`` (``cells(row)`` fills them), n seeds, the ``columns`` as mean ± std, time per seed."""
-    lines = [[*heads, "n", *(c[0] for c in columns), "time / seed"], ["---"] * (len(heads) + len(columns) + 2)]
+    """``heads`` (``cells(row)`` fills them), n seeds, the ``columns`` as mean ± std, time per seed."""
+    lines = [[*heads, "n", *(c[0] for c in columns), "time / seed"]]
     for row in rows:
         seeds = sorted({r["seed"] for r in row["runs"]})
-        cells_ = [*cells(row), str(len(seeds))]
+        line = [*cells(row), str(len(seeds))]
         for _, stages, result in columns:
-            v, digits = values(row, stages, result), 4 if result == "loss" else 2
-            std = f"{stdev(v):.{digits}f}" if len(v) > 1 else "-"
-            cells_.append(f"{mean(v):.{digits}f} ± {std}" + (f" (n={len(v)})" if len(v) < len(seeds) else "") if v
-                          else "")
+            v = values(row, stages, result)
+            line.append(spread(v, 4 if result == "loss" else 2) + f" (n={len(v)})" * (len(v) < len(seeds)) if v else "")
         s = mean(sum(r["results"]["seconds"] for r in row["runs"] if r["seed"] == seed) for seed in seeds)
-        lines.append([*cells_, f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.2f} h"])
-    return "\n".join(f"| {' | '.join(line)} |" for line in lines)
+        lines.append([*line, f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.2f} h"])
+    return "\n".join(f"| {' | '.join(line)} |" for line in [lines[0], ["---"] * len(lines[0]), *lines[1:]])
 
 
 def curve_figure(groups, curve, axes, title, path):
@@ -150,23 +157,55 @@ def curve_figure(groups, curve, axes, title, path):
     return [f"![{title}]({path.name})", ""]
 
 
-def spread_figure(rows, varying, columns, path):
-    """Every setting's accuracies: each seed's value a dot, the mean with ±std error bars."""
+def dots_figure(series, path, title, ticks, xlabel="", log=False):
+    """Accuracies (%): for each series, each value a dot and at each x the mean with ±std error bars, joined by a
+    line where x is a number (``xlabel``), side by side where the ``ticks`` name settings."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(min(20, max(7, 0.5 * len(rows) * len(columns) + 3)), 4.5), layout="tight")
+    figure = Figure(figsize=(min(20, max(7, 0.5 * len(ticks) * len(series) + 3)), 4.5), layout="tight")
     ax = figure.subplots()
-    for i, (header, stages, result) in enumerate(columns):
-        x = np.arange(len(rows)) + (i - (len(columns) - 1) / 2) * 0.8 / len(columns)
-        points = [values(row, stages, result) for row in rows]
-        ax.scatter([xi for xi, p in zip(x, points) for _ in p], sum(points, []), s=12, color=f"C{i}", alpha=0.5)
-        ax.errorbar(x, [mean(p) if p else np.nan for p in points], fmt="o", capsize=4, color=f"C{i}",
-                    yerr=[stdev(p) if len(p) > 1 else 0 for p in points], label=header.replace(" (%)", ""))
-    ax.set_xticks(range(len(rows)), [label(row, varying) for row in rows], rotation=20, ha="right")
-    ax.set(ylabel="test accuracy (%)", title="Accuracy per setting: each seed (dots), mean ± std (bars)")
+    for i, (name, points) in enumerate(series.items()):
+        ax.scatter([x for x, v in points for _ in v], [y for _, v in points for y in v], s=12, color=f"C{i}", alpha=0.5)
+        ax.errorbar([x for x, _ in points], [np.mean(v) if v else np.nan for _, v in points], capsize=4, marker="o",
+                    yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for _, v in points], color=f"C{i}", label=name,
+                    linestyle="-" if xlabel else "none")
+    ax.set_xscale("log" if log else "linear")  # before the ticks, which it would reset
+    ax.set_xticks(*zip(*ticks), rotation=0 if xlabel else 20, ha="center" if xlabel else "right", minor=False)
+    ax.minorticks_off()
+    ax.set(xlabel=xlabel, ylabel="test accuracy (%)", title=title)
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1, 1))
     utils.atomic_write(path, partial(figure.savefig, dpi=120), "figure")
-    return ["## Accuracy per setting", "", f"![accuracy per setting]({path.name})", ""]
+    return [f"![{title}]({path.name})", ""]
+
+
+def against(rows, axis, varying, output_dir):
+    """Markdown: the final test accuracy of MAE and from scratch against ``axis`` (a table and a figure, a line per
+    arm and other differing settings), where fine-tuned runs have that setting."""
+    others, (title, figure) = [a for a in varying if a != axis], AGAINST[axis]
+    rows, series = sorted((r for r in rows if r["key"].get(axis) is not None), key=lambda r: r["key"][axis]), {}
+    for row in rows:
+        series.setdefault(label(row, others), []).append((row["key"][axis], values(row, TUNED, "val_acc")))
+    cells = lambda r: [f"{r['key'][axis]:g}", label(r, others)]
+    ticks = [(x, f"{x:g}") for x in dict.fromkeys(r["key"][axis] for r in rows)]
+    return [f"## {title}", "", table(rows, [word(axis), "setting"], cells, COLUMNS[:1]), "", *dots_figure(
+        series, output_dir / figure, title.split(" (")[0] + ": mean ± std over seeds", ticks, word(axis),
+        log=axis == "labels_per_class")]
+
+
+def budget_rows(rows):
+    """budget.csv: a row per arm, budget and seed; the MAE arm's wall time is its pretraining's and fine-tuning's."""
+    out = []
+    for row in rows:
+        for run in (r for r in row["runs"] if r["stage"] in TUNED and r["key"].get("time_budget")):
+            pre = [r for r in row["runs"] if r["stage"] == "pretrain" and r["seed"] == run["seed"]][:1]
+            out.append(dict(arm="scratch" if row["scratch"] else "mae", budget_minutes=run["key"]["time_budget"],
+                            pretrain_share=run["key"].get("pretrain_share") or 0.0, seed=run["seed"],
+                            test_acc=round(100 * run["results"].get("val_acc", math.nan), 2),
+                            pretrain_epochs=pre[0]["epochs"] if pre else 0, finetune_epochs=run["epochs"],
+                            wall_minutes=round(sum(r["results"].get("wall_seconds", math.nan) for r in [*pre, run])
+                                               / 60, 2), machine=run["budget"].get("machine", ""),
+                            date=run["budget"].get("date", "")))
+    return sorted(out, key=lambda r: (r["budget_minutes"], r["arm"], r["seed"]))
 
 
 def order(row, axes):
@@ -176,7 +215,7 @@ def order(row, axes):
 
 
 def summarize(runs, output_dir):
-    """The markdown report; writes the figures into ``output_dir`` and links them from the report."""
+    """The markdown report; writes the figures (and budget.csv) into ``output_dir`` and links them from it."""
     # A row (setting) is a fine-tuning or scratch run's settings; a pretraining or probe run joins each pretrained
     # row that agrees on the settings both have, else makes one.
     rows = {}
@@ -187,30 +226,29 @@ def summarize(runs, output_dir):
                                              dict(key=run["key"], scratch=run["stage"] == "scratch", runs=[]))]:
             row["runs"].append(run)
     keys = dict.fromkeys([*WORDS, *sorted({k for row in rows.values() for k in row["key"]})])
-    varying = [k for k in keys  # the settings that differ between the pretrained rows
-               if len({show(r["key"][k]) for r in rows.values() if not r["scratch"] and k in r["key"]}) > 1]
+    varying = [k for k in keys if len({show(r["key"][k]) for r in rows.values() if k in r["key"]}) > 1]
     rows = sorted(rows.values(), key=lambda r: order(r, [*varying, *keys]))
     pretrained = [r for r in rows if not r["scratch"]]
     columns = [c for c in COLUMNS if any(values(row, *c[1:]) for row in rows)]
-    fixed = ", ".join(f"{word(k)} {show(v)}" for k, v in (pretrained[0]["key"] if pretrained else {}).items()
-                      if k not in varying and v not in (None, [], {}))
+    fixed = ", ".join(f"{word(k)} {show(v)}" for k, v in rows[0]["key"].items()
+                      if k not in varying and show(v) not in ("default", "none"))
     scratch = len(pretrained) < len(rows)
     parts = ["# Ablation results", "", "Test accuracy of the final and the best epoch (picked on the test set, so "
              "it flatters: compare final); mean ± sample std over n seeds." + (f" Fixed: {fixed}." if fixed else ""),
              "", "## All settings" + (" vs from scratch" if scratch else ""), "",
              table(rows, ["setting"], lambda r: [label(r, varying)], columns), ""]
     for axis in varying or [None]:
-        # The rows that differ only in ``axis`` side by side, in groups by the other differing settings; a group of
-        # one compares nothing (but with no ``axis``, all rows are one group).
+        # The pretrained rows that differ only in ``axis`` side by side, in groups by the other differing settings;
+        # a group of one compares nothing (but with no ``axis``, all rows are one group).
         others, groups = [a for a in varying if a != axis], {}
         for row in sorted(pretrained, key=lambda r: order(r, [*others, axis])):
             groups.setdefault(label(row, others) if others else "", []).append(row)
         groups = [(key, group) for key, group in groups.items() if len(group) > 1 or not axis]
-        if axis:
+        if axis and groups:  # the table (but of a setting with its own section below, with both arms)
             axes = [*others, axis]
-            # table() calls the row function at once, while ``axes`` still holds this axis's columns.
-            parts += [f"## {word(axis).capitalize()}", "", table([r for _, g in groups for r in g], [
+            parts += [f"## {word(axis).capitalize()}", "", *[table([r for _, g in groups for r in g], [
                 word(a) for a in axes], lambda r: [show(r["key"].get(a)) for a in axes], columns), ""]  # noqa: B023
+                * (axis not in AGAINST)]
         for curve, (*_, ylabel) in CURVES.items():
             title = ylabel.split(" (")[0] + (f" by {word(axis)}" if axis else "")
             parts += curve_figure(groups, curve, [axis] if axis else [], title,
@@ -219,79 +257,18 @@ def summarize(runs, output_dir):
         parts += ["## Pretrained vs from scratch", "", *curve_figure(
             [("", rows)], "finetune_acc", varying, "fine-tuning: pretrained with MAE vs from scratch",
             output_dir / "finetune_acc_vs_scratch.png")]
-    if accuracy := [c for c in columns if c[2] != "loss"]:
-        parts += spread_figure(rows, varying, accuracy, output_dir / "accuracy_per_setting.png")
+    if accuracy := [c for c in columns if c[2] != "loss"]:  # each column a series, beside the others
+        parts += ["## Accuracy per setting", "", *dots_figure({header.replace(" (%)", ""): [
+            (i + (j - (len(accuracy) - 1) / 2) * 0.8 / len(accuracy), values(row, stages, result))
+            for i, row in enumerate(rows)] for j, (header, stages, result) in enumerate(accuracy)},
+            output_dir / "accuracy_per_setting.png", "Accuracy per setting: each seed (dots), mean ± std (bars)",
+            list(enumerate(label(row, varying) for row in rows)))]
+    for axis in AGAINST:
+        if any(r["key"].get(axis) is not None for r in runs if r["stage"] in TUNED):
+            parts += against(rows, axis, varying, output_dir)
+    if budget := budget_rows(rows):
+        utils.write_csv(output_dir / "budget.csv", BUDGET_FIELDS, budget)
     return "\n".join(parts)
-
-
-BUDGET_FIELDS = ["arm", "budget_minutes", "pretrain_share", "seed", "test_acc", "pretrain_epochs", "finetune_epochs",
-                 "wall_minutes", "machine", "date"]
-
-
-def budget_rows(runs):
-    """Equal-compute comparisons (sweep.py --time_budget): one row per arm, budget and seed. The MAE arm's wall
-    time is its pretraining's plus its fine-tuning's; from scratch, its one run's."""
-    rows = []
-    for run in runs:
-        if run["stage"] not in TUNED or "time_budget" not in run["key"]:
-            continue
-        pretraining = [r for r in runs if r["stage"] == "pretrain" and r["seed"] == run["seed"] and all(
-            run["key"].get(k) == v for k, v in r["key"].items())] if run["stage"] == "finetune" else []
-        parts = [*pretraining[:1], run]
-        rows.append({"arm": "mae" if run["stage"] == "finetune" else "scratch",
-                     "budget_minutes": run["key"]["time_budget"],
-                     "pretrain_share": run["key"].get("pretrain_share", 0.0), "seed": run["seed"],
-                     "test_acc": round(100 * run["results"]["val_acc"], 2),
-                     "pretrain_epochs": pretraining[0]["epochs"] if pretraining else 0,
-                     "finetune_epochs": run["epochs"],
-                     "wall_minutes": round(sum(r["results"].get("wall_seconds", float("nan")) for r in parts) / 60, 2),
-                     "machine": run["plan"].get("machine", ""), "date": run["plan"].get("date", "")})
-    return sorted(rows, key=lambda r: (r["budget_minutes"], r["arm"], r["seed"]))
-
-
-def budget_section(rows, output_dir):
-    """Markdown: accuracy against the time budget, MAE (pretraining + fine-tuning) vs from scratch, and a figure."""
-    groups = {}
-    for row in rows:
-        groups.setdefault((row["budget_minutes"], row["arm"]), []).append(row)
-    lines = ["## Accuracy against the time budget (equal compute)", "",
-             "| budget (min) | arm | n | final test acc (%) | per seed | epochs (pretrain + fine-tune) | wall (min) |",
-             "|---|---|---|---|---|---|---|"]
-    for (minutes, arm), group in sorted(groups.items()):
-        acc = [r["test_acc"] for r in group]
-        spread = f" ± {stdev(acc):.2f}" if len(acc) > 1 else ""
-        epochs = ", ".join(f"{r['pretrain_epochs']} + {r['finetune_epochs']}" if arm == "mae" else
-                           f"{r['finetune_epochs']}" for r in group)
-        walls = ", ".join(f"{r['wall_minutes']:.1f}" for r in group)
-        lines.append(f"| {minutes:g} | {'MAE + fine-tuning' if arm == 'mae' else 'from scratch'} | {len(group)} | "
-                     f"{mean(acc):.2f}{spread} | {', '.join(f'{a:.2f}' for a in acc)} | {epochs} | {walls} |")
-    figure = output_dir / "accuracy_vs_budget.png"
-    budget_figure(groups, figure)
-    return [*lines, "", "Each arm gets the same minutes, counted from each process's start to its exit: MAE "
-            "pretrains for the pretraining share of them and fine-tunes for the rest; from scratch fine-tunes for "
-            "all of them. Wall is what the processes took, per seed.", "",
-            f"![accuracy against the time budget]({figure.name})", ""]
-
-
-def budget_figure(groups, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for arm, name in (("mae", "MAE + fine-tuning"), ("scratch", "from scratch")):
-        points = sorted((m, [r["test_acc"] for r in g]) for (m, a), g in groups.items() if a == arm)
-        if points:
-            ax.errorbar([m for m, _ in points], [mean(v) for _, v in points], marker="o", capsize=3, label=name,
-                        yerr=[stdev(v) if len(v) > 1 else 0 for _, v in points])
-    ax.set_xlabel("minutes per arm")
-    ax.set_ylabel("test accuracy (%)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    utils.atomic_write(path, partial(fig.savefig, dpi=120), "figure")
-    plt.close(fig)
 
 
 def main(argv=None):
@@ -309,14 +286,14 @@ def main(argv=None):
         parser.error(f"no finished runs with a settings.json (from sweep.py) under {', '.join(map(str, args.folders))}")
     output_dir.mkdir(parents=True, exist_ok=True)
     report = summarize(runs, output_dir)
-    if budget := budget_rows(runs):
-        report += "\n" + "\n".join(budget_section(budget, output_dir))
-        utils.write_csv(output_dir / "budget.csv", BUDGET_FIELDS, budget)
-    report += "\nLeft out: " + "; ".join(unfinished) + "\n" if unfinished else ""
+    report += "".join(f"\n{head}: " + "; ".join(items) + "\n" for head, items in (
+        ("Non-finite results (shown as such, never averaged)", [f"{r['run']} ({r['non_finite']})" for r in runs
+                                                               if r["non_finite"]]), ("Left out", unfinished)) if items)
     utils.write_text(output_dir / "results.md", report + "\n")
     keys = sorted({k for run in runs for k in run["key"]})
-    utils.write_csv(output_dir / "runs.csv", ["run", "sweep", "stage", "seed", *keys, "epochs", *RESULTS],
-                     [{**{k: run[k] for k in ("run", "sweep", "stage", "seed", "epochs")},
+    fields = ["run", "sweep", "stage", "seed", *keys, "epochs", *RESULTS, "non_finite"]
+    utils.write_csv(output_dir / "runs.csv", fields,
+                     [{**{k: run[k] for k in ("run", "sweep", "stage", "seed", "epochs", "non_finite")},
                        **{k: show(run["key"][k]) for k in keys if k in run["key"]},
                        **{k: f"{v:.6g}" for k, v in run["results"].items()}}
                       for run in sorted(runs, key=lambda r: (r["sweep"], r["run"]))])

@@ -1,276 +1,201 @@
-"""The ablation study as one command: for every combination of settings, pretrain, then fine-tune from that
-checkpoint and train a linear probe on it (unless --no_linear_probe); with --scratch also fine-tune from scratch.
+"""The ablation study as one command: for every combination of the grid's settings and every seed, pretrain, then
+fine-tune from that checkpoint and train a linear probe on it (unless --no_linear_probe); with --scratch also
+fine-tune from scratch. --labels_per_class N [N ...] fine-tunes and probes (both arms) on N labelled images per
+class. --time_budget MINUTES [...] gives each arm that many minutes (each process timed from its start): MAE
+pretrains for --pretrain_share of them and fine-tunes for the rest, from scratch trains for all of them. A command
+gets only the settings the sweep varies or you gave (the rest: the scripts' defaults, or --preset's).
 
-    python sweep.py --name depth --decoder_depth 1 2 4 8 --seeds 0 1 --pretrain_epochs 200 --finetune_epochs 50
-    python sweep.py --name masking --mask_strategy random block grid --mask_ratio 0.5 0.75 0.9 --scratch --dry_run
-    python summarize.py logs/cifar10/sweep_depth         # then: tables and figures
+    python sweep.py --name depth --preset small --decoder_depth 1 2 4 --seeds 0 1 --scratch
+    python sweep.py --name labels --preset small --labels_per_class 10 100 --scratch --no_linear_probe --dry_run
+    python summarize.py logs/cifar10/sweep_depth                    # then: tables and figures
 
-A run writes <log_dir>/<dataset>/sweep_<name>/<run>/ (metrics.csv, settings.json) and checkpoints/<run>.pt. Run
-the same command again to continue: finished runs are skipped, interrupted ones resumed; a failed run stops only
-the runs that need its checkpoint (exit code 1). Before any run starts, each script checks its own options
-(--check_args), so a bad --finetune_args fails at once, not after the pretraining. Ctrl-C lets the current run
-save. Warm-up is 10 % of pretraining, 5 % of fine-tuning; the free-form options come last and win:
---pretrain_args="--warmup_epoch 40" (with "=").
+Runs go to <log_dir>/<dataset>/sweep_<name>/<run>/, checkpoints to its checkpoints/. The same command again
+continues: finished runs are skipped, interrupted ones resumed; a failed run stops only the runs that need its
+checkpoint (exit code 1). The folder holds one study: study.json keeps what makes its results, and a restart
+with other settings is refused (exit code 2). Ctrl-C lets the current run save. The free-form options come last
+and win: --pretrain_args="--warmup_epoch 40" (with "=").
 """
-import argparse
-import csv
 import json
 import shlex
-import shutil
 import subprocess
 import sys
-import time
-from contextlib import suppress
 from functools import partial
 from itertools import product
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
-
+import utils
 import data
+import summarize
 import utils
 from model import MASK_STRATEGIES
 
 HERE = Path(__file__).resolve().parent
-# Options the sweep sets itself: given again in the free-form options, they would break its bookkeeping.
+# Set by the sweep itself: given again in the free-form options, they would break its bookkeeping.
 OWN_OPTIONS = ("--run_name", "--log_dir", "--dataset", "--model_path", "--output_model_path", "--resume", "--seed",
                "--pretrained_model_path", "--total_epoch", "--time_budget", "--decoder_depth", "--mask_strategy",
-               "--mask_ratio", "--linear_probe")
+               "--mask_ratio", "--linear_probe", "--labels_per_class", "--preset")
 MODEL_SIZE = ("patch_size", "emb_dim", "encoder_depth", "encoder_heads")
-SWEEP_LOCK = ".sweep.lock"  # in the sweep's folder, held while a sweep runs (git-ignored, like every .*.lock)
+# Where and how the study runs, not what it finds: free to change on a restart (all else is its identity).
+HOW_TO_RUN = ("name", "log_dir", "device", "max_device_batch_size", "launcher", "dry_run", "folder")
+SWEEP_LOCK = ".sweep.lock"  # held while a sweep runs (git-ignored, like every .*.lock)
 say = partial(print, flush=True)  # flushed, so that it lands in order with the runs' own output
 
 
-def typed(kind, ok, allowed):
-    """An argparse type: ``kind(text)`` if ``ok`` accepts it, else argparse's error saying what is ``allowed``."""
-    def parse(text):
-        with suppress(ValueError, RuntimeError):  # RuntimeError: torch.device's
-            if ok(value := kind(text)):
-                return value
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected {allowed}")
-    return parse
-
-
-def no_file_on(path):
-    return not any(p.exists() and not p.is_dir() for p in (Path(path), *Path(path).parents))
-
-
 def parse_args(argv=None):
-    positive = typed(int, lambda v: v >= 1, "an integer >= 1")
     p = utils.ArgumentParser(description=__doc__)
-    p.add_argument("--name", default="ablation", help="the sweep's folder is <log_dir>/<dataset>/sweep_<name>",
-                   type=typed(str, lambda t: t.strip(".") and "/" not in t, "a folder name without '/'"))
-    grid = p.add_argument_group("the grid: one run chain for every combination")
-    grid.add_argument("--decoder_depth", type=positive, nargs="+", default=[4])
-    grid.add_argument("--mask_strategy", choices=MASK_STRATEGIES, nargs="+", default=["random"])
-    grid.add_argument("--mask_ratio", type=typed(float, lambda v: 0 < v < 1, "a number strictly between 0 and 1"),
-                      nargs="+", default=[0.75])
-    grid.add_argument("--pretrain_epochs", type=positive, nargs="+", default=[2000])
-    grid.add_argument("--time_budget", type=typed(float, lambda v: 0 < v <= 7 * 24 * 60, "minutes in (0, 10080]"),
-                      nargs="+", metavar="MINUTES", help="instead of epochs: each MAE setting gets --pretrain_share of "
-                      "it for pretraining and the rest for fine-tuning; --scratch fine-tunes for all of it (equal "
-                      "compute, each process timed from its start)")
-    grid.add_argument("--pretrain_share", type=typed(float, lambda v: 0 < v < 1, "a number strictly between 0 and 1"),
-                      default=0.5, help="with --time_budget (default 0.5)")
-    grid.add_argument("--seeds", type=typed(int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"), nargs="+",
-                      default=[0])
-    stages = p.add_argument_group("what follows each pretraining")
-    stages.add_argument("--finetune_epochs", type=positive, default=100)
-    stages.add_argument("--linear_probe_epochs", type=positive, help="default: --finetune_epochs")
-    stages.add_argument("--no_linear_probe", action="store_true")
-    stages.add_argument("--scratch", action="store_true", help="also fine-tune from scratch once per seed")
-    stages.add_argument("--scratch_only", action="store_true",
-                        help="only the from-scratch runs (e.g. a second sweep beside the MAE one, each on a core)")
-    common = p.add_argument_group("passed on to every run (left out: the scripts' defaults; --finetune_batch_size "
-                                  "also for scratch and the probe)")
-    common.add_argument("--dataset", choices=["cifar10", "cifar100"], default="cifar10")
-    common.add_argument("--data_dir", help="image folder with train/<class>/ and test/<class>/", type=typed(
-        str, lambda t: (Path(t) / "train").is_dir() and (Path(t) / "test").is_dir(), "a folder with train/, test/"))
-    common.add_argument("--device", help="cuda, cpu or auto", type=typed(
-        str, lambda t: t == "auto" or torch.device(t).type != "cuda" or torch.cuda.is_available(),
-        "cpu, auto, or cuda[:N] where a GPU is visible"))
-    common.add_argument("--log_dir", default="logs", type=utils.path_text)
+    p.add_argument("--name", default="ablation", type=utils.run_name, help="folder: <log_dir>/<dataset>/sweep_NAME")
+    # The grid (left out: the scripts' or the preset's value).
+    for name, kind in (("decoder_depth", utils.POSITIVE_INT), ("mask_ratio", utils.OPEN_UNIT),
+                       ("pretrain_epochs", utils.EPOCHS), ("time_budget", utils.BUDGET_MINUTES),
+                       ("labels_per_class", utils.POSITIVE_INT), ("seeds", utils.SEED)):
+        p.add_argument(f"--{name}", type=kind, nargs="+", default=[0] if name == "seeds" else None)
+    p.add_argument("--mask_strategy", choices=MASK_STRATEGIES, nargs="+")
+    p.add_argument("--pretrain_share", type=utils.OPEN_UNIT, default=0.5, help="with --time_budget")
+    p.add_argument("--finetune_epochs", type=utils.EPOCHS)
+    p.add_argument("--linear_probe_epochs", type=utils.EPOCHS, help="default: --finetune_epochs")
+    p.add_argument("--no_linear_probe", action="store_true")
+    p.add_argument("--scratch", action="store_true", help="also fine-tune from scratch once per seed")
+    p.add_argument("--scratch_only", action="store_true", help="only the from-scratch runs")
+    # Passed to every run that takes them (--finetune_batch_size: every classifier run).
+    p.add_argument("--preset", help="the scripts' named model size and schedule, e.g. small")
+    p.add_argument("--dataset", choices=["cifar10", "cifar100"], default="cifar10")
+    p.add_argument("--data_dir", type=utils.path_text, help="image folder with train/<class>/ and test/<class>/")
+    p.add_argument("--device")
+    p.add_argument("--log_dir", default="logs", type=utils.path_text)
     for name in ("pretrain_batch_size", "finetune_batch_size", "max_device_batch_size", *MODEL_SIZE, "decoder_heads"):
-        common.add_argument(f"--{name}", type=positive)
-    # Free-form options for mae_pretrain.py and train_classifier.py, split into words (the default "" too).
-    common.add_argument("--pretrain_args", type=shlex.split, default="", help='for pretraining, e.g. "--norm_pix_loss"')
-    common.add_argument("--finetune_args", type=shlex.split, default="", help="for fine-tuning and scratch")
-    common.add_argument("--probe_args", type=shlex.split, default="", help="for the linear probe")
-    p.add_argument("--launcher", default="", help='runs each script, e.g. "torchrun --nproc_per_node 4" (default: '
-                   'this Python)', type=typed(shlex.split, lambda w: not w or shutil.which(w[0]), "a command in PATH"))
+        p.add_argument(f"--{name}", type=utils.POSITIVE_INT)
+    for name, runs in (("pretrain", "pretraining"), ("finetune", "fine-tuning and scratch"), ("probe", "the probe")):
+        p.add_argument(f"--{name}_args", type=shlex.split, default="", help=f"free-form options for {runs}")
+    p.add_argument("--launcher", type=shlex.split, default="", help='runs each script, e.g. "torchrun '
+                   '--nproc_per_node 4" (default: this Python)')
     p.add_argument("--dry_run", action="store_true", help="print what would run, with the commands; run nothing")
-    args = p.parse_args(argv)
+    a = p.parse_args(argv)
     for option in ("pretrain_args", "finetune_args", "probe_args"):
         # argparse also takes a unique prefix of an option ("--total" for --total_epoch): prefixes are refused too.
-        if taken := sorted({own for word in getattr(args, option) if word.startswith("--") for own in OWN_OPTIONS
+        if taken := sorted({own for word in getattr(a, option) if word.startswith("--") for own in OWN_OPTIONS
                             if own.startswith(word.split("=")[0])}):
             p.error(f"argument --{option}: may not set {', '.join(taken)}: the sweep sets those itself")
-    if args.time_budget:
-        epochs_typed = [f for f in ("--pretrain_epochs", "--finetune_epochs", "--linear_probe_epochs")
-                        if any(w.split("=")[0] == f for w in (sys.argv[1:] if argv is None else argv))]
-        if epochs_typed:
-            p.error(f"argument {epochs_typed[0]}: --time_budget plans every run's epochs; give one or the other")
-        args.pretrain_epochs = [None]
-    if args.no_linear_probe and (args.linear_probe_epochs or args.probe_args):
-        flag = "--linear_probe_epochs" if args.linear_probe_epochs else "--probe_args"
-        p.error(f"argument {flag}: sets up a linear probe that --no_linear_probe turns off; leave one out")
-    args.folder = Path(args.log_dir) / args.dataset / f"sweep_{args.name}"
-    utils.check_writable_folder(p, "--log_dir", args.log_dir)
-    utils.check_name_lengths(p, "--name", args.folder / "checkpoints")
-    if not no_file_on(args.folder / "checkpoints"):
-        p.error(f"argument --name: a file stands where {args.folder}/checkpoints/ would go")
-    return args
+    if "/" in a.name:
+        p.error("argument --name: a folder name, without '/'")
+    if a.time_budget and (a.pretrain_epochs or a.finetune_epochs or a.linear_probe_epochs):
+        p.error("argument --time_budget: sets every run's length; leave out the epochs")
+    if a.no_linear_probe and (a.linear_probe_epochs or a.probe_args):
+        p.error("argument --no_linear_probe: turns off the probe that --linear_probe_epochs, --probe_args set up")
+    if a.data_dir and not all((Path(a.data_dir) / split).is_dir() for split in ("train", "test")):
+        p.error(f"argument --data_dir: {a.data_dir} has no train/ and test/ folders")
+    a.folder = Path(a.log_dir) / a.dataset / f"sweep_{a.name}"
+    utils.check_writable_folder(p, "--log_dir", a.log_dir)
+    utils.check_writable_folder(p, "--name", a.folder / "checkpoints")
+    return a
 
 
 def flags(**options):
-    """``--key value`` for each option that is not None."""
+    """``--key value`` for each option given (None: left to the script or the preset)."""
     return [word for key, value in options.items() if value is not None for word in (f"--{key}", str(value))]
 
 
-def plan(a):
-    """Every run, seeds outermost (after the first seed's pass every setting has a result). A run has a name (its
-    folder's too), its command (without --resume), total_epochs, the checkpoint --resume auto continues from, its
-    log_dir, the settings that make it (in settings.json, compared on every restart) and the run it needs."""
-    runs, size = [], {k: getattr(a, k) for k in MODEL_SIZE if getattr(a, k) is not None}
+def named(*parts):
+    return "_".join(str(part) for part in parts if part)
 
-    def add(name, script, seed, epochs, warmup, options, extra, settings, checkpoint, needs=None, minutes=None):
-        # The scripts log to <log_dir>/<dataset>/<run_name>/: a run name under the sweep's folder keeps it there.
-        # With a budget, the script plans its epochs (its warm-up is then its defaults' share, as here).
-        length = dict(time_budget=f"{minutes:g}") if minutes else dict(total_epoch=epochs,
-                                                                       warmup_epoch=round(epochs * warmup))
-        script_args = [str(HERE / script), *flags(seed=seed, **length), *options, *flags(
-            run_name=f"{a.folder.name}/{name}", log_dir=a.log_dir, dataset=a.dataset, data_dir=a.data_dir,
-            device=a.device, max_device_batch_size=a.max_device_batch_size), *extra]  # the free-form options last
-        runs.append(SimpleNamespace(name=name, command=[*(a.launcher or [sys.executable]), *script_args],
-                                    script_args=script_args, total_epochs=None if minutes else epochs,
-                                    checkpoint=checkpoint,
-                                    log_dir=a.folder / name, settings=settings, needs=needs))
+
+def plan(a):
+    """Every run, seeds outermost (after the first seed's pass every setting has a result): its name (its folder's
+    too), command (without --resume), checkpoint (what --resume auto continues from), log_dir, settings (what
+    summarize.py tells runs apart by), total_epochs (None where the script or its budget decides), the run it needs."""
+    runs, size, once = [], {k: getattr(a, k) for k in MODEL_SIZE}, dict.fromkeys  # once: each value once, in order
+    shared = dict(dataset=a.dataset, preset=a.preset, model_size=size)
+
+    def add(script, name, settings, options, extra, epochs, minutes, needs=None):
+        # The scripts log to <log_dir>/<dataset>/<run_name>/: a run name under the sweep's folder keeps it there. A
+        # classifier writes its best epoch to its output path, its latest (what it resumes from) beside it.
+        out, pretraining = a.folder / "checkpoints" / f"{name}.pt", script == "mae_pretrain.py"
+        words = [str(HERE / script), *flags(seed=settings["seed"], preset=a.preset, total_epoch=epochs, time_budget=(
+            minutes and f"{minutes:g}"), **{"model_path" if pretraining else "output_model_path": out}), *options,
+            *flags(run_name=f"{a.folder.name}/{name}", log_dir=a.log_dir, dataset=a.dataset, data_dir=a.data_dir,
+                   device=a.device, max_device_batch_size=a.max_device_batch_size), *extra]  # free-form ones last
+        runs.append(SimpleNamespace(name=name, command=[*(a.launcher or [sys.executable]), *words], needs=needs,
+                                    checkpoint=out if pretraining else out.with_name(f"{name}_last.pt"),
+                                    log_dir=a.folder / name, settings=settings, total_epochs=epochs))
         return runs[-1]
 
-    def classifier(stage, seed, pretrained=None, minutes_per_arm=None):
-        # "finetune" or "linear_probe" from ``pretrained``, or "scratch" (given all of ``minutes_per_arm``)
+    def classifier(stage, seed, labels, minutes, pretrained=None, tag=()):
         probe = stage == "linear_probe"
-        prefix, epochs, extra = ("lp", a.linear_probe_epochs or a.finetune_epochs, a.probe_args) if probe else (
-            "ft" if pretrained else "scratch", a.finetune_epochs, a.finetune_args)
-        minutes = minutes_per_arm and minutes_per_arm * ((1 - a.pretrain_share) if pretrained else 1)
-        name = f"{prefix}_{pretrained.name.removeprefix('mae_')}" if pretrained else \
-            f"{prefix}{f'_tb{minutes_per_arm:g}' if minutes_per_arm else ''}_s{seed}"
-        best = a.folder / "checkpoints" / f"{name}.pt"
-        options = [*flags(output_model_path=best, batch_size=a.finetune_batch_size, **(
-            {"pretrained_model_path": pretrained.checkpoint} if pretrained else size)), *["--linear_probe"] * probe]
-        # A fine-tuned result depends on its pretraining's settings too.
-        settings = {**(pretrained.settings if pretrained else dict(seed=seed, dataset=a.dataset, model_size=size)),
-                    "stage": stage,
-                    "linear_probe_epochs" if probe else "finetune_epochs": None if minutes_per_arm else epochs,
-                    "finetune_batch_size": a.finetune_batch_size, "probe_args" if probe else "finetune_args": extra,
-                    **({"time_budget": minutes_per_arm} if minutes_per_arm else {})}
-        add(name, "train_classifier.py", seed, epochs, 0.05, options, extra, settings,
-            best.with_name(f"{name}_last.pt"), pretrained, minutes)
+        epochs, extra = (a.linear_probe_epochs or a.finetune_epochs, a.probe_args) if probe else \
+            (a.finetune_epochs, a.finetune_args)
+        settings = {**(pretrained.settings if pretrained else {**shared, "seed": seed, "time_budget": minutes}),
+                    "stage": stage, "labels_per_class": labels, "finetune_batch_size": a.finetune_batch_size,
+                    "linear_probe_epochs" if probe else "finetune_epochs": epochs,
+                    "probe_args" if probe else "finetune_args": extra}
+        options = flags(batch_size=a.finetune_batch_size, labels_per_class=labels, pretrained_model_path=pretrained
+                        and pretrained.checkpoint, **({} if pretrained else size)) + ["--linear_probe"] * probe
+        add("train_classifier.py", named({"finetune": "ft", "linear_probe": "lp"}.get(stage, stage), *tag, (
+            not pretrained and minutes and f"tb{minutes:g}"), labels and f"lpc{labels}", f"s{seed}"), settings,
+            options, extra, epochs, minutes and minutes * ((1 - a.pretrain_share) if pretrained else 1), pretrained)
 
-    for seed in dict.fromkeys(a.seeds):  # a value given twice runs once
-        for minutes_per_arm in dict.fromkeys(a.time_budget or [None]):
-            for epochs, depth, strategy, ratio in [] if a.scratch_only else product(*map(dict.fromkeys, (
-                    a.pretrain_epochs, a.decoder_depth, a.mask_strategy, a.mask_ratio))):
-                length = f"tb{minutes_per_arm:g}" if minutes_per_arm else f"ep{epochs}"
-                name = f"mae_dd{depth}_{strategy}_mr{ratio:g}_{length}_s{seed}"
-                checkpoint = a.folder / "checkpoints" / f"{name}.pt"
-                settings = {"stage": "pretrain", "seed": seed, "dataset": a.dataset, "decoder_depth": depth,
-                            "mask_strategy": strategy, "mask_ratio": ratio, "pretrain_epochs": epochs,
-                            "pretrain_batch_size": a.pretrain_batch_size, "model_size": size,
-                            "decoder_heads": a.decoder_heads, "pretrain_args": a.pretrain_args,
-                            **({"time_budget": minutes_per_arm, "pretrain_share": a.pretrain_share}
-                               if minutes_per_arm else {})}
-                options = flags(decoder_depth=depth, mask_strategy=strategy, mask_ratio=ratio, model_path=checkpoint,
+    pretrainings = [] if a.scratch_only else list(product(*(once(v or [None]) for v in (
+        a.pretrain_epochs, a.decoder_depth, a.mask_strategy, a.mask_ratio))))  # [None]: the setting left out
+    for seed in once(a.seeds):
+        for minutes in once(a.time_budget or [None]):
+            for epochs, depth, strategy, ratio in pretrainings:
+                tag = (depth and f"dd{depth}", strategy, ratio and f"mr{ratio:g}",
+                       epochs and f"ep{epochs}" or minutes and f"tb{minutes:g}")
+                settings = dict(**shared, seed=seed, stage="pretrain", decoder_depth=depth, mask_strategy=strategy,
+                                mask_ratio=ratio, pretrain_epochs=epochs, time_budget=minutes,
+                                pretrain_share=minutes and a.pretrain_share, pretrain_batch_size=a.pretrain_batch_size,
+                                decoder_heads=a.decoder_heads, pretrain_args=a.pretrain_args)
+                options = flags(decoder_depth=depth, mask_strategy=strategy, mask_ratio=ratio,
                                 batch_size=a.pretrain_batch_size, **size, decoder_heads=a.decoder_heads)
-                mae = add(name, "mae_pretrain.py", seed, epochs, 0.1, options, a.pretrain_args, settings, checkpoint,
-                          minutes=minutes_per_arm and minutes_per_arm * a.pretrain_share)
-                for stage in ("finetune",) if a.no_linear_probe else ("finetune", "linear_probe"):
-                    classifier(stage, seed, mae, minutes_per_arm)
-            if a.scratch or a.scratch_only:
-                classifier("scratch", seed, minutes_per_arm=minutes_per_arm)
+                mae = add("mae_pretrain.py", named("mae", *tag, f"s{seed}"), settings, options, a.pretrain_args,
+                          epochs, minutes and minutes * a.pretrain_share)
+                for labels in once(a.labels_per_class or [None]):
+                    for stage in ("finetune",) if a.no_linear_probe else ("finetune", "linear_probe"):
+                        classifier(stage, seed, labels, minutes, mae, tag)
+            for labels in once(a.labels_per_class or [None]) if a.scratch or a.scratch_only else []:
+                classifier("scratch", seed, labels, minutes)
     return runs
 
 
-def check_commands(runs):
-    """Run each script's own ``--check_args`` on the commands still to run, before the first starts: a bad
-    free-form option or a shape the grid cannot make fails now, not hours in. One check per pretraining setting
-    and per classifier stage; classifier options are checked as from scratch (the encoder may not exist yet; a
-    bad one fails its own run later, as any run's failure does). Returns [(run name, error line)]."""
-    checked, problems = set(), []
-    for run in runs:
-        words = run.script_args
-        if "--pretrained_model_path" in words:
-            at = words.index("--pretrained_model_path")
-            words = [w for i, w in enumerate(words) if i not in (at, at + 1) and w != "--linear_probe"]
-        setting = {k: v for k, v in run.settings.items() if k != "seed"} if run.settings["stage"] == "pretrain" \
-            else run.settings["stage"]
-        form = (words[0], json.dumps(setting, sort_keys=True))
-        if form in checked:
-            continue
-        checked.add(form)
-        code, output = check_command([*words, "--check_args"])
-        if code:
-            problems.append((run.name, (output.strip().splitlines() or [f"exit code {code}"])[-1]))
-    return problems
+def study(a):
+    """What makes the study's results, as study.json holds it: every setting but where and how it runs (the data
+    folder by its full path)."""
+    settings = {k: v for k, v in vars(a).items() if k not in HOW_TO_RUN}
+    return json.loads(json.dumps({**settings, "data_dir": a.data_dir and str(Path(a.data_dir).resolve())}))
 
 
-def fetch_dataset(name):
-    """Without --data_dir every run loads torchvision's copy: download it once now (nothing when it is there
-    already), so that a machine without network stops here, not in every run. Returns the error, or None."""
-    try:
-        data.load_dataset(name)
-    except data.DataError as error:
-        return str(error)
-    return None
-
-
-def check_command(script_args):
-    """(exit code, error output) of a script's --check_args, in a Python of its own (no launcher needed)."""
-    result = subprocess.run([sys.executable, *script_args], capture_output=True, text=True)
-    return result.returncode, result.stderr or result.stdout
+def check_study(a):
+    """A sweep folder holds one study: another one there is refused, in one line that says what differs."""
+    path, now = a.folder / "study.json", study(a)
+    if path.is_file():
+        then = json.loads(path.read_text())
+        if changed := [f"{k}: {then.get(k)!r} then, {now.get(k)!r} now" for k in sorted(then | now)
+                       if then.get(k) != now.get(k)]:
+            raise utils.UserError(f"{a.folder} holds another study ({'; '.join(changed)}); give this one another "
+                                   f"--name, or run the same settings again")
+    elif a.folder.is_dir() and any(p.name != SWEEP_LOCK for p in a.folder.iterdir()):
+        raise utils.UserError(f"{a.folder} holds runs but no study.json (an earlier sweep.py's?), so its study is "
+                               f"unknown; give this one another --name")
 
 
 def run_state(run):
-    """(state, detail): "skipped", "resuming", "new", "restarting", or "FAILED" (needs the user)."""
-    recorded, metrics, now = run.log_dir / "settings.json", run.log_dir / "metrics.csv", run.settings
-    then = json.loads(recorded.read_text())["settings"] if recorded.is_file() else now
-    if then != now:
-        changed = ", ".join(f"{k}: {then.get(k)!r} then, {now.get(k)!r} now" for k in sorted(then | now)
-                            if then.get(k) != now.get(k))
-        return "FAILED", f"{run.log_dir} was run with other settings ({changed}); use another --name"
-    # Epochs logged, None when it never started.
-    epochs = len(list(csv.DictReader(metrics.read_text().splitlines()))) if metrics.is_file() else None
-    total = planned_epochs(run)
+    """(state, detail): "skipped" (finished: its checkpoint is there and its metrics.csv has the epochs that end
+    it, see summarize.length), "resuming", "new", or "FAILED" (needs the user)."""
+    done, total = len(summarize.read_rows(run.log_dir)), summarize.length(run.log_dir) or run.total_epochs
     if run.checkpoint.is_file():
-        if epochs is not None and total is not None and epochs >= total:
-            return "skipped", f"finished: {epochs}/{total} epochs"
-        with suppress(Exception):  # --patience ended it early: finished all the same (unreadable: resume says why)
-            if epochs and torch.load(run.checkpoint, map_location="cpu", weights_only=True).get("stopped_early"):
-                return "skipped", f"finished: stopped early (--patience) after {epochs}/{run.total_epochs} epochs"
-        return "resuming", f"{epochs or 0}/{total or 'planned'} epochs done"
-    if not epochs:  # never started, or stopped in its first epoch: nothing to continue, nothing to lose
-        return ("new", "") if epochs is None else ("restarting", "it stopped before its first checkpoint")
-    return "FAILED", (f"{run.log_dir} has {epochs} epochs logged but no checkpoint {run.checkpoint} to continue "
-                      f"from; delete that folder to run it again")
+        return ("skipped", f"finished: {done}/{total} epochs") if total and done >= total else \
+            ("resuming", f"{done}/{total or '?'} epochs done")
+    if done:
+        return "FAILED", (f"{run.log_dir} has {done} epochs logged but no checkpoint {run.checkpoint} to continue "
+                          f"from; delete that folder to run it again")
+    return "new", ""
 
 
-def planned_epochs(run):
-    """The run's epochs: fixed by the sweep, or (with --time_budget) as the run planned them, once it has."""
-    if run.total_epochs is not None:
-        return run.total_epochs
-    return (json.loads((run.log_dir / "budget.json").read_text()) if (run.log_dir / "budget.json").is_file() else {}).get("total_epoch")
-
-
-def write_settings(run, command):
+def write_settings(run, command, total_epochs=None):
+    """The run's record (settings.json), for summarize.py: written as it starts, and when it exits 0 with the
+    epochs it logged (--patience or a budget may end it before, or without, a length the sweep set)."""
     utils.write_text(run.log_dir / "settings.json", json.dumps(
-        {"run": run.name, "settings": run.settings, "total_epochs": planned_epochs(run),
+        {"run": run.name, "settings": run.settings, "total_epochs": total_epochs or run.total_epochs,
          "checkpoint": str(run.checkpoint), "command": shlex.join(command)}, indent=1) + "\n")
-
-
-def refuse(why, *details):
-    """Why the sweep started nothing, on stderr (where a script's refusal goes too), then the details."""
-    print(f"sweep: nothing was started; {why}", *details, sep="\n", file=sys.stderr, flush=True)
 
 
 def execute(command):
@@ -284,66 +209,55 @@ def execute(command):
         raise
 
 
+def train(run, command):
+    """Runs it: None once it finished, else why not."""
+    write_settings(run, command)
+    if code := execute(command):
+        return f"exit code {code}"
+    if not run.checkpoint.is_file():
+        return f"it ended without its checkpoint {run.checkpoint}"
+    write_settings(run, command, len(summarize.read_rows(run.log_dir)))
+    return None
+
+
 def main(argv=None):
-    args = parse_args(argv)
-    runs, finished, failures, skipped = plan(args), set(), [], 0
-    say(f"sweep {args.folder}: {len(runs)} runs")
-    pending = [run for run in runs if run_state(run)[0] in ("new", "restarting", "resuming")]
-    if problems := check_commands(pending):
-        refuse("these commands would fail:", *(f"  {name}: {line}" for name, line in problems))
-        return 2
-    if pending and not args.dry_run and not args.data_dir and (problem := fetch_dataset(args.dataset)):
-        refuse(problem)
-        return 2
-    lock = None
-    if pending and not args.dry_run:  # a second copy of this sweep would start the runs this one has not reached
-        try:
-            lock = utils.RunLock(args.folder, SWEEP_LOCK, f"{args.folder} is being run by another sweep.py with "
-                                 f"this --name; wait for it to end, or stop it first").acquire()
-        except utils.UserError as error:
-            refuse(error)
-            return 2
+    a = parse_args(argv)
+    runs, finished, failures, before = plan(a), set(), [], 0
+    check_study(a)
+    say(f"sweep {a.folder}: {len(runs)} runs")
+    if not a.dry_run and not a.data_dir and any(run_state(r)[0] in ("new", "resuming") for r in runs):
+        data.load_dataset(a.dataset)  # download it once now: without a network, stop here, not in every run
+    lock = None if a.dry_run else utils.RunLock(a.folder, SWEEP_LOCK, f"{a.folder} is being run by another "
+                                                "sweep.py with this --name; wait for it to end, or stop it").acquire()
     try:
-        for number, run in enumerate(runs, 1):
-            prefix, (state, detail) = f"[{number}/{len(runs)}] {run.name}:", run_state(run)
-            if state not in ("skipped", "FAILED") and run.needs and run.needs.name not in finished:
-                state, detail = "not run", f"{run.needs.name} did not finish"
-            command = run.command + ["--resume", "auto"] * (state == "resuming")
-            say(f"{prefix} {state}" + (f" ({detail})" if detail else "") + (
-                f"\n    {shlex.join(command)}" if args.dry_run and state in ("new", "restarting", "resuming") else ""))
-            if state == "skipped":
-                finished.add(run.name)
-                skipped += 1
-                if not args.dry_run and not (run.log_dir / "settings.json").is_file():
-                    write_settings(run, command)
-            elif state in ("FAILED", "not run"):
-                failures.append((run.name, detail if state == "FAILED" else f"not run: {detail}"))
-            elif args.dry_run:
-                finished.add(run.name)  # assume it would finish, so that the runs after it are shown too
+        if lock:
+            utils.write_text(a.folder / "study.json", json.dumps(study(a), indent=1) + "\n")
+        for number, job in enumerate(runs, 1):
+            (state, detail), prefix = run_state(job), f"[{number}/{len(runs)}] {job.name}:"
+            if state in ("new", "resuming") and job.needs and job.needs.name not in finished:
+                state, detail = "not run", f"{job.needs.name} did not finish"
+            command = job.command + ["--resume", "auto"] * (state == "resuming")
+            say(f"{prefix} {state}" + f" ({detail})" * bool(detail) + (
+                f"\n    {shlex.join(command)}" if a.dry_run and state in ("new", "resuming") else ""))
+            before += state == "skipped"
+            if state in ("FAILED", "not run"):
+                failures.append((job.name, detail if state == "FAILED" else f"not run: {detail}"))
+            elif state == "skipped" or a.dry_run or not (why := train(job, command)):  # dry: as if it would finish
+                finished.add(job.name)
             else:
-                if state == "restarting":
-                    shutil.rmtree(run.log_dir)
-                write_settings(run, command)
-                start, code = time.perf_counter(), execute(command)
-                state, detail = run_state(run)
-                if code == 0 and state == "skipped":
-                    finished.add(run.name)
-                    write_settings(run, command)  # now with the epochs a budgeted run planned
-                    say(f"{prefix} finished in {time.perf_counter() - start:.1f} s")
-                else:
-                    failures.append((run.name, f"exit code {code}" if code else f"ended unfinished ({detail})"))
-                    say(f"{prefix} FAILED ({failures[-1][1]}; its output is above)")
+                failures.append((job.name, why))
+                say(f"{prefix} FAILED ({why}; its output is above)")
     except KeyboardInterrupt:
         say("\nsweep interrupted; run the same command again to continue where it stopped")
         return 130
     finally:
         if lock:
             lock.release()
-    if not args.dry_run:
-        say(f"\nsweep {args.folder}: {len(runs) - len(failures)} of {len(runs)} runs finished ({skipped} of them "
-            "already before this call)", *(f"  failed: {name}: {why}" for name, why in failures), sep="\n")
-        say("Fix the cause and run the same command again to continue.\n" * bool(failures) +
-            f"tables and figures: python summarize.py {args.folder}")
+    if not a.dry_run:
+        say(f"\nsweep {a.folder}: {len(runs) - len(failures)} of {len(runs)} runs finished ({before} of them already "
+            "before this call)", *(f"  failed: {name}: {why}" for name, why in failures),
+            *["Fix the cause and run the same command again to continue."] * bool(failures),
+            f"tables and figures: python summarize.py {a.folder}", sep="\n")
     return 1 if failures else 0
 
 

@@ -176,7 +176,7 @@ def test_one_setting_over_seeds_still_gets_its_curves(tmp_path, capsys):
         write_chain(tmp_path, 4, "random", seed, 0.5)
     summarize.main([str(tmp_path)])
     report = (tmp_path / "results.md").read_text()
-    assert table_after(report, "All settings")[0]["setting"] == "MAE pretraining"
+    assert table_after(report, "All settings")[0]["setting"] == "MAE + fine-tuning"
     assert (tmp_path / "finetune_acc.png").is_file() and (tmp_path / "pretrain_loss.png").is_file()
 
 
@@ -197,14 +197,15 @@ def test_bad_arguments_exit_2_and_write_nothing(tmp_path, capsys, argv, message)
     assert [p.name for p in tmp_path.iterdir()] == ["a_file"]
 
 
-@pytest.mark.parametrize("settings_text, metrics_text", [
-    ("{not json", None),
-    ("[1, 2]", None),
-    (json.dumps({"settings": {"stage": "finetune", "seed": 0}}), None),  # no total_epochs
-    (None, "epoch,val_acc\n1,abc\n2,xyz\n"),  # a value that is not a number
+@pytest.mark.parametrize("settings_text, metrics_text, why", [
+    ("{not json", None, "unreadable: JSONDecodeError"),
+    ("[1, 2]", None, "unreadable: AttributeError"),
+    (None, "epoch,val_acc\n1,abc\n2,xyz\n", "unreadable: ValueError"),  # a value that is not a number
+    (json.dumps({"settings": {"stage": "finetune", "seed": 0}}), None, "not finished: 2/? epochs"),  # length unknown
+    (None, "epoch,val_acc\n1,0.5\n", "not finished: 1/2 epochs"),
 ])
-def test_an_unreadable_run_is_left_out_by_name_and_the_rest_summarized(tmp_path, capsys, settings_text,
-                                                                        metrics_text):
+def test_an_unreadable_or_unfinished_run_is_left_out_by_name_and_the_rest_summarized(tmp_path, settings_text,
+                                                                                   metrics_text, why):
     write_chain(tmp_path / "sweep", 2, "random", 0, 0.5)
     broken = tmp_path / "sweep" / "ft_broken"
     write_run(broken, "finetune", 1, [{"val_acc": 0.4}, {"val_acc": 0.5}], **GRID, decoder_depth=2,
@@ -215,20 +216,66 @@ def test_an_unreadable_run_is_left_out_by_name_and_the_rest_summarized(tmp_path,
         (broken / "metrics.csv").write_text(metrics_text)
     summarize.main([str(tmp_path / "sweep")])
     report = (tmp_path / "sweep" / "results.md").read_text()
-    assert "ft_broken (unreadable:" in report
+    assert f"ft_broken ({why}" in report
     assert [row["run"] for row in read_csv(tmp_path / "sweep" / "runs.csv")] == [
         "ft_dd2_random_s0", "lp_dd2_random_s0", "mae_dd2_random_s0"]
+
+
+def test_a_non_finite_value_is_shown_as_such_and_its_run_named(tmp_path, capsys):
+    """A NaN loss at the end is the run's loss (not an earlier finite one), apart from the blank of a value
+    never measured."""
+    for seed in (0, 1):
+        write_chain(tmp_path, 2, "random", seed, 0.5 + 0.1 * seed, probe=0.3 if seed == 0 else None)
+    mae = tmp_path / "mae_dd2_random_s1"
+    (mae / "metrics.csv").write_text("epoch,loss,seconds,knn_acc,probe_acc\n1,0.5,10,,\n2,nan,10,,\n")
+    summarize.main([str(tmp_path)])
+    report = (tmp_path / "results.md").read_text()
+    (row,) = table_after(report, "All settings")
+    assert row["pretrain loss"] == "nan in 1 of 2"
+    assert row["pretraining probe (%)"] == "30.00 ± - (n=1)"  # seed 1 never measured it
+    assert "k-NN (%)" not in row  # nobody measured it: no column
+    assert "Non-finite results (shown as such, never averaged): mae_dd2_random_s1 (loss=nan)" in report
+    runs = {r["run"]: r for r in read_csv(tmp_path / "runs.csv")}
+    assert (runs["mae_dd2_random_s1"]["loss"], runs["mae_dd2_random_s1"]["non_finite"]) == ("nan", "loss=nan")
+    assert (runs["mae_dd2_random_s1"]["probe_acc"], runs["mae_dd2_random_s0"]["non_finite"]) == ("", "")
+
+
+def test_accuracy_against_labels_per_class_for_both_arms(tmp_path, figure_texts):
+    accuracy, grid = {}, {**GRID, "decoder_depth": 2, "mask_strategy": "random"}
+    for seed in (0, 1):
+        write_run(tmp_path / f"mae_s{seed}", "pretrain", seed, [{"loss": 0.5, "seconds": 1}] * 2, **grid)
+        for labels in (50, 500):
+            for arm, stage in (("ft", "finetune"), ("scratch", "scratch")):
+                final = accuracy.setdefault((labels, arm), [])
+                final.append(labels / 1000 + (0.2 if arm == "ft" else 0) + 0.01 * seed)
+                write_run(tmp_path / f"{arm}_lpc{labels}_s{seed}", stage, seed, [{"val_acc": final[-1],
+                          "seconds": 1}] * 2, labels_per_class=labels, **(grid if arm == "ft" else {}))
+    summarize.main([str(tmp_path)])
+    report = (tmp_path / "results.md").read_text()
+    assert [r["setting"] for r in table_after(report, "All settings vs from scratch")] == [
+        "labels per class 50", "labels per class 500", "from scratch, labels per class 50",
+        "from scratch, labels per class 500"]
+    rows = table_after(report, "Accuracy against labels per class")
+    assert [(r["labels per class"], r["setting"], r["n"]) for r in rows] == [
+        ("50", "MAE + fine-tuning", "2"), ("50", "from scratch", "2"), ("500", "MAE + fine-tuning", "2"),
+        ("500", "from scratch", "2")]
+    assert [r["final acc (%)"] for r in rows] == [mean_std_text(accuracy[labels, arm])
+                                                      for labels in (50, 500) for arm in ("ft", "scratch")]
+    assert figure_texts["accuracy_vs_labels.png"]["axes"] == [("labels per class", "test accuracy (%)",
+                                                                ["MAE + fine-tuning", "from scratch"])]
+    assert "(accuracy_vs_labels.png)" in report and not (tmp_path / "budget.csv").exists()
 
 
 # ------------------------------------------------------------------------------- accuracy against the budget
 
 
 def write_budget_run(folder, stage, seed, final, epochs, wall, minutes, **settings):
-    """A --time_budget run: total_epochs unknown to the sweep until the run planned it (budget.json)."""
+    """A --time_budget run: its length unknown to the sweep, in budget.json once it ended."""
     write_run(folder, stage, seed, [{"val_acc": final - 0.1, "seconds": 1}] * (epochs - 1) +
               [{"val_acc": final, "seconds": 1}], total_epochs=None, time_budget=minutes, **settings)
-    (folder / "budget.json").write_text(json.dumps({"total_epoch": epochs, "wall_seconds": wall,
-                                                    "machine": "test CPU", "date": "2026-11-30"}))
+    (folder / "budget.json").write_text(json.dumps({
+        "time_budget_minutes": minutes, "total_epoch": epochs, "epochs": epochs - 0.5, "steps": 10 * epochs,
+        "wall_seconds": wall, "machine": "test CPU", "date": "2026-11-30", "reproduce": "--total_epoch 3"}))
 
 
 def test_budget_runs_give_a_table_a_csv_and_a_figure_of_accuracy_against_minutes(tmp_path):
@@ -243,21 +290,22 @@ def test_budget_runs_give_a_table_a_csv_and_a_figure_of_accuracy_against_minutes
             write_budget_run(tmp_path / f"scratch_{name}", "scratch", seed, scratch, 4, [minutes * 59.0, 1.0],
                              minutes, dataset="cifar10", model_size={}, finetune_epochs=None)
     write_run(tmp_path / "scratch_tb30_s0", "scratch", 0, [{"val_acc": 0.1, "seconds": 1}], total_epochs=None,
-              time_budget=30, dataset="cifar10", model_size={})  # still in its trial: left out, named
+              time_budget=30, dataset="cifar10", model_size={})  # still running: left out, named
+    (tmp_path / "scratch_tb30_s0" / "budget.json").write_text(json.dumps({"time_budget_minutes": 30}))
     summarize.main([str(tmp_path), "--output_dir", str(tmp_path / "out")])
     rows = read_csv(tmp_path / "out" / "budget.csv")
     assert [(r["budget_minutes"], r["arm"], r["seed"]) for r in rows] == [
         ("10", "mae", "0"), ("10", "mae", "1"), ("10", "scratch", "0"), ("10", "scratch", "1"),
         ("20", "mae", "0"), ("20", "mae", "1"), ("20", "scratch", "0"), ("20", "scratch", "1")]
     first = rows[0]
-    assert float(first["test_acc"]) == 70.0 and (first["pretrain_epochs"], first["finetune_epochs"]) == ("3", "2")
+    assert float(first["test_acc"]) == 70.0 and (first["pretrain_epochs"], first["finetune_epochs"]) == ("2.5", "1.5")
     assert float(first["wall_minutes"]) == round((300 + 290) / 60, 2) and first["machine"] == "test CPU"
     assert float(rows[2]["wall_minutes"]) == round((590 + 1) / 60, 2)  # a resumed run's processes add up
     report = (tmp_path / "out" / "results.md").read_text()
     table = table_after(report, "Accuracy against the time budget (equal compute)")
-    assert [(r["budget (min)"], r["arm"]) for r in table] == [("10", "MAE + fine-tuning"), ("10", "from scratch"),
-                                                              ("20", "MAE + fine-tuning"), ("20", "from scratch")]
-    assert table[0]["final test acc (%)"] == mean_std_text([0.70, 0.72])
-    assert table[1]["epochs (pretrain + fine-tune)"] == "4, 4"
+    assert [(r["time budget (min)"], r["setting"]) for r in table] == [
+        ("10", "MAE + fine-tuning"), ("10", "from scratch"), ("20", "MAE + fine-tuning"), ("20", "from scratch")]
+    assert table[0]["final acc (%)"] == mean_std_text([0.70, 0.72]) and table[0]["n"] == "2"
+    assert table[0]["time / seed"] == "5.0 s"  # 3 epochs of pretraining, 2 of fine-tuning
     assert (tmp_path / "out" / "accuracy_vs_budget.png").stat().st_size > 1000
-    assert "scratch_tb30_s0 (not finished: it has not planned its budget yet)" in report
+    assert "scratch_tb30_s0 (not finished: 1/? epochs)" in report

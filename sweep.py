@@ -24,7 +24,6 @@ from itertools import product
 from pathlib import Path
 from types import SimpleNamespace
 
-import utils
 import data
 import summarize
 import utils

@@ -82,8 +82,8 @@ def test_training_state_round_trips_with_weights_only(tmp_path):
     model, optimizer = tiny_training()
     path = tmp_path / "ckpt.pt"
     position = engine.EpochPosition(optimizer_steps=3, micro_batches=6, images_seen=48, sums=[1.5, 7.0])
-    ckpt.save_checkpoint(path, ckpt.training_state("mae", model, ModelConfig(), optimizer, 5, ARGS, position,
-                                                   best_acc=0.5))
+    ckpt.save_checkpoint(path, ckpt.training_state("mae", model, ModelConfig(), optimizer, 5, ARGS,
+                                                   position=position, best_acc=0.5))
     expected_draw = torch.rand(3)  # drawn right after the state was captured
     assert torch.load(path, map_location="cpu", weights_only=True)["epoch"] == 5  # no pickled objects inside
 
@@ -215,17 +215,6 @@ def test_setup_seed_makes_model_init_repeatable():
 
 
 
-def test_resolve_resume(tmp_path):
-    own = tmp_path / "own.pt"
-    assert ckpt.resolve_resume("auto", own) is None
-    own.write_bytes(b"x")
-    assert ckpt.resolve_resume("auto", own) == own
-    assert ckpt.resolve_resume("other.pt", own) == "other.pt"
-    assert ckpt.resolve_resume(None, own) is None
-
-
-
-
 def test_background_writer_saves_a_copy_taken_at_save_time(tmp_path):
     weights = {"w": torch.zeros(3)}
     writer = ckpt.CheckpointWriter()
@@ -269,19 +258,27 @@ SAVED = {"epoch": 4, "args": {"dataset": "cifar10", "total_epoch": 10, "base_lea
                               "time_budget": None, "device": "cpu"}}
 
 
+def settle(saved, args, fixed=("dataset", "seed")):
+    """resume_settings, checking that the arguments as typed are left as they were."""
+    before = dict(vars(args))
+    settings = ckpt.resume_settings(saved, args, fixed, "run.pt", "logs/run")
+    assert vars(args) == before
+    return settings
+
+
 def test_resume_applies_typed_changes_and_says_so(capsys):
     args = resume_args(["total_epoch", "base_learning_rate"], total_epoch=20, base_learning_rate=2e-3)
-    assert ckpt.settle_resume_settings(SAVED, args, ("dataset", "seed"), "run.pt") == [
-        "--total_epoch 10 -> 20", "--base_learning_rate 0.001 -> 0.002"]
-    assert args.total_epoch == 20 and args.base_learning_rate == 2e-3
-    assert "from epoch 5 with changed settings, applied from there" in capsys.readouterr().out
+    settings = settle(SAVED, args)
+    assert settings.total_epoch == 20 and settings.base_learning_rate == 2e-3
+    out = capsys.readouterr().out
+    assert "from epoch 5 with changed settings, applied from there" in out and "--total_epoch 10 -> 20" in out
 
 
 def test_resume_continues_left_out_flags_with_the_runs_own_values(capsys):
     args = resume_args(total_epoch=2000, base_learning_rate=1.5e-4, device="cuda")  # defaults, nothing typed
-    assert ckpt.settle_resume_settings(SAVED, args, ("dataset", "seed"), "run.pt") == []
-    assert args.total_epoch == 10 and args.base_learning_rate == 1e-3  # the run's own
-    assert args.device == "cuda"  # where it runs is this command's
+    settings = settle(SAVED, args)
+    assert settings.total_epoch == 10 and settings.base_learning_rate == 1e-3  # the run's own
+    assert settings.device == "cuda"  # where it runs is this command's
     assert capsys.readouterr().out == ""
 
 
@@ -289,54 +286,29 @@ def test_resume_continues_left_out_flags_with_the_runs_own_values(capsys):
     (["dataset"], dict(dataset="cifar100"), r"--dataset: 'cifar10' -> 'cifar100'"),
     ([], dict(dataset="cifar100"), r"--dataset: 'cifar10' -> 'cifar100'"),  # the data is loaded first: typed or not
     (["seed"], dict(seed=3), r"--seed: 0 -> 3"),  # the checkpoint restores the run's random streams
-    (["time_budget"], dict(time_budget=5.0), r"keeps its length, 10 epochs; change it with --total_epoch"),
+    (["time_budget"], dict(time_budget=5.0), r"keeps its budget; give --total_epoch"),
 ])
 def test_resume_refuses_what_it_cannot_apply(typed, values, message):
     with pytest.raises(UserError, match=message):
-        ckpt.settle_resume_settings(SAVED, resume_args(typed, **values), ("dataset", "seed"), "run.pt")
+        settle(SAVED, resume_args(typed, **values))
+
+
+def test_a_checkpoint_resumes_only_into_its_own_run_folder():
+    with pytest.raises(UserError, match="belongs to the run in"):
+        settle({**SAVED, "run_dir": "logs/other"}, resume_args())
 
 
 def test_a_batch_size_change_is_refused_only_in_the_middle_of_an_epoch():
     saved = {**SAVED, "args": {**SAVED["args"], "batch_size": 64}}
-    args = resume_args(["batch_size"], batch_size=128)
-    ckpt.settle_resume_settings(saved, args, (), "run.pt")
-    assert args.batch_size == 128
+    assert settle(saved, resume_args(["batch_size"], batch_size=128), ()).batch_size == 128
     with pytest.raises(UserError, match="middle of an epoch"):
-        ckpt.settle_resume_settings({**saved, "position": {"optimizer_steps": 1}},
-                                    resume_args(["batch_size"], batch_size=128), (), "run.pt")
+        settle({**saved, "position": {"optimizer_steps": 1}}, resume_args(["batch_size"], batch_size=128), ())
 
 
-def test_typing_a_new_length_ends_a_budgeted_plan():
+def test_typing_a_new_length_ends_a_budgeted_run():
     saved = {**SAVED, "args": {**SAVED["args"], "time_budget": 5.0}}
-    args = resume_args(["total_epoch"], total_epoch=30)
-    ckpt.settle_resume_settings(saved, args, (), "run.pt")
-    assert args.total_epoch == 30 and args.time_budget is None
-    kept = resume_args(["time_budget"], time_budget=5.0, total_epoch=2000)
-    ckpt.settle_resume_settings(saved, kept, (), "run.pt")
-    assert kept.total_epoch == 10  # the plan it made
+    settings = settle(saved, resume_args(["total_epoch"], total_epoch=30), ())
+    assert settings.total_epoch == 30 and settings.time_budget is None
+    assert settle(saved, resume_args(["time_budget"], time_budget=5.0), ()).time_budget == 5.0
 
 
-def test_a_new_length_keeps_only_the_earlier_lengths_already_trained():
-    """A corrected run's history stays with it; a typed new length holds from the resumed epoch (4) on, so a
-    length that was to change later (epoch 6) is dropped."""
-    saved = {**SAVED, "args": {**SAVED["args"], "earlier_lengths": [[2, 12], [6, 11]]}}
-    args = resume_args(earlier_lengths=[])
-    ckpt.settle_resume_settings(saved, args, (), "run.pt")
-    assert args.earlier_lengths == [[2, 12], [6, 11]]
-    args = resume_args(["total_epoch"], total_epoch=20, earlier_lengths=[])
-    applied = ckpt.settle_resume_settings(saved, args, (), "run.pt")
-    assert args.earlier_lengths == [[2, 12]] and "(the new length holds from here)" in applied[-1]
-
-
-def test_a_new_length_makes_a_partial_last_epoch_whole_unless_typed_too(capsys):
-    saved = {**SAVED, "args": {**SAVED["args"], "time_budget": 5.0, "last_epoch_steps": 7}}
-    args = resume_args(last_epoch_steps=0)  # --resume auto alone: the plan's partial last epoch stays
-    ckpt.settle_resume_settings(saved, args, (), "run.pt")
-    assert (args.total_epoch, args.last_epoch_steps, args.time_budget) == (10, 7, 5.0)
-    args = resume_args(["total_epoch"], total_epoch=12, last_epoch_steps=0)
-    applied = ckpt.settle_resume_settings(saved, args, (), "run.pt")
-    assert (args.total_epoch, args.last_epoch_steps, args.time_budget) == (12, 0, None)
-    assert "--last_epoch_steps 7 -> 0 (the new last epoch is whole)" in applied
-    args = resume_args(["total_epoch", "last_epoch_steps"], total_epoch=12, last_epoch_steps=3)
-    ckpt.settle_resume_settings(saved, args, (), "run.pt")
-    assert (args.total_epoch, args.last_epoch_steps) == (12, 3)

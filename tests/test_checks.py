@@ -1,6 +1,5 @@
 """utils.py: range-checked argparse types and the checks of devices and paths."""
 import argparse
-import os
 
 import pytest
 import torch
@@ -31,28 +30,6 @@ def test_range_errors_name_the_flag_the_value_and_the_range(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--mask_ratio", "1.5"])
     assert "argument --mask_ratio: 1.5 is not allowed: it must be in (0, 1)" in capsys.readouterr().err
-
-
-def test_writable_folder_checks(tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    (tmp_path / "file").write_text("x")
-    utils.check_writable_folder(parser, "--log_dir", tmp_path / "new" / "deeper")  # can be made: fine
-    assert not (tmp_path / "new").exists()  # a check writes nothing
-    for bad in (tmp_path / "file", tmp_path / "file" / "below"):
-        with pytest.raises(SystemExit) as exit_info:
-            utils.check_writable_folder(parser, "--log_dir", bad)
-        assert exit_info.value.code == 2
-    assert "is a file" in capsys.readouterr().err
-    assert list(tmp_path.iterdir()) == [tmp_path / "file"]  # the probe file is gone
-
-
-@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
-def test_a_folder_where_no_file_can_be_made_is_refused_even_for_root(capsys):
-    # /proc: even root, whom permission bits do not stop, cannot make a file there.
-    with pytest.raises(SystemExit) as exit_info:
-        utils.check_writable_folder(argparse.ArgumentParser(), "--log_dir", "/proc/logs")
-    assert exit_info.value.code == 2
-    assert "argument --log_dir: /proc/logs is not writable" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("device", ["gpu", "cuda:7", "tpu"])

@@ -69,7 +69,7 @@ def test_mps_runs_fp32_and_eager_unless_asked(monkeypatch):
     assert engine.resolve_precision("fp16", MPS) == "fp16" and engine.resolve_precision("bf16", MPS) == "bf16"
     step = lambda x: x
     assert engine.maybe_compile(step, MPS) is step
-    assert engine.compiler_available(torch.device("cpu")) and not engine.compiler_available(MPS)
+    assert not engine.why_eager(torch.device("cpu")) and engine.why_eager(MPS)
     line = engine.describe_speed_path(MPS, "fp32", True, "auto")
     assert line.startswith("device mps, precision fp32 (chosen by --precision auto), eager (torch.compile on MPS "
                            "is experimental")
@@ -79,7 +79,7 @@ def test_mps_runs_fp32_and_eager_unless_asked(monkeypatch):
 def test_the_cpu_and_cuda_paths_are_unchanged(monkeypatch):
     monkeypatch.setattr(engine.shutil, "which", lambda name: None)  # no C++ compiler
     cpu = torch.device("cpu")
-    assert engine.compiler_available(torch.device("cuda")) and not engine.compiler_available(cpu)
+    assert not engine.why_eager(torch.device("cuda")) and engine.why_eager(cpu)
     assert "eager (no C++ compiler found)" in engine.describe_speed_path(cpu, "fp32", True)
     assert engine.describe_speed_path(cpu, "fp32", False).startswith("device cpu, precision fp32, eager, ")
 

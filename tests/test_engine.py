@@ -20,16 +20,6 @@ def test_warmup_cosine():
     assert schedule(100) == pytest.approx(0.0, abs=1e-12)
 
 
-def test_an_epoch_schedule_follows_each_earlier_length_up_to_its_epoch():
-    """Epochs 1-3 followed a 20-epoch run's cosine, 4-6 a 12-epoch run's, the rest the final 10's."""
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
-    schedule = engine.EpochSchedule(optimizer, 0, 10, [[3, 20], [6, 12]])
-    for epoch, length in ((1, 20), (3, 20), (4, 12), (6, 12), (7, 10), (10, 10)):
-        assert schedule.set_epoch(epoch) == pytest.approx(0.5 * engine.warmup_cosine(0, length)(epoch - 1))
-    schedule.set_length(0, 10)  # without them: the final length's schedule throughout, the peak kept
-    assert schedule.set_epoch(3) == pytest.approx(0.5 * engine.warmup_cosine(0, 10)(2))
-
-
 def linear_run(batches, accum_steps):
     """One train_epoch of a fixed linear model with SGD; returns its weights after and train_epoch's result."""
     torch.manual_seed(0)

@@ -192,7 +192,7 @@ def test_sigterm_finishes_the_epoch_saves_and_exits_143(tmp_path, mae_argv):
     (["--mask_ratio", 0], "argument --mask_ratio: 0 is not allowed: it must be in (0, 1)"),
     (["--patch_size", 3], "--patch_size 3 does not divide the 16 px images"),
     (["--emb_dim", 33], "--emb_dim 33 is not divisible by --encoder_heads 2"),
-    (["--decoder_emb_dim", 7], "--decoder_emb_dim 7 is not divisible by --decoder_heads 2"),
+    (["--decoder_emb_dim", 7], "the decoder width 7 is not divisible by --decoder_heads 2"),
     # 8 x 8 patches, ratio 0.82 keeps int(64 * 0.18) = 11: a prime larger than the side, so no r x c rectangle.
     (["--mask_strategy", "block", "--mask_ratio", 0.82], "cannot keep 11 of 64 patches"),
     (["--mask_strategy", "grid", "--mask_ratio", 0.82], "cannot keep 11 of 64 patches"),

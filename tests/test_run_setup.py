@@ -1,5 +1,4 @@
 """run_setup.py: presets, shared flags, the rules that keep other runs' files safe, and the save schedule."""
-import argparse
 
 import pytest
 
@@ -7,7 +6,7 @@ import mae_pretrain
 import run_setup
 import train_classifier
 from conftest import read_metrics, run_dirs
-from model import ModelConfig
+from model import ModelConfig, build_mae
 from utils import UserError
 
 
@@ -28,14 +27,14 @@ def test_presets_set_defaults_and_typed_flags_win():
     (["--total_epoch", "100", "--warmup_epoch", "30"], 30),
 ])
 def test_a_default_warmup_longer_than_the_run_is_cut_to_its_share(argv, warmup, capsys):
-    args, _ = run_setup.parse_with_presets(mae_pretrain.build_parser(), argv, preset=mae_pretrain.PRESETS)
+    args = mae_pretrain.parse_args(argv)
     assert args.warmup_epoch == warmup
     assert ("is cut to" in capsys.readouterr().out) == (argv[-1] in ("100", "1"))
 
 
 def test_a_typed_warmup_longer_than_the_run_is_refused(capsys):
     with pytest.raises(SystemExit) as stop:
-        run_setup.parse_with_presets(train_classifier.build_parser(), ["--total_epoch", "3", "--warmup=4"])
+        train_classifier.parse_args(["--total_epoch", "3", "--warmup=4"])
     assert stop.value.code == 2
     assert "argument --warmup_epoch: 4 is longer than --total_epoch 3" in capsys.readouterr().err
 
@@ -63,40 +62,12 @@ def test_refuse_to_replace_a_finished_run(tmp_path):
     run_setup.refuse_to_replace(tmp_path / "run", [tmp_path / "m.pt"], overwrite=True)
 
 
-def test_a_checkpoint_resumes_only_into_its_own_run_folder(tmp_path):
-    run_setup.check_resume_owner({"run_dir": str(tmp_path / "a")}, tmp_path / "a", "m.pt")
-    run_setup.check_resume_owner({}, tmp_path / "b", "old.pt")  # older checkpoints do not say
-    with pytest.raises(UserError, match="belongs to the run in"):
-        run_setup.check_resume_owner({"run_dir": str(tmp_path / "a")}, tmp_path / "b", "m.pt")
-
-
 @pytest.mark.parametrize("sizes, message", [
     (dict(patch_size=3), "--patch_size 3 does not divide the 32 px images"),
     (dict(emb_dim=100), "--emb_dim 100 is not divisible by --encoder_heads 3"),
-    (dict(decoder_emb_dim=10), "--decoder_emb_dim 10 is not divisible by --decoder_heads 3")])
+    (dict(decoder_emb_dim=10), "the decoder width 10 is not divisible by --decoder_heads 3")])
 def test_shapes_that_cannot_make_a_model_name_their_flags(sizes, message):
     with pytest.raises(UserError, match=message):
-        run_setup.check_shapes(ModelConfig(**sizes), decoder=True)
+        run_setup.check_model(build_mae, ModelConfig(**sizes), decoder=True)
 
 
-def test_save_schedule(monkeypatch):
-    now = [0.0]
-    schedule = run_setup.SaveSchedule(argparse.Namespace(save_every=None, save_minutes=10))
-    schedule.clock = lambda: now[0]
-    schedule.last = 0.0
-    assert not schedule.due(1, 100)
-    now[0] = 601.0
-    assert schedule.due(2, 100)  # ten minutes passed
-    assert not schedule.due(3, 100)  # and the clock restarted
-    assert schedule.due(4, 100, stopping=True) and schedule.due(100, 100)
-    every = run_setup.SaveSchedule(argparse.Namespace(save_every=5, save_minutes=10))
-    assert [e for e in range(1, 12) if every.due(e, 11)] == [5, 10, 11]
-
-
-@pytest.mark.parametrize("text, ok", [("auto", True), ("64", True), ("0", False), ("big", False)])
-def test_micro_batch_flag(text, ok):
-    if ok:
-        assert run_setup.micro_batch_size(text) in ("auto", 64)
-    else:
-        with pytest.raises(argparse.ArgumentTypeError):
-            run_setup.micro_batch_size(text)

@@ -10,7 +10,6 @@ from types import SimpleNamespace
 
 import pytest
 
-import utils
 import data
 import summarize
 import sweep

@@ -1,5 +1,4 @@
 """utils.py: argument checks, run names, locks, logging, seeding and the command-line wrapper."""
-import argparse
 import csv
 
 import pytest
@@ -25,27 +24,6 @@ def test_split_batch_rejects_uneven_splits():
         utils.split_batch(128, 64, 3)
     with pytest.raises(UserError, match=r"per process \(96\) is not divisible by --max_device_batch_size 64"):
         utils.split_batch(96, 64, 1)
-
-
-def test_run_name_lists_only_the_settings_that_differ():
-    defaults = {"decoder_depth": 4, "mask_strategy": "random", "mask_ratio": 0.75, "norm_pix_loss": False,
-                "decoder_emb_dim": None}
-    keys = {"decoder_depth": "dd", "mask_strategy": "", "mask_ratio": "mr", "norm_pix_loss": "normpix",
-            "decoder_emb_dim": "dw"}
-    args = argparse.Namespace(**defaults)
-    assert utils.run_name("mae", args, defaults, keys) == "mae"
-    args = argparse.Namespace(**{**defaults, "decoder_depth": 8, "mask_strategy": "block"})
-    assert utils.run_name("mae", args, defaults, keys) == "mae_dd8_block"
-    args = argparse.Namespace(**{**defaults, "mask_ratio": 0.9, "norm_pix_loss": True, "decoder_emb_dim": 96})
-    assert utils.run_name("mae", args, defaults, keys) == "mae_mr0.9_normpix_dw96"
-
-
-def test_parser_defaults():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--depth", type=int, default=4)
-    parser.add_argument("--flag", action="store_true")
-    defaults = utils.parser_defaults(parser)
-    assert defaults["depth"] == 4 and defaults["flag"] is False
 
 
 def test_run_cli_turns_user_errors_into_one_line_and_exit_code_2(capsys):

@@ -73,7 +73,8 @@ def main(argv=None):
     done, position = ckpt.restore_training_state(resumed, "mae", model, optimizer, run.resume_path) \
         if resumed else (0, None)
     if resumed and not cfg.time_budget and done >= cfg.total_epoch:
-        print(f"{run.resume_path} has finished all {done} epochs: nothing to do (a larger --total_epoch continues it)")
+        print(f"{run.resume_path} has finished all {done} of --total_epoch {cfg.total_epoch} epochs: nothing to do "
+              f"(a larger --total_epoch continues it)")
         return utils.cleanup_distributed()
     train_model = DistributedDataParallel(model) if env.world_size > 1 else model
     eager_step = engine.make_pretrain_step(train_model, device, run.precision, config.patch_size, cfg.norm_pix_loss)

@@ -220,6 +220,8 @@ def start_run(args, checkpoint_paths, kind, fixed=()):
 def peek_data(args):
     """(image size, number of classes) without loading the data: the checks a run makes before it loads."""
     image_size, classes, train_images = peek(args.dataset, args.data_dir)
+    if args.max_device_batch_size != "auto":
+        utils.split_batch(args.batch_size, args.max_device_batch_size, 1)  # refuse a bad split before the data loads
     if args.batch_size > train_images:
         raise utils.UserError(f"--batch_size {args.batch_size} is larger than the {train_images} training images: "
                               f"not one optimizer step would run")

@@ -43,7 +43,7 @@ say = partial(print, flush=True)  # flushed, so that it lands in order with the 
 
 def parse_args(argv=None):
     p = utils.ArgumentParser(description=__doc__)
-    p.add_argument("--name", default="ablation", type=utils.run_name, help="folder: <log_dir>/<dataset>/sweep_NAME")
+    p.add_argument("--name", default="ablation", type=utils.run_name_text, help="<log_dir>/<dataset>/sweep_NAME")
     # The grid (left out: the scripts' or the preset's value).
     for name, kind in (("decoder_depth", utils.POSITIVE_INT), ("mask_ratio", utils.OPEN_UNIT),
                        ("pretrain_epochs", utils.EPOCHS), ("time_budget", utils.BUDGET_MINUTES),

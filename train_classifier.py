@@ -196,7 +196,8 @@ def main(argv=None):
     done, position, best = resume(run, resumed, model, optimizer, ema) if resumed \
         else (0, None, {"val_acc": -1.0, "epoch": 0})
     if resumed and not cfg.time_budget and done >= cfg.total_epoch:
-        print(f"{run.resume_path} has finished all {done} epochs: nothing to do (a larger --total_epoch continues it)")
+        print(f"{run.resume_path} has finished all {done} of --total_epoch {cfg.total_epoch} epochs: nothing to do "
+              f"(a larger --total_epoch continues it)")
         return utils.cleanup_distributed()
     train_model = DistributedDataParallel(model) if env.world_size > 1 else model
     prepare, criterion = batch_regularizers(cfg, len(classes))

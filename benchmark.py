@@ -32,7 +32,7 @@ COLUMNS = (("workload", "workload", ""), ("batch", "batch", ""), ("precision", "
            ("% of peak", "percent_of_peak", ".1f"), ("peak memory (GiB)", "peak_memory_gib", ".2f"))
 
 
-def parse_args(argv=None):
+def build_parser():
     p = utils.ArgumentParser(description=__doc__)
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, mps, cuda or cuda:N")
     p.add_argument("--workloads", nargs="+", choices=BUILD, default=list(BUILD))
@@ -55,6 +55,11 @@ def parse_args(argv=None):
         p.add_argument(f"--{name}", type=utils.POSITIVE_INT, default=getattr(ModelConfig, name))
     p.add_argument("--mask_strategy", choices=MASK_STRATEGIES, default=ModelConfig.mask_strategy)
     p.add_argument("--mask_ratio", type=utils.OPEN_UNIT, default=ModelConfig.mask_ratio)
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     preset = run_setup.PRESETS.get(p.parse_known_args(argv)[0].preset)
     if preset:  # its sizes become the defaults; what is typed still wins
         pretrain = preset["mae_pretrain"]

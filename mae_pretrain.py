@@ -26,7 +26,7 @@ RUN_NAME_KEYS = {"preset": "", "decoder_depth": "dd", "mask_strategy": "", "mask
 FIELDS = ["loss", "lr", "seconds", "images_per_s", "compile_seconds", "knn_acc", "probe_acc"]  # metrics.csv
 
 
-def parse_args(argv=None):
+def build_parser():
     p = utils.ArgumentParser(description=__doc__)
     run_setup.add_arguments(p, "mae_pretrain", batch_size=4096, micro_batch=512, lr=1.5e-4, total_epoch=2000,
                             warmup_epoch=200)  # the reference's
@@ -42,6 +42,11 @@ def parse_args(argv=None):
     p.add_argument("--knn_pool", choices=["cls", "mean"], default="cls", help="cls token or mean patch feature")
     p.add_argument("--probe_epochs", type=utils.NONNEGATIVE_INT, default=0,
                    help="with --knn_every: also train a linear probe on the frozen features for N epochs")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args, _ = run_setup.parse(p, argv, "mae_pretrain")
     args.run_name = args.run_name or run_setup.name_run("mae", args, p, RUN_NAME_KEYS)
     args.model_path = args.model_path or ("vit-t-mae.pt" if args.run_name == "mae" else f"vit-t-{args.run_name}.pt")

@@ -43,15 +43,15 @@ def add_arguments(p, script, batch_size, micro_batch, lr, total_epoch, warmup_ep
     for name in SIZE_FLAGS + (DECODER_FLAGS if script == "mae_pretrain" else ()):
         p.add_argument(f"--{name}", type=utils.POSITIVE_INT, default=None,
                        help=f"default {getattr(ModelConfig, name)} (or the checkpoint's)")
-    p.add_argument("--seed", type=utils.ranged(int, 0, 2 ** 32 - 1), default=42)
+    p.add_argument("--seed", type=utils.SEED, default=42)
     p.add_argument("--batch_size", type=utils.POSITIVE_INT, default=batch_size)
     p.add_argument("--max_device_batch_size", type=lambda t: t if t == "auto" else utils.POSITIVE_INT(t),
                    default=micro_batch, help="micro-batch, or auto (the largest that fits); gradients accumulate")
     p.add_argument("--base_learning_rate", type=utils.POSITIVE_FLOAT, default=lr, help="lr = base * batch / 256")
     p.add_argument("--weight_decay", type=utils.NONNEGATIVE_FLOAT, default=0.05)
-    p.add_argument("--total_epoch", type=utils.ranged(int, 1, 10 ** 6), default=total_epoch)
+    p.add_argument("--total_epoch", type=utils.EPOCHS, default=total_epoch)
     p.add_argument("--warmup_epoch", type=utils.ranged(int, 0, 10 ** 6), default=warmup_epoch)
-    p.add_argument("--time_budget", type=utils.ranged(float, 0, 7 * 24 * 60, low_open=True), metavar="MINUTES",
+    p.add_argument("--time_budget", type=utils.BUDGET_MINUTES, metavar="MINUTES",
                    help="instead of --total_epoch: train until this many minutes from the start have passed, the "
                         "learning rate following the share spent (shortest useful: a few minutes)")
     p.add_argument("--replay_budget", type=utils.path_text, metavar="BUDGET_JSON",

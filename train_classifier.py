@@ -127,8 +127,7 @@ def resume(run, checkpoint, model, optimizer, ema):
     return done, position, checkpoint["best"]
 
 
-def parse_args(argv=None):
-    """-> the arguments, and the size flags the user typed (a pretrained encoder must not contradict those)."""
+def build_parser():
     p = utils.ArgumentParser(description=__doc__)
     run_setup.add_arguments(p, "train_classifier", batch_size=128, micro_batch=256, lr=1e-3, total_epoch=100,
                             warmup_epoch=5)  # the reference's
@@ -160,7 +159,12 @@ def parse_args(argv=None):
     p.add_argument("--patience", type=utils.POSITIVE_INT, default=None,
                    help="stop when val accuracy has not improved for N epochs")
     p.add_argument("--eval_batch_size", type=utils.POSITIVE_INT, default=1000)
+    return p
 
+
+def parse_args(argv=None):
+    """-> the arguments, and the size flags the user typed (a pretrained encoder must not contradict those)."""
+    p = build_parser()
     args, typed = run_setup.parse(p, argv, "train_classifier", recipe=RECIPES)
     if args.linear_probe and not args.pretrained_model_path:
         p.error("--linear_probe needs --pretrained_model_path (a frozen random encoder says little)")

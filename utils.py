@@ -8,6 +8,7 @@ import os
 import random
 import shutil
 import sys
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -174,6 +175,9 @@ POSITIVE_FLOAT = ranged(float, 0, low_open=True)
 NONNEGATIVE_FLOAT = ranged(float, 0)
 PROBABILITY = ranged(float, 0, 1)
 OPEN_UNIT = ranged(float, 0, 1, low_open=True, high_open=True)
+SEED = ranged(int, 0, 2 ** 32 - 1)  # numpy's range
+EPOCHS = ranged(int, 1, 10 ** 6)  # beyond any real schedule: a typo, not a plan
+BUDGET_MINUTES = ranged(float, 0, 7 * 24 * 60, low_open=True)  # a week: beyond it, a typo (seconds?)
 
 
 def path_text(text):
@@ -192,6 +196,20 @@ def run_name_text(text):
     if any(len(part.encode()) > 200 for part in parts):  # else its folders would be made before the OS refused it
         raise argparse.ArgumentTypeError("a folder name longer than 200 bytes; give a shorter name")
     return text
+
+
+def check_writable_folder(parser, flag, folder):
+    """For tools that write at their end (a sweep, a summary): the folder is, or can be made, and takes a file."""
+    probe = Path(folder)
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        parser.error(f"argument {flag}: {folder} cannot be made: {probe} is a file")
+    try:  # permissions do not tell everything (root, /proc, some mounts): make an unnamed file there
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as error:
+        parser.error(f"argument {flag}: {folder} is not writable ({probe}: {error.strerror or error})")
 
 
 def check_outputs(parser, outputs, inputs=None, data_dir=None):

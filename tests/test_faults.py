@@ -155,7 +155,7 @@ def test_failed_report_writes_of_summarize_leave_the_earlier_report(tmp_path):
     (tmp_path / "sweep_a" / "results.md").write_text("an earlier report\n")
     (tmp_path / "sweep_a" / "finetune_acc.png").write_bytes(b"an earlier figure")
     result = run_limited(f"""
-        import checks, summarize
+        import utils, summarize
         limit_file_size(100)
         utils.run_cli(summarize.main, [{str(tmp_path / "sweep_a")!r}])
     """, tmp_path)
@@ -339,8 +339,8 @@ def test_a_cpu_compile_drops_the_no_cuda_runtime_note_and_nothing_else(monkeypat
 
 def test_os_file_names_too_long_are_refused_by_every_script(tmp_path, cli_error):
     long = "x" * 300
-    assert "argument --name: the name sweep_xxx" in cli_error(sweep.main, ["--name", long, "--log_dir",
+    assert "argument --name: a folder name longer than 200 bytes" in cli_error(sweep.main, ["--name", long, "--log_dir",
                                                                              str(tmp_path)])
-    assert "argument --output_dir: the name xxx" in cli_error(summarize.main, [str(tmp_path), "--output_dir",
+    assert "File name too long" in cli_error(summarize.main, [str(tmp_path), "--output_dir",
                                                                                  str(tmp_path / long)])
     assert not list(tmp_path.iterdir())

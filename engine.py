@@ -164,7 +164,8 @@ def train_epoch(step, batches, optimizer, accum_steps, model, *, progress=None, 
     ends the epoch when it returns False; ``after_step()`` after each optimizer step (an EMA's update).
     ``stop()`` is asked after every micro-batch: when it says so, the unfinished accumulation is dropped and the
     result's ``stopped_at`` is the position after the last optimizer step, which ``start`` continues from, with
-    the random streams as they were there (``rng_state()`` is taken after every step, only when a stop can come).
+    the random streams as they were there (``rng_state()`` is taken after every step when micro-batches
+    accumulate: a dropped one drew from them).
     """
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     done = start.micro_batches if start else 0
@@ -174,7 +175,8 @@ def train_epoch(step, batches, optimizer, accum_steps, model, *, progress=None, 
     micro, images_seen = done, start.images_seen if start else 0
     step_sums, step_images = None, 0
     usable = len(batches) // accum_steps * accum_steps  # an incomplete optimizer step at the end is skipped
-    budget_spent, rng = False, rng_state() if rng_state and stop else None
+    keep_rng = rng_state is not None and stop is not None and accum_steps > 1  # else a stop is always at a step
+    budget_spent, rng = False, rng_state() if keep_rng else None
     for i, (images, labels) in enumerate(batches.starting_at(done) if done else batches, start=done):
         if i >= usable:
             break
@@ -200,7 +202,7 @@ def train_epoch(step, batches, optimizer, accum_steps, model, *, progress=None, 
                 after_step()
             sums = step_sums if sums is None else [a + b for a, b in zip(sums, step_sums)]
             micro, images_seen, step_sums, step_images = i + 1, images_seen + step_images, None, 0
-            rng = rng_state() if rng_state and stop else None
+            rng = rng_state() if keep_rng else None
         if progress is not None:
             progress.update(1)
         if stop is not None and i + 1 < usable and stop():
@@ -264,6 +266,11 @@ class EpochSchedule:
 
     def set_epoch(self, epoch):
         return self.set_factor(self.factor(epoch - 1))
+
+    before_step = None  # a per-epoch schedule sets nothing per step (BudgetSchedule does)
+
+    def record(self):
+        return None  # nothing to save beside the arguments (BudgetSchedule saves its shares)
 
 
 class BudgetSchedule(EpochSchedule):

@@ -93,7 +93,7 @@ def main(argv=None):
 
     def state(epoch, **extra):
         return ckpt.training_state("mae", model, config, optimizer, epoch, cfg, run_dir=str(run.log_dir),
-                                   classes=run.train_set.classes, budget=getattr(schedule, "record", dict)(), **extra)
+                                   classes=run.train_set.classes, budget=schedule.record(), **extra)
 
     for epoch in book.epochs(done):
         loader.set_epoch(epoch)
@@ -104,7 +104,7 @@ def main(argv=None):
             result = engine.train_epoch(step, loader, optimizer, run.accum_steps, train_model, progress=book.bar,
                                         after_step=timer.after_step() if first else None, scaler=scaler,
                                         start=position if first else None, stop=book.stop.poll,
-                                        before_step=getattr(schedule, "before_step", None), rng_state=ckpt.rng_state)
+                                        before_step=schedule.before_step, rng_state=ckpt.rng_state)
         if result.stopped_at:  # a stop signal: save where this epoch stands, then exit
             book.stopping = True
             book.save(args.model_path, state(epoch - 1, position=result.stopped_at))

@@ -224,7 +224,7 @@ def main(argv=None):
     def state(epoch, **extra):
         return ckpt.training_state("classifier", model, config, optimizer, epoch, cfg, best=best, classes=classes,
                                    run_dir=str(run.log_dir), ema=ema.module.state_dict() if ema else None,
-                                   budget=getattr(schedule, "record", dict)(), **extra)
+                                   budget=schedule.record(), **extra)
 
     for epoch in book.epochs(done):
         loader.set_epoch(epoch)
@@ -236,7 +236,7 @@ def main(argv=None):
             result = engine.train_epoch(step, loader, optimizer, run.accum_steps, train_model, progress=book.bar,
                                         after_step=timer.after_step(update_ema) if first else update_ema,
                                         scaler=scaler, start=position if first else None, stop=book.stop.poll,
-                                        before_step=getattr(schedule, "before_step", None), rng_state=ckpt.rng_state)
+                                        before_step=schedule.before_step, rng_state=ckpt.rng_state)
         if result.stopped_at:  # a stop signal: save where this epoch stands, then exit
             book.stopping = True
             book.save(last_path, state(epoch - 1, position=result.stopped_at))

@@ -213,7 +213,7 @@ def check_writable_folder(parser, flag, folder):
 
 
 def check_outputs(parser, outputs, inputs=None, data_dir=None):
-    """The files a command writes (``{flag: path}``): each a writable file, none of them an input, none inside the
+    """The files a command writes (``{flag: path}``): none a folder, none of them an input, none inside the
     data folder, none named like a run folder's own logs, and no two the same file."""
     seen = {}
     for flag, path in outputs.items():

@@ -91,7 +91,7 @@ CASES = [  # (script, argv after the common ones, what the error line must conta
     ("bench", ["--batch_sizes", "8", "-8"], "argument --batch_sizes"),
     ("bench", ["--emb_dim", "32"], "divisible"),
     ("bench", ["--output", "{tmp}"], "could not write {tmp} (Is a directory"),
-    # Names the file system cannot hold: refused now, not at the first write hours later.
+    # Names the file system cannot hold: the OS's own error, one line, before the run writes anything.
     ("mae", ["--run_name", "{long}"], "argument --run_name: a folder name longer than 200 bytes"),
     ("mae", ["--model_path", "{tmp}/{long}.pt"], "File name too long"),
     ("mae", ["--log_dir", "{tmp}/{long}/logs"], "File name too long"),

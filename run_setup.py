@@ -138,10 +138,11 @@ def name_run(prefix, args, parser, abbreviations):
     parts = [prefix]
     for name, short in abbreviations.items():
         value = getattr(args, name)
-        if value is not None and value != defaults.get(name) and short not in prefix.split("_"):
-            parts.append(short if isinstance(value, bool) else value if isinstance(value, str) and not short
-                         else f"{short}{value}")
-    return "_".join(map(str, parts))
+        part = str(short if isinstance(value, bool) else value if isinstance(value, str) and not short
+                   else f"{short}{value}")
+        if value is not None and value != defaults.get(name) and part not in prefix.split("_"):
+            parts.append(part)  # a part the prefix has (the encoder's name) is not said twice
+    return "_".join(parts)
 
 
 def sizes(settings, fields=SIZE_FLAGS + DECODER_FLAGS):

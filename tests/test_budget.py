@@ -31,8 +31,8 @@ def test_the_share_spent_drives_the_lr_and_the_end(monkeypatch):
     while budget.before_step():
         lrs.append(optimizer.param_groups[0]["lr"])
         now[0] += 0.5
-    # 60 s, less 5 % for the end (until measured) and 2.5 s for the exit: 54.5 s of half-second steps.
-    assert len(lrs) == 109 and budget.shares == sorted(budget.shares) and budget.shares[-1] < 1
+    # 60 s, less 5 % for the end (until measured) and 1.5 s for the exit: 55.5 s of half-second steps.
+    assert len(lrs) == 111 and budget.shares == sorted(budget.shares) and budget.shares[-1] < 1
     peak = lrs.index(max(lrs))
     assert 0.2 < budget.shares[peak] < 0.26 and lrs[-1] < 0.01  # warm-up to a quarter, cosine to zero
     assert all(a <= b for a, b in zip(lrs[:peak], lrs[1:peak + 1]))
@@ -44,7 +44,7 @@ def test_a_measured_end_shortens_the_training_and_replay_repeats_it(monkeypatch)
     steps = 0
     while budget.before_step():
         steps, now[0] = steps + 1, now[0] + 0.5
-    assert steps == 75  # 60 - 20 - 2.5 s
+    assert steps == 77  # 60 - 20 - 1.5 s
     replay, _, replayed = schedule(monkeypatch, replay=budget.shares)
     lrs = []
     while replay.before_step():

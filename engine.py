@@ -1,5 +1,7 @@
 """The training engine both scripts share: precision and compile, a step, an epoch, evaluation, the learning rate
-(per epoch, or driven by a time budget), a graceful stop, and what a loop keeps beside the model (Bookkeeping)."""
+(per epoch, or driven by a time budget), timing and a graceful stop."""
+import contextlib
+import io
 import logging
 import math
 import shutil
@@ -7,18 +9,19 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from devices import all_reduce_sum, synchronize
 from model import mae_loss
-from utils import UserError, all_reduce_sum, synchronize
+from utils import UserError
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -26,13 +29,10 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def cpu_has_native_bf16():
-    """AVX512-BF16 or AMX: elsewhere bf16 is emulated on the CPU and slower than fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read().split()
-    except OSError:  # not Linux: fp32 is always correct
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    """AVX512-BF16 or AMX: elsewhere bf16 is emulated on the CPU and slower than fp32 (not Linux: fp32)."""
+    with contextlib.suppress(OSError):
+        return bool({"avx512_bf16", "amx_bf16"} & set(Path("/proc/cpuinfo").read_text().split()))
+    return False
 
 
 def resolve_precision(requested, device):
@@ -63,13 +63,13 @@ def why_eager(device):
     return None
 
 
-def maybe_compile(fn, device, enabled=True, mode="default"):
+def maybe_compile(fn, device, enabled=True):
     if not enabled or why_eager(device):
         return fn
     if device.type != "cuda":  # a CUDA build compiling for the CPU logs "No CUDA runtime is found": true, harmless
         logging.getLogger("torch.utils.cpp_extension").addFilter(
             lambda record: not str(record.msg).startswith("No CUDA runtime is found"))
-    return torch.compile(fn, mode=None if mode == "default" else mode)
+    return torch.compile(fn)
 
 
 def describe_speed_path(device, precision, compiled, requested_precision=None):
@@ -78,22 +78,6 @@ def describe_speed_path(device, precision, compiled, requested_precision=None):
                     else "torch.compile")
     chosen = " (chosen by --precision auto)" if requested_precision == "auto" else ""
     return f"device {device}, precision {precision}{chosen}, {compile_note}, {torch.get_num_threads()} CPU threads"
-
-
-def largest_fitting_micro_batch(trial, per_process_batch, device, cpu_cap=256):
-    """``--max_device_batch_size auto``: the largest power of two dividing the batch that fits in GPU memory
-    (``trial(size)`` runs one forward and backward); elsewhere ``cpu_cap`` or the batch, whichever is smaller."""
-    sizes = [1 << k for k in range(per_process_batch.bit_length() - 1, -1, -1) if per_process_batch % (1 << k) == 0]
-    if device.type != "cuda":
-        return next(size for size in sizes if size <= cpu_cap)
-    for size in sizes:
-        try:
-            trial(size)
-            return size
-        except torch.cuda.OutOfMemoryError:
-            pass
-        torch.cuda.empty_cache()  # outside the except block, so the failed step's tensors are freed
-    raise UserError("not even a micro-batch of 1 image fits in GPU memory")
 
 
 # ------------------------------------------------------------------------------------------------- steps
@@ -109,7 +93,7 @@ def make_pretrain_step(model, device, precision, patch_size, norm_pix_loss=False
     return step
 
 
-def make_classifier_step(model, device, precision, criterion, prepare=None, compile=False, compile_mode="default"):
+def make_classifier_step(model, device, precision, criterion, prepare=None, compile=False):
     """One micro-batch -> (loss, number correct). ``prepare`` (mixup, erasing) runs eagerly before the compiled
     forward: timm's Mixup draws its mixing weight on the host, which a compiled graph would bake in."""
     def forward_loss(images, targets, labels):
@@ -117,7 +101,7 @@ def make_classifier_step(model, device, precision, criterion, prepare=None, comp
             logits = model(images)
         return criterion(logits.float(), targets), (logits.argmax(-1) == labels).sum()
 
-    forward_loss = maybe_compile(forward_loss, device, compile, compile_mode)
+    forward_loss = maybe_compile(forward_loss, device, compile)
     return lambda images, labels: forward_loss(*(prepare(images, labels) if prepare else (images, labels)), labels)
 
 
@@ -137,9 +121,10 @@ class EpochPosition:
     images_seen: int  # per process
     sums: list  # [loss, *extras], over all processes
     rng: dict = None  # the random streams after the last finished step: a dropped micro-batch drew from them
+    ranks_rng: list = None  # under torchrun: every process's (rank order)
 
     def to_dict(self):
-        return {k: v for k, v in asdict(self).items() if k != "rng"}
+        return {k: v for k, v in asdict(self).items() if k not in ("rng", "ranks_rng")}
 
 
 @dataclass
@@ -149,6 +134,7 @@ class EpochResult:
     images_seen: int = 0
     stopped_at: EpochPosition = None  # a stop request ended the epoch: resume from here
     budget_spent: bool = False  # a time budget ended the epoch (and the run) early
+    ranks_rng: list = None  # under torchrun: every process's random streams at the epoch's end (rank order)
 
     def __iter__(self):  # (loss, extras, images_seen)
         return iter((self.loss, self.extras, self.images_seen))
@@ -158,15 +144,12 @@ def train_epoch(step, batches, optimizer, accum_steps, model, *, progress=None, 
                 start=None, stop=None, before_step=None, rng_state=None):
     """One pass over ``batches``; ``step(images, labels)`` returns (loss, *extra sums) for one micro-batch.
 
-    Gradients of ``accum_steps`` micro-batches are averaged before each optimizer step, so a batch split into
-    micro-batches gives the same update as the whole. Sums stay on the device: one sync at the end.
-    ``before_step()`` runs before each optimizer step's first micro-batch (a time budget sets the lr there) and
-    ends the epoch when it returns False; ``after_step()`` after each optimizer step (an EMA's update).
-    ``stop()`` is asked after every micro-batch: when it says so, the unfinished accumulation is dropped and the
-    result's ``stopped_at`` is the position after the last optimizer step, which ``start`` continues from, with
-    the random streams as they were there (``rng_state()`` is taken after every step when micro-batches
-    accumulate: a dropped one drew from them).
-    """
+    Gradients of ``accum_steps`` micro-batches are averaged before each optimizer step (the same update as the
+    whole batch); sums stay on the device, synced once at the end. ``before_step()`` runs before each optimizer step
+    (a budget sets the lr there; False ends the epoch), ``after_step()`` after it (an EMA). When ``stop()`` says so
+    after a micro-batch, the unfinished accumulation is dropped and ``stopped_at`` is the position after the last
+    step, with the random streams of then (``rng_state()``, kept per step when micro-batches accumulate), which
+    ``start`` continues from."""
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     done = start.micro_batches if start else 0
     sums = None  # [loss, *extras] on the device, up to the last finished optimizer step
@@ -208,10 +191,11 @@ def train_epoch(step, batches, optimizer, accum_steps, model, *, progress=None, 
         if stop is not None and i + 1 < usable and stop():
             optimizer.zero_grad(set_to_none=True)  # the unfinished step is done again on resume
             totals = all_reduce_sum(torch.stack(sums or [torch.zeros(())]).float()).tolist()
-            return EpochResult(stopped_at=EpochPosition(micro // accum_steps, micro, images_seen, totals, rng))
+            return EpochResult(stopped_at=EpochPosition(micro // accum_steps, micro, images_seen, totals, rng,
+                                                        gathered(rng.copy if rng else rng_state)))
     if sums is None:
         if budget_spent:
-            return EpochResult(budget_spent=True)
+            return EpochResult(budget_spent=True, ranks_rng=gathered(rng_state))
         raise UserError(f"an epoch has fewer images than one optimizer step needs ({accum_steps} micro-batches)")
     totals = all_reduce_sum(torch.stack(sums).detach()).tolist()  # the one sync
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -219,7 +203,19 @@ def train_epoch(step, batches, optimizer, accum_steps, model, *, progress=None, 
     if not math.isfinite(mean_loss):
         raise NonFiniteLoss(f"the training loss became {mean_loss}; stopping. The last checkpoint (from before "
                             f"this epoch) is kept; try a lower --base_learning_rate")
-    return EpochResult(mean_loss, totals[1:], images_seen * world, budget_spent=budget_spent)
+    return EpochResult(mean_loss, totals[1:], images_seen * world, budget_spent=budget_spent,
+                       ranks_rng=gathered(rng_state))
+
+
+def gathered(get_state):
+    """Every process's ``get_state()``, in rank order, under torchrun (None in one process): saved with a
+    checkpoint, so that each process resumes its own random streams."""
+    if get_state is None or not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    states, buffer = [None] * dist.get_world_size(), io.BytesIO()
+    torch.save(get_state(), buffer)  # as bytes: all_gather_object's own pickling of tensors fails on CPU tensors
+    dist.all_gather_object(states, buffer.getvalue())
+    return [torch.load(io.BytesIO(state), weights_only=True) for state in states]
 
 
 def is_main_process():
@@ -251,9 +247,8 @@ def warmup_cosine(warmup, total):
 
 
 class EpochSchedule:
-    """The lr of every epoch: each parameter group's peak (as the optimizer was built) times the warm-up / cosine
-    factor. Computed, not restored: a run resumed with a longer schedule or another lr trains each remaining epoch
-    as an uninterrupted run with the new settings would."""
+    """Each parameter group's peak lr times the warm-up / cosine factor of the epoch: computed, not restored, so a run
+    resumed with a longer schedule or another lr trains on as an uninterrupted run with those settings would."""
 
     def __init__(self, optimizer, warmup_epoch, total_epoch):
         self.optimizer, self.factor = optimizer, warmup_cosine(warmup_epoch, total_epoch)
@@ -274,14 +269,10 @@ class EpochSchedule:
 
 
 class BudgetSchedule(EpochSchedule):
-    """``--time_budget M``: before every optimizer step, the share of the budget spent so far sets the lr (warm-up,
-    then cosine to zero at the budget's end; Li, Yumer, Ramanan, "Budgeted Training", ICLR 2020), and the run ends
-    when the budget is spent, less what the end needs (the last evaluation and save, measured at each epoch's end,
-    and the exit). No trial, no plan: every step's share is recorded (``shares``), and a run given those shares
-    (``replay``) trains the same steps with the same learning rates, to the bit.
-
-    The clock counts from the process's start (from the call for a main() called in Python); a resumed run adds
-    the seconds its earlier processes spent (``spent_before``)."""
+    """``--time_budget M``: before every optimizer step the share of the budget spent sets the lr (warm-up, then a
+    cosine to zero at the end; Li, Yumer, Ramanan, "Budgeted Training", ICLR 2020); the run ends when the budget, less
+    what its end needs (measured at each epoch's end) and the exit, is spent. Every step's share is recorded, and a run
+    given those shares (``replay``) trains the same steps to the bit. A resumed run adds ``spent_before``."""
 
     EXIT_SECONDS = 1.5  # tearing down an interpreter with torch loaded: 1.0-1.4 s measured on 2-core CPUs
 
@@ -338,8 +329,8 @@ class BudgetSchedule(EpochSchedule):
 
 
 class EpochTimer:
-    """Wall time of a block, synchronising the device first so GPU work is counted where it happened. In a
-    process's first epoch the first optimizer step holds the compilation: ``after_step`` times it apart."""
+    """Wall time of a block, the device synchronised (GPU work counted where it happened); ``after_step`` times a
+    process's first optimizer step (the compilation) apart."""
 
     def __init__(self, device):
         self.device, self.first_step_seconds = device, None
@@ -371,11 +362,9 @@ class EpochTimer:
 
 
 class StopFlag:
-    """SIGINT / SIGTERM ask the run to stop after the current micro-batch, save and exit 130 / 143, as shells report
-    them (so ``pretrain && finetune`` does not go on with a half-trained encoder). A second signal quits at once,
-    except while a checkpoint is being written (``saving()``): that write always ends whole, and the exit code
-    stays the first signal's. Under torchrun the processes agree every ``agree_every`` micro-batches with one tiny
-    all-reduce, so they all stop at the same step."""
+    """SIGINT / SIGTERM: stop after this micro-batch, save, exit 130 / 143 (so ``pretrain && finetune`` stops too). A
+    second signal quits at once, unless a checkpoint is being written (``saving()``): that write ends whole first.
+    Under torchrun the processes agree every ``agree_every`` micro-batches, so they all stop at the same step."""
 
     def __init__(self, device=None, agree_every=10):
         self.requested, self.exit_code, self.saving = False, 0, lambda: False
@@ -412,39 +401,3 @@ class StopFlag:
 def progress_bar(total_steps, initial, enabled):
     return tqdm(total=total_steps, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
                 smoothing=0.05)
-
-
-class LongRunHint:
-    """The progress bar, which also says once, from the second micro-batch's time (the first holds the
-    compilation), how long the run would take when that is over a day: a GPU job started on a CPU."""
-
-    def __init__(self, bar, micro_batches_left):
-        self.bar, self.left, self.marks = bar, micro_batches_left, [time.perf_counter()]
-
-    def update(self, n):
-        self.bar.update(n)
-        if len(self.marks) < 3:
-            self.marks.append(time.perf_counter())
-            seconds = (self.marks[-1] - self.marks[-2]) * self.left
-            if len(self.marks) == 3 and seconds > 24 * 3600:
-                self.bar.write(f"at {self.marks[-1] - self.marks[-2]:.1f} s a micro-batch this run would take about "
-                               f"{seconds / 86400:,.0f} days here; on a CPU use --preset small, or --time_budget "
-                               f"MINUTES")
-
-    def __getattr__(self, name):
-        return getattr(self.bar, name)
-
-
-@dataclass
-class SaveSchedule:
-    """When to checkpoint: every ``every`` epochs if given, after ``minutes`` since the last save, at the end."""
-    every: int = None
-    minutes: float = 10.0
-    last: float = field(default_factory=time.monotonic)
-
-    def due(self, epoch, last_epoch, stopping=False):
-        if stopping or epoch == last_epoch or (self.every and epoch % self.every == 0) or \
-                time.monotonic() - self.last >= self.minutes * 60:
-            self.last = time.monotonic()
-            return True
-        return False

@@ -1,13 +1,7 @@
-"""Export an encoder (from a pretraining or a classifier checkpoint) as a timm VisionTransformer state dict.
+"""Export an encoder (from an MAE or a classifier checkpoint) as a timm VisionTransformer state dict, and print the
+timm.create_model call it fits (an MAE's has no head: load_state_dict(..., strict=False)):
 
-    python export_timm.py vit-t-mae.pt vit-t-mae-timm.pt
-
-then, in any project with timm:
-
-    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=2, no_embed_class=True,
-                              qkv_bias=False, num_classes=10)
-    model.load_state_dict(torch.load("vit-t-mae-timm.pt"), strict=False)   # all keys but the head's match
-"""
+    python export_timm.py vit-t-mae.pt vit-t-mae-timm.pt"""
 from pathlib import Path
 
 import checkpoint as ckpt
@@ -15,8 +9,7 @@ import utils
 from model import to_timm_state_dict
 
 
-def timm_model_kwargs(config, num_classes=10):
-    """The ``timm.create_model`` arguments that give our encoder's architecture (a ModelConfig)."""
+def timm_model_kwargs(config, num_classes=10):  # timm.create_model's arguments for a ModelConfig
     return dict(img_size=config.image_size, patch_size=config.patch_size, embed_dim=config.emb_dim,
                 depth=config.encoder_depth, num_heads=config.encoder_heads, no_embed_class=True, qkv_bias=False,
                 num_classes=num_classes)
@@ -24,27 +17,25 @@ def timm_model_kwargs(config, num_classes=10):
 
 def main(argv=None):
     parser = utils.ArgumentParser(description=__doc__)
-    parser.add_argument("checkpoint", type=utils.path_text,
-                        help="a checkpoint from mae_pretrain.py or train_classifier.py")
+    parser.add_argument("checkpoint", type=utils.path_text, help="from mae_pretrain.py or train_classifier.py")
     parser.add_argument("output", type=utils.path_text, help="where to write the timm state dict")
     parser.add_argument("--trust_checkpoint", action="store_true", help="allow a pickled whole-module checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     args = parser.parse_args(argv)
+    output = Path(args.output)
     if not Path(args.checkpoint).is_file():
         parser.error(f"argument checkpoint: {args.checkpoint} is not a file")
-    if Path(args.output).resolve() == Path(args.checkpoint).resolve():
+    if output.resolve() == Path(args.checkpoint).resolve():
         parser.error(f"argument output: {args.output} is the input checkpoint; writing there would replace it")
-    if Path(args.output).is_dir():
-        parser.error(f"argument output: {args.output} is a folder; give a file name")
-    if Path(args.output).exists() and not args.overwrite:
-        parser.error(f"argument output: {args.output} already exists; pass --overwrite to replace it")
+    if output.exists() and (output.is_dir() or not args.overwrite):
+        parser.error(f"argument output: {args.output} " + ("is a folder; give a file name" if output.is_dir() else
+                                                          "already exists; pass --overwrite to replace it"))
     checkpoint = ckpt.load_checkpoint(args.checkpoint, args.trust_checkpoint)
     if checkpoint["kind"] not in ("mae", "classifier"):
         raise utils.UserError(f"{args.checkpoint} holds neither an MAE nor a classifier")
     state = to_timm_state_dict(checkpoint["model"])
     ckpt.save_checkpoint(args.output, state)
-    head = state.get("head.weight")
-    shape = timm_model_kwargs(checkpoint["config"], len(head) if head is not None else 10)
+    shape = timm_model_kwargs(checkpoint["config"], len(state["head.weight"]) if "head.weight" in state else 10)
     print(f"wrote {len(state)} tensors to {args.output}; load them into timm.create_model("
           f"'vit_tiny_patch16_224', {', '.join(f'{k}={v!r}' for k, v in shape.items())})")
 

@@ -1,23 +1,22 @@
 """Figures: MAE reconstruction grids (for TensorBoard and the strategies figure) and captioned predictions."""
+from contextlib import suppress
+from itertools import accumulate, product
+
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from torchvision.transforms.functional import to_pil_image
 from torchvision.utils import make_grid
 
 from data import denormalize
+from devices import kept_random_state
 from model import MASK_STRATEGIES, PatchShuffle
-from utils import kept_random_state
 
 SCALE = 4  # CIFAR's 32 px are too small to read: draw each image 4x larger
 
 
 @torch.no_grad()
 def reconstruction_grid(model, images, seed=0):
-    """Rows: masked input | reconstruction (visible patches pasted back) | original; one column per image.
-
-    The masks come from a fixed seed so the figure shows the same masks every epoch, and drawing them leaves the
-    training run's random streams untouched.
-    """
+    """Rows: masked | reconstruction (visible patches pasted back) | original, masks drawn aside from ``seed``."""
     was_training = model.training
     model.eval()
     with kept_random_state(images.device):  # fp32: a figure is cheap, and exact
@@ -30,10 +29,9 @@ def reconstruction_grid(model, images, seed=0):
 
 
 def prediction_figure(images, labels, predictions, classes, columns=8):
-    """A grid of images, each captioned with its true and predicted label; wrong ones in red with a red frame."""
+    """Images captioned with their true and predicted labels; wrong ones in red with a red frame."""
     size, caption = images.shape[-1] * SCALE, 28
-    rows = -(-len(images) // columns)
-    figure = Image.new("RGB", (columns * (size + 8), rows * (size + caption + 8)), "white")
+    figure = Image.new("RGB", (columns * (size + 8), -(-len(images) // columns) * (size + caption + 8)), "white")
     draw = ImageDraw.Draw(figure)
     for i, (image, label, prediction) in enumerate(zip(images, labels.tolist(), predictions.tolist())):
         x, y = (i % columns) * (size + 8) + 4, (i // columns) * (size + caption + 8) + 4
@@ -47,15 +45,11 @@ def prediction_figure(images, labels, predictions, classes, columns=8):
 
 
 def drawable_maskings(model, strategies=MASK_STRATEGIES, ratios=(0.75,)):
-    """The (strategy, ratio) pairs this MAE can mask; a ValueError if there is none (check before drawing)."""
-    num_patches = model.encoder.pos_embedding.shape[0]
+    """The (strategy, ratio) pairs this MAE can mask; a ValueError if there is none."""
     pairs = []
-    for strategy in strategies:
-        for ratio in ratios:
-            try:
-                PatchShuffle(ratio, strategy).check(num_patches)
-            except ValueError:
-                continue
+    for strategy, ratio in product(strategies, ratios):
+        with suppress(ValueError):
+            PatchShuffle(ratio, strategy).check(model.encoder.pos_embedding.shape[0])
             pairs.append((strategy, ratio))
     if not pairs:
         raise ValueError(f"no masking strategy leaves a visible patch at mask ratios {list(ratios)}")
@@ -64,12 +58,8 @@ def drawable_maskings(model, strategies=MASK_STRATEGIES, ratios=(0.75,)):
 
 @torch.no_grad()
 def strategies_figure(model, images, strategies=MASK_STRATEGIES, ratios=(0.75,), seed=0):
-    """For each (strategy, ratio): a masked row and a reconstruction row, labelled on the left; the originals last.
-
-    A strategy that cannot mask at a ratio (block and grid need a rectangle of the kept count) is left out.
-    """
-    shuffle = model.encoder.shuffle
-    rows, labels = [], []
+    """A masked and a reconstructed row per drawable (strategy, ratio), labelled on the left; the originals last."""
+    shuffle, rows, labels = model.encoder.shuffle, [], []
     try:
         for strategy, ratio in drawable_maskings(model, strategies, ratios):
             model.encoder.shuffle = PatchShuffle(ratio, strategy)
@@ -83,11 +73,8 @@ def strategies_figure(model, images, strategies=MASK_STRATEGIES, ratios=(0.75,),
     heights = [r.shape[1] * SCALE // 2 for r in rows]
     grid_image = to_pil_image(torch.cat(rows, dim=1)).resize((rows[0].shape[2] * SCALE // 2, sum(heights)),
                                                              Image.NEAREST)
-    margin = 72  # a white column on the left for the row labels
-    figure = Image.new("RGB", (grid_image.width + margin, grid_image.height), "white")
-    figure.paste(grid_image, (margin, 0))
+    figure = ImageOps.expand(grid_image, (72, 0, 0, 0), "white")  # a white column on the left for the row labels
     draw = ImageDraw.Draw(figure)
-    for label, top, height in zip(labels, [sum(heights[:i]) for i in range(len(heights))], heights):
-        text_height = 12 * (label.count("\n") + 1)  # about 12 px a line in PIL's default font, old or new
-        draw.multiline_text((4, top + max(height - text_height, 0) // 2), label, fill="black")
+    for label, top, height in zip(labels, accumulate(heights, initial=0), heights):  # about 12 px a line of text
+        draw.multiline_text((4, top + max(height - 12 * (label.count("\n") + 1), 0) // 2), label, fill="black")
     return figure

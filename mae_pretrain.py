@@ -10,6 +10,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import checkpoint as ckpt
+import devices
 import engine
 import run_setup
 import utils
@@ -23,6 +24,7 @@ RUN_NAME_KEYS = {"preset": "", "decoder_depth": "dd", "mask_strategy": "", "mask
                  "decoder_emb_dim": "dw", "norm_pix_loss": "normpix", "patch_size": "p", "emb_dim": "e",
                  "encoder_depth": "ed", "augment": "aug", "total_epoch": "ep", "time_budget": "min",
                  "batch_size": "bs", "base_learning_rate": "lr", "seed": "s"}
+IMAGE_EVERY = 10  # the reconstruction grid in TensorBoard every N epochs, and at the first and last
 FIELDS = ["loss", "lr", "seconds", "images_per_s", "compile_seconds", "knn_acc", "probe_acc"]  # metrics.csv
 
 
@@ -35,11 +37,8 @@ def build_parser():
     p.add_argument("--mask_strategy", choices=MASK_STRATEGIES, default=None, help="default random")
     p.add_argument("--norm_pix_loss", action="store_true", help="per-patch normalised targets (the paper's)")
     p.add_argument("--augment", choices=sorted(AUGMENTATIONS), default="none")
-    p.add_argument("--image_every", type=utils.POSITIVE_INT, default=10,
-                   help="log the reconstruction grid every N epochs (and at the first and last)")
-    p.add_argument("--knn_every", type=utils.NONNEGATIVE_INT, default=0, help="k-NN test accuracy every K epochs")
-    p.add_argument("--knn_k", type=utils.POSITIVE_INT, default=20)
-    p.add_argument("--knn_pool", choices=["cls", "mean"], default="cls", help="cls token or mean patch feature")
+    p.add_argument("--knn_every", type=utils.NONNEGATIVE_INT, default=0,
+                   help="k-NN (k=20, cls token) test accuracy every K epochs")
     p.add_argument("--probe_epochs", type=utils.NONNEGATIVE_INT, default=0,
                    help="with --knn_every: also train a linear probe on the frozen features for N epochs")
     return p
@@ -74,22 +73,21 @@ def main(argv=None):
         ckpt.check_resume_model(resumed, config, run.resume_path)
     model = build_mae(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.base_learning_rate * cfg.batch_size / 256,
-                                  betas=(0.9, 0.95), weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+                                  betas=(0.9, 0.95), weight_decay=run_setup.WEIGHT_DECAY, fused=device.type == "cuda")
     done, position = ckpt.restore_training_state(resumed, "mae", model, optimizer, run.resume_path) \
         if resumed else (0, None)
     if resumed and not cfg.time_budget and done >= cfg.total_epoch:
         print(f"{run.resume_path} has finished all {done} of --total_epoch {cfg.total_epoch} epochs: nothing to do "
               f"(a larger --total_epoch continues it)")
-        return utils.cleanup_distributed()
+        return devices.cleanup_distributed()
     train_model = DistributedDataParallel(model) if env.world_size > 1 else model
     eager_step = engine.make_pretrain_step(train_model, device, run.precision, config.patch_size, cfg.norm_pix_loss)
-    step = engine.maybe_compile(eager_step, device, not cfg.no_compile, cfg.compile_mode)
-    loader = run_setup.make_loader(run, cfg, run_setup.trial_step(eager_step, model, run.train_set.images.shape[1:],
-                                                                  1, device))
+    step = engine.maybe_compile(eager_step, device, not cfg.no_compile)
+    loader = run_setup.make_loader(run, cfg)
     scaler = engine.grad_scaler(device, run.precision)
     fixed_images = normalize(run.test_set.images[:16].to(device))  # the reference's 16 validation images
     schedule = run_setup.schedule_for(run, cfg, optimizer, resumed)
-    book = run_setup.Bookkeeping(run, FIELDS, done, position, schedule)
+    book = run_setup.Bookkeeping(run, FIELDS, done, position, schedule, model)
 
     def state(epoch, **extra):
         return ckpt.training_state("mae", model, config, optimizer, epoch, cfg, run_dir=str(run.log_dir),
@@ -111,20 +109,20 @@ def main(argv=None):
             break
         last = book.epoch_end(result) or epoch == book.last_epoch
         if result.loss is None:  # the budget ran out before this epoch's first step: the run ended with the last
-            book.save(args.model_path, state(epoch - 1))
+            book.save(args.model_path, state(epoch - 1, ranks_rng=result.ranks_rng))
             break
         monitor = {}
         if env.is_main and cfg.knn_every and (epoch % cfg.knn_every == 0 or last or cfg.time_budget and first):
-            monitor = evaluate_encoder(model.encoder, run.train_set, run.test_set, device, cfg.knn_k,
-                                       cfg.knn_pool, cfg.probe_epochs, run.precision)
-        book.final = (epoch, {"loss": result.loss, **monitor})  # for the HParams view: loss, k-NN, probe
+            monitor = evaluate_encoder(model.encoder, run.train_set, run.test_set, device,
+                                       probe_epochs=cfg.probe_epochs, precision=run.precision)
+        book.final = (epoch, {"loss": result.loss, **monitor})  # for the HParams view and the last line
         book.logger.log(epoch, loss=result.loss, lr=lr, seconds=timer.seconds, **monitor,
                         images_per_s=timer.steady_rate(result.images_seen, cfg.batch_size),
                         compile_seconds=timer.first_step_seconds if first and not cfg.no_compile else None)
-        if env.is_main and (epoch % cfg.image_every == 0 or epoch == 1 or last):
+        if env.is_main and (epoch % IMAGE_EVERY == 0 or epoch == 1 or last):
             book.logger.add_image("mae_image", reconstruction_grid(model, fixed_images), epoch)
         if book.save_due(epoch, last):
-            book.save(args.model_path, state(epoch))
+            book.save(args.model_path, state(epoch, ranks_rng=result.ranks_rng))
         if book.stopping or last:
             break
         book.before_next_epoch()

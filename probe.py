@@ -1,8 +1,4 @@
-"""Judging a frozen encoder without fine-tuning it: k-NN accuracy and a linear probe on cached features.
-
-Both run on features extracted once (a forward pass over the data), so they are cheap enough to run every few
-pretraining epochs.
-"""
+"""A frozen encoder judged on features extracted once: k-NN accuracy and a linear probe, cheap enough to repeat."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -13,11 +9,11 @@ from engine import autocast
 
 @torch.no_grad()
 def extract_features(backbone, images, pool="cls", batch_size=1000, precision="fp32"):
-    """Features of uint8 ``images`` (N, 3, H, W): the cls token, or the mean of the patch tokens."""
+    """The cls token (or mean patch token) of uint8 ``images``; compiled on a GPU (on a CPU, not worth it)."""
     was_training = backbone.training
     backbone.eval()
+    forward = torch.compile(backbone.forward_features) if images.device.type == "cuda" else backbone.forward_features
     features = []
-    forward = feature_pass(backbone, images.device)
     for start in range(0, len(images), batch_size):
         with autocast(images.device, precision):
             tokens = forward(normalize(images[start:start + batch_size]))
@@ -27,16 +23,14 @@ def extract_features(backbone, images, pool="cls", batch_size=1000, precision="f
 
 
 @torch.no_grad()
-def knn_accuracy(train_features, train_labels, test_features, test_labels, k=20, temperature=0.07,
-                 chunk=1000):
+def knn_accuracy(train_features, train_labels, test_features, test_labels, k=20, temperature=0.07, chunk=1000):
     """Weighted k-NN on cosine similarity: each of the k nearest neighbours votes exp(similarity / T)."""
     train_features = F.normalize(train_features, dim=1)
-    num_classes = int(train_labels.max()) + 1
     correct = torch.zeros((), device=test_labels.device)
     for start in range(0, len(test_features), chunk):
         query = F.normalize(test_features[start:start + chunk], dim=1)
         similarity, neighbours = (query @ train_features.T).topk(min(k, len(train_features)), dim=1)
-        votes = torch.zeros(len(query), num_classes, device=query.device)
+        votes = torch.zeros(len(query), int(train_labels.max()) + 1, device=query.device)
         votes.scatter_add_(1, train_labels[neighbours], (similarity / temperature).exp())
         correct += (votes.argmax(dim=1) == test_labels[start:start + chunk]).sum()
     return correct.item() / len(test_labels)
@@ -46,41 +40,29 @@ def linear_probe_accuracy(train_features, train_labels, test_features, test_labe
                           batch_size=4096, seed=0):
     """Test accuracy of a linear classifier (after a BatchNorm without affine) trained on frozen features."""
     generator = torch.Generator().manual_seed(seed)
-    num_classes = int(train_labels.max()) + 1
+    dim, device = train_features.shape[1], train_features.device
     with torch.random.fork_rng(devices=[]):  # the head's init leaves the training run's random stream untouched
         torch.random.default_generator.manual_seed(seed)
-        head = nn.Sequential(nn.BatchNorm1d(train_features.shape[1], affine=False),
-                             nn.Linear(train_features.shape[1], num_classes)).to(train_features.device)
+        head = nn.Sequential(nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, int(train_labels.max()) + 1)).to(device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
     for _ in range(epochs):
-        order = torch.randperm(len(train_features), generator=generator).to(train_features.device)
-        for start in range(0, len(order), batch_size):
-            index = order[start:start + batch_size]
-            if len(index) < 2:  # BatchNorm in training mode needs two samples: skip a last batch of one
-                continue
-            loss = F.cross_entropy(head(train_features[index]), train_labels[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        order = torch.randperm(len(train_features), generator=generator).to(device)
+        for index in order.split(batch_size):
+            if len(index) > 1:  # BatchNorm in training mode needs two samples: skip a last batch of one
+                loss = F.cross_entropy(head(train_features[index]), train_labels[index])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
     head.eval()
     with torch.no_grad():
-        return (head(test_features).argmax(dim=1) == test_labels).sum().item() / len(test_labels)  # exact
+        return (head(test_features).argmax(dim=1) == test_labels).sum().item() / len(test_labels)
 
 
-def feature_pass(backbone, device):
-    """The backbone's unmasked forward, compiled on a GPU (it runs over all 60,000 images at every check)."""
-    if device.type != "cuda":
-        return backbone.forward_features  # a CPU compile costs more than the few passes it would speed up
-    return torch.compile(backbone.forward_features)
-
-
-def evaluate_encoder(backbone, train_split, test_split, device, k=20, pool="cls", probe_epochs=0,
-                     precision="fp32"):
+def evaluate_encoder(backbone, train_split, test_split, device, k=20, pool="cls", probe_epochs=0, precision="fp32"):
     """k-NN accuracy (and, with ``probe_epochs``, linear-probe accuracy) of a frozen backbone."""
-    train_images, train_labels = train_split.images.to(device), train_split.labels.to(device)
-    test_images, test_labels = test_split.images.to(device), test_split.labels.to(device)
-    train_features = extract_features(backbone, train_images, pool, precision=precision)
-    test_features = extract_features(backbone, test_images, pool, precision=precision)
+    train_labels, test_labels = train_split.labels.to(device), test_split.labels.to(device)
+    train_features = extract_features(backbone, train_split.images.to(device), pool, precision=precision)
+    test_features = extract_features(backbone, test_split.images.to(device), pool, precision=precision)
     results = {"knn_acc": knn_accuracy(train_features, train_labels, test_features, test_labels, k)}
     if probe_epochs:
         results["probe_acc"] = linear_probe_accuracy(train_features, train_labels, test_features, test_labels,

@@ -1,17 +1,17 @@
-"""Fills the tables of the Markdown pages from the CSV files under results/, and draws docs/glance.png. The pages
-are written by hand; only the text between `<!-- table: NAME -->` and `<!-- /table -->` is this script's: table
-NAME of TABLES below (its CSV files, which rows, how they are grouped, its columns). Needs no torch.
+"""Fills the tables of the Markdown pages from the CSVs under results/ and draws docs/glance.png. Only the text
+between `<!-- table: NAME -->` and `<!-- /table -->` is this script's: table NAME of TABLES below. Needs no torch.
 
     python report.py            # after a CSV under results/ changed: refill every table, redraw the figure
     python report.py --check    # write nothing; exit 1 naming each page whose tables the CSVs no longer give
 """
 import argparse
-import csv
 import os
 import re
 import sys
 from pathlib import Path
 from statistics import mean, stdev
+
+import utils
 
 HERE = Path(__file__).resolve().parent
 PAGES = ("README.md", "docs/*.md", "results/*.md")  # the pages whose marked tables are filled
@@ -45,14 +45,8 @@ ACCURACY = [("n", count("val_acc")), ("fine-tuned test acc.", mean_sd("val_acc",
             ("k-NN (k = 20)", mean_sd("knn_acc", 100)), ("linear probe", mean_sd("probe_acc", 100)),
             ("per seed (0, 1)", each("val_acc", "{:.2f}", 100))]
 LOSS = ("pretraining loss", lambda g: f"{mean(float(r['loss']) for r in g if r['loss']):.4f}")  # seeds' agree
-
-
-def minutes(rows):
-    """Each seed's training minutes: its pretraining's and fine-tuning's epoch seconds."""
-    seconds = {}
-    for r in rows:
-        seconds[r["seed"]] = seconds.get(r["seed"], 0) + float(r["seconds"])
-    return ", ".join(f"{v / 60:.1f}" for v in seconds.values())
+minutes = lambda rows: ", ".join(f"{sum(float(r['seconds']) for r in rows if r['seed'] == s) / 60:.1f}"
+                                 for s in dict.fromkeys(r["seed"] for r in rows))  # each seed's epoch seconds
 
 
 def versus(*same):
@@ -66,14 +60,6 @@ def versus(*same):
     return prepare
 
 
-def ablation(axis, keep):
-    """The GPU campaign's ablation over ``axis``, the other axis at ``keep``: a row per machine, setting, schedule."""
-    return dict(csv=["ablation.csv"], where=lambda r: r[keep[0]] == keep[1],
-                by=lambda r: (r["gpu"], int(r[axis]) if axis == "decoder_depth" else r[axis], epochs(r)),
-                columns=[("machine", cell("gpu")), axis, *ACCURACY[:4], ("epochs", lambda g: epochs(g[0])),
-                         ("pretraining loss", mean_sd("pretrain_loss", 1, "{:.4f}", ""))])
-
-
 BUDGET = dict(by=lambda r: (r["_link"], r["machine"], float(r["budget_minutes"]), r["arm"]), columns=[
     "machine", ("minutes per arm", cell("budget_minutes", "{:g}")), ARM, ("n", count("test_acc")),
     ("final test acc.", mean_sd("test_acc")), ("per seed", each("test_acc", "{:.2f}")),
@@ -85,7 +71,7 @@ STUDY = "cpu_study/runs.csv"
 TABLES = {
     "glance": {**BUDGET, "csv": ["cpu_budget30_course/budget.csv", "budget/*.csv"], "columns": [
         "machine", ARM, ("minutes per run", cell("budget_minutes", "{:g}")), ("test accuracy", mean_sd("test_acc")),
-        ("seeds", count("test_acc")), SOURCE], "command": "python sweep.py --time_budget 30 ... (docs/results.md)"},
+        ("seeds", count("test_acc")), SOURCE]},
     "budget": {**BUDGET, "csv": ["*/budget.csv", "budget/*.csv"]},  # every time-budget study
     "tuning": dict(csv=["cpu_budget30/tuning.csv"], columns=[
         "choice", "tried", ("test acc. (%)", cell("test_acc")), ("s / step", cell("seconds_per_step")), "condition",
@@ -108,18 +94,10 @@ TABLES = {
     "bench": dict(csv=["bench.csv"], prepare=versus("gpu", "workload", "batch"), columns=[
         "workload", "batch", "precision", "compile", "augment",
         ("img/s", lambda g: cell("images_per_s", "{:,.0f}")(g) if g[0]["status"] == "ok" else g[0]["status"]),
-        ("vs fp32 eager", cell("_vs", "{:.2f}×")), ("TFLOP/s", cell("tflops", "{:.3g}")),
-        ("% of bf16 peak", cell("percent_of_peak", "{:.1f}")), ("memory GiB", cell("peak_memory_gib", "{:.1f}"))]),
+        ("vs fp32 eager", cell("_vs", "{:.2f}×")), ("memory GiB", cell("peak_memory_gib", "{:.1f}"))]),
     "cpu_speed": dict(csv=["cpu_speed.csv"], prepare=versus("command", "workload"), columns=[
         ("command", cell("command", "`{}`")), ("step", cell("workload")), "batch", "precision", "compile",
         ("img/s", cell("images_per_s", "{:,.0f}")), ("vs fp32 eager", cell("_vs", "{:.2f}×"))]),
-    "tta": dict(csv=["tta.csv"], columns=[  # the GPU campaign's time to accuracy
-        ("machine", cell("gpu")), ("run", cell("key")), "epochs", ("training s", cell("train_s", "{:.0f}")),
-        ("wall s", cell("wall_s", "{:.0f}")), ("final loss", cell("final_loss", "{:.4f}")),
-        ("test acc. (%)", cell("val_acc", "{:.2f}", 100)), ("best (%)", cell("best_val_acc", "{:.2f}", 100)),
-        ("date", lambda g: g[0]["date"][:10])]),
-    "ablation_depth": ablation("decoder_depth", ("mask_strategy", "random")),
-    "ablation_mask": ablation("mask_strategy", ("decoder_depth", "4")),
 }
 
 
@@ -128,8 +106,7 @@ def table_rows(name, results, page):
     spec, rows, results = TABLES[name], [], Path(results)
     for path in sorted({p for pattern in spec["csv"] for p in results.glob(pattern)}):
         shown, target = path.relative_to(results).as_posix(), Path(os.path.relpath(path, page.parent)).as_posix()
-        with open(path, newline="") as f:
-            rows += [dict(r, _link=f"[results/{shown}]({target})") for r in csv.DictReader(f)]
+        rows += [dict(r, _link=f"[results/{shown}]({target})") for r in utils.read_csv(path)]
     return [r for r in spec.get("prepare", list)(rows) if spec.get("where", bool)(r)]
 
 
@@ -142,15 +119,13 @@ def render_table(name, results=HERE / "results", page=HERE / "README.md"):
     try:
         for i, r in enumerate(table_rows(name, results, Path(page))):
             groups.setdefault(spec["by"](r) if "by" in spec else i, []).append(r)
-        lines = [heads, ["---"] * len(heads), *([c(groups[k]) for c in cells] for k in sorted(groups))]
+        return utils.markdown(heads, [[c(groups[k]) for c in cells] for k in sorted(groups)])
     except KeyError as error:  # a CSV without a column the table reads
         raise ValueError(f"{page}: table {name}: its CSVs under {results} have no column {error}") from None
-    return "".join(f"| {' | '.join(line)} |\n" for line in lines) if groups else "(no rows yet)\n"
 
 
 def fill_tables(page, results=HERE / "results", write=True):
-    """Refills every marked table of the Markdown file ``page`` from the CSVs under ``results`` (with write=False
-    it only compares); returns whether the page already held those tables."""
+    """Refills the marked tables of ``page`` (write=False: only compares); returns whether it already held them."""
     page, tmp = Path(page), Path(page).with_name(f".{Path(page).name}.tmp")
     old = page.read_text()
     new = MARKED.sub(lambda m: m[1] + render_table(m[2], results, page) + m[3], old)
@@ -161,32 +136,18 @@ def fill_tables(page, results=HERE / "results", write=True):
 
 
 def draw_glance(results, path):
-    """The glance table's runs: test accuracy against the minutes each took, a colour per arm and a marker per
-    machine, with each arm's mean ± std at its budget; the machines, dates and command under the plot."""
-    from matplotlib.figure import Figure  # here: filling tables needs no plotting
+    """The glance table's runs with summarize.py's figure: each run a dot, mean ± std at each budget, a line per arm
+    and machine (the arms a little apart)."""
+    import summarize  # here: filling tables needs neither numpy nor matplotlib
 
-    rows, figure = table_rows("glance", results, path), Figure(figsize=(7.5, 5), layout="constrained")
-    ax, machines = figure.subplots(), list(dict.fromkeys(r["machine"] for r in rows))
-    for (j, name), (i, machine) in [(a, m) for a in enumerate(ARMS) for m in enumerate(machines)]:
-        mine = [r for r in rows if (r["arm"], r["machine"]) == (name, machine)]
-        style, accs = dict(color=f"C{j}", marker="os^Dv"[i % 5]), {}
-        ax.scatter([float(r.get("wall_minutes") or r["budget_minutes"]) for r in mine],
-                   [float(r["test_acc"]) for r in mine], alpha=0.4, **style)
-        for r in mine:  # the arms' bars a little apart
-            accs.setdefault(float(r["budget_minutes"]) + (j - 0.5) / 10, []).append(float(r["test_acc"]))
-        ax.errorbar(sorted(accs), [mean(accs[b]) for b in sorted(accs)], [stdev(accs[b]) if accs[b][1:] else 0
-                    for b in sorted(accs)], capsize=4, label=f"{ARMS[name]}, {machine}", **style)
-    several = len({r["budget_minutes"] for r in rows}) > 1
-    ax.set(xlabel="training minutes per run (dots: each run at the minutes it took; bars: mean ± std at its budget)",
-           ylabel="test accuracy (%)",
-           title="CIFAR-10 test accuracy against training minutes" + " (lines: mean per budget)" * several)
-    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14))  # below: never over a point
-    dates = sorted({r["date"][:10] for r in rows})
-    commands = list(dict.fromkeys(r.get("command") or TABLES["glance"]["command"] for r in rows))
-    figure.text(0.01, 0.005, "\n".join(["; ".join(machines) + "; " + " to ".join(dict.fromkeys([dates[0], dates[-1]])),
-                                        *commands[:2]]), fontsize=7, va="bottom", family="monospace")
-    figure.get_layout_engine().set(rect=(0, 0.08, 1, 0.92))
-    figure.savefig(path, dpi=110, format="png", metadata={"Software": None})
+    rows, series = table_rows("glance", results, path), {}
+    for r in rows:
+        x = float(r["budget_minutes"]) * (1.03 if r["arm"] == "scratch" else 1 / 1.03)  # log scale: a factor apart
+        series.setdefault(f"{ARMS[r['arm']]}, {r['machine']}", {}).setdefault(x, []).append(float(r["test_acc"]))
+    budgets = sorted({float(r["budget_minutes"]) for r in rows})
+    summarize.dots_figure({name: sorted(points.items()) for name, points in series.items()}, Path(path),
+                          "CIFAR-10 test accuracy against training minutes", [(b, f"{b:g}") for b in budgets],
+                          "training minutes per run (budget)", log=True)
 
 
 def main(argv=None):

@@ -2,8 +2,8 @@
 here), parsing, then seed, device, data, the run folder and its lock, resume's settings, and what the loop keeps
 beside the model (Bookkeeping)."""
 import argparse
+import contextlib
 import json
-import os
 import sys
 import time
 from argparse import Namespace
@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 
 import checkpoint as ckpt
+import devices
 import engine
 import utils
-from data import AUGMENTATIONS, GpuLoader, load_dataset, peek
+from data import AUGMENTATIONS, GpuLoader, load_dataset, normalize, peek
 from model import ModelConfig
 
 # The CPU-scale model and schedules, for a laptop or any CPU (results/ says what they reach): its sizes are shared
@@ -30,10 +31,8 @@ PRESETS = {"small": {
 SIZE_FLAGS = ("patch_size", "emb_dim", "encoder_depth", "encoder_heads")
 DECODER_FLAGS = ("decoder_depth", "decoder_heads", "decoder_emb_dim")
 MIN_BUDGET_MINUTES = 0.2  # below this, the set-up alone (imports, data, compilation) spends it
-# Flags that say where or how a run executes, not what it trains: never taken from a resumed checkpoint.
-RUNTIME_FLAGS = {"resume", "run_name", "log_dir", "device", "threads", "overwrite", "trust_checkpoint", "typed",
-                 "no_compile", "compile_mode", "precision", "deterministic", "save_every", "save_minutes",
-                 "max_device_batch_size", "model_path", "output_model_path"}
+WEIGHT_DECAY = 0.05  # AdamW's, as in the reference and the paper, pretraining and fine-tuning alike
+SAVE_MINUTES = 10  # a run saves at every epoch's end once this long has passed since its last save (and at its end)
 
 
 def add_arguments(p, script, batch_size, micro_batch, lr, total_epoch, warmup_epoch):
@@ -45,43 +44,36 @@ def add_arguments(p, script, batch_size, micro_batch, lr, total_epoch, warmup_ep
                        help=f"default {getattr(ModelConfig, name)} (or the checkpoint's)")
     p.add_argument("--seed", type=utils.SEED, default=42)
     p.add_argument("--batch_size", type=utils.POSITIVE_INT, default=batch_size)
-    p.add_argument("--max_device_batch_size", type=lambda t: t if t == "auto" else utils.POSITIVE_INT(t),
-                   default=micro_batch, help="micro-batch, or auto (the largest that fits); gradients accumulate")
+    p.add_argument("--max_device_batch_size", type=utils.POSITIVE_INT, default=micro_batch,
+                   help="the micro-batch: gradients of a larger batch accumulate")
     p.add_argument("--base_learning_rate", type=utils.POSITIVE_FLOAT, default=lr, help="lr = base * batch / 256")
-    p.add_argument("--weight_decay", type=utils.NONNEGATIVE_FLOAT, default=0.05)
     p.add_argument("--total_epoch", type=utils.EPOCHS, default=total_epoch)
     p.add_argument("--warmup_epoch", type=utils.ranged(int, 0, 10 ** 6), default=warmup_epoch)
-    p.add_argument("--time_budget", type=utils.BUDGET_MINUTES, metavar="MINUTES",
+    p.add_argument("--time_budget", type=budget, metavar="MINUTES|BUDGET_JSON",
                    help="instead of --total_epoch: train until this many minutes from the start have passed, the "
-                        "learning rate following the share spent (shortest useful: a few minutes)")
-    p.add_argument("--replay_budget", type=utils.path_text, metavar="BUDGET_JSON",
-                   help="train the steps and learning rates a --time_budget run recorded in its budget.json again")
+                        "learning rate following the share spent; or a run's budget.json: train its steps again")
     p.add_argument("--dataset", choices=["cifar10", "cifar100"], default="cifar10")
     p.add_argument("--data_dir", type=utils.path_text, help="image folder with train/<class>/ and test/<class>/")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, mps, cuda or cuda:N")
     p.add_argument("--precision", choices=engine.PRECISIONS, default="auto",
                    help="auto: bf16 where native, fp16 with loss scaling on GPUs without bf16, else fp32")
     p.add_argument("--no_compile", action="store_true", help="skip torch.compile")
-    p.add_argument("--compile_mode", choices=engine.COMPILE_MODES, default="default")
-    p.add_argument("--threads", type=utils.ranged(int, 1, len(os.sched_getaffinity(0))), default=None,
-                   help="CPU threads (default: torch's); at most the CPUs this process may use")
-    p.add_argument("--deterministic", action="store_true", help="deterministic kernels, for exact reruns (slower)")
     p.add_argument("--log_dir", type=utils.path_text, default="logs")
     p.add_argument("--run_name", type=utils.run_name_text, default=None, help="default: built from the settings")
     p.add_argument("--resume", type=utils.path_text, default=None, help="a checkpoint, or auto for this run's own")
-    p.add_argument("--save_every", type=utils.POSITIVE_INT, default=None, help="also save every N epochs")
-    p.add_argument("--save_minutes", type=utils.POSITIVE_FLOAT, default=10.0,
-                   help="save when this many minutes have passed since the last save (and always at the end)")
     p.add_argument("--overwrite", action="store_true", help="let a new run replace an existing run and checkpoint")
-    p.add_argument("--trust_checkpoint", action="store_true",
-                   help="allow loading a pickled whole-module checkpoint (the reference's released weights)")
+
+
+def budget(text):
+    """--time_budget: minutes, or the budget.json of a run whose steps are trained again."""
+    return text if text.endswith(".json") else utils.BUDGET_MINUTES(text)
 
 
 def parse(parser, argv, script, **tables):
     """Parse twice: a named preset or recipe replaces the defaults, and what the user typed still wins.
     Returns the arguments (with ``typed``: the flags on the command line, a typed preset's values counted) and the
     flags as typed."""
-    utils.CLOCK_START = utils.PROCESS_START if argv is None else time.monotonic()  # a main() called in Python
+    devices.CLOCK_START = devices.PROCESS_START if argv is None else time.monotonic()  # a main() called in Python
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     literal = options_typed(parser, argv)
     typed, on_command_line = parser.parse_known_args(argv)[0], set(literal)
@@ -93,13 +85,13 @@ def parse(parser, argv, script, **tables):
             on_command_line |= set(chosen)
     args = parser.parse_args(argv)
     args.typed = sorted(on_command_line)
+    if isinstance(args.time_budget, str) and not Path(args.time_budget).is_file():
+        parser.error(f"argument --time_budget: {args.time_budget} is not a file (a run's budget.json)")
     if args.time_budget and "total_epoch" in literal:
         parser.error(f"argument --time_budget: cannot be combined with --total_epoch {args.total_epoch}; give one")
-    if args.time_budget and args.time_budget < MIN_BUDGET_MINUTES:
+    if isinstance(args.time_budget, float) and args.time_budget < MIN_BUDGET_MINUTES:
         parser.error(f"argument --time_budget: {args.time_budget:g} minutes is too short (the imports, data and "
                      f"compilation alone take that); give at least {MIN_BUDGET_MINUTES:g}")
-    if args.replay_budget and not Path(args.replay_budget).is_file():
-        parser.error(f"argument --replay_budget: {args.replay_budget} is not a file (a run's budget.json)")
     if args.warmup_epoch > args.total_epoch and not args.time_budget:
         if any(word.split("=")[0].startswith("--warm") for word in argv):
             parser.error(f"argument --warmup_epoch: {args.warmup_epoch} is longer than --total_epoch "
@@ -109,13 +101,12 @@ def parse(parser, argv, script, **tables):
         print(f"--warmup_epoch {args.warmup_epoch} (the default for {default_total} epochs) is cut to {fitted} "
               f"for --total_epoch {args.total_epoch}")
         args.warmup_epoch = fitted
-    lr = args.base_learning_rate * args.batch_size / 256
-    if not lr < 3.4e38 or lr * args.weight_decay >= 1:  # float32's range; AdamW scales weights by 1 - lr * wd
-        parser.error(f"argument --base_learning_rate, --weight_decay: the learning rate {lr:g} (base * "
-                     f"--batch_size / 256) times --weight_decay {args.weight_decay:g} must stay below 1")
+    if args.base_learning_rate * args.batch_size / 256 * WEIGHT_DECAY >= 1:  # AdamW scales weights by 1 - lr * wd
+        parser.error(f"argument --base_learning_rate: the learning rate (base * --batch_size / 256) must stay "
+                     f"below {1 / WEIGHT_DECAY:g}")
     if args.resume not in (None, "auto") and not Path(args.resume).is_file():
         parser.error(f"argument --resume: {args.resume} is not a checkpoint file; pass a file or 'auto'")
-    utils.check_device(parser, args.device)
+    devices.check_device(parser, args.device)
     return args, typed
 
 
@@ -139,7 +130,7 @@ def name_run(prefix, args, parser, abbreviations):
     for name, short in abbreviations.items():
         value = getattr(args, name)
         part = str(short if isinstance(value, bool) else value if isinstance(value, str) and not short
-                   else f"{short}{value}")
+                   else "replay" if name == "time_budget" and isinstance(value, str) else f"{short}{value}")
         if value is not None and value != defaults.get(name) and part not in prefix.split("_"):
             parts.append(part)  # a part the prefix has (the encoder's name) is not said twice
     return "_".join(parts)
@@ -175,7 +166,7 @@ def check_model(build, config, decoder=False):
 @dataclass
 class Run:
     """What the code decided for this run, beside ``args`` (what the user asked for)."""
-    env: utils.Dist
+    env: devices.Dist
     precision: str
     log_dir: Path
     resume_path: str
@@ -193,8 +184,8 @@ def start_run(args, checkpoint_paths, kind, fixed=()):
 
     ``checkpoint_paths``: what this run writes, the first is what ``--resume auto`` continues from. A new run
     refuses to replace another run's files without ``--overwrite``; a resumed one must be this run's, on this data."""
-    env = utils.setup_device(args.device, args.threads)
-    utils.setup_seed(args.seed + env.rank, args.deterministic)  # each process draws its own masks and augmentations
+    env = devices.setup_device(args.device)
+    devices.setup_seed(args.seed + env.rank)  # each process draws its own masks and augmentations
     resume_path = args.resume if args.resume != "auto" else (
         checkpoint_paths[0] if Path(checkpoint_paths[0]).is_file() else None)
     log_dir = Path(args.log_dir) / args.dataset / args.run_name
@@ -214,44 +205,27 @@ def start_run(args, checkpoint_paths, kind, fixed=()):
     precision = engine.resolve_precision(args.precision, env.device)
     if env.is_main:
         print(engine.describe_speed_path(env.device, precision, not args.no_compile, args.precision))
-    return Run(env, precision, log_dir, resume_path, train_set, test_set, settings, train_set.images.shape[-1],
-               list(checkpoint_paths)), resumed
+    return Run(env, precision, log_dir, resume_path, train_set, test_set, settings=settings,
+               image_size=train_set.images.shape[-1], checkpoint_paths=list(checkpoint_paths)), resumed
 
 
 def peek_data(args):
     """(image size, number of classes) without loading the data: the checks a run makes before it loads."""
     image_size, classes, train_images = peek(args.dataset, args.data_dir)
-    if args.max_device_batch_size != "auto":
-        utils.split_batch(args.batch_size, args.max_device_batch_size, 1)  # refuse a bad split before the data loads
+    devices.split_batch(args.batch_size, args.max_device_batch_size, 1)  # refuse a bad split before the data loads
     if args.batch_size > train_images:
         raise utils.UserError(f"--batch_size {args.batch_size} is larger than the {train_images} training images: "
                               f"not one optimizer step would run")
     return image_size, classes
 
 
-def make_loader(run, settings, trial=None):
-    """The training loader, once the micro-batch is known (``auto``: the largest that fits, by ``trial(size)``)."""
-    micro = settings.max_device_batch_size
-    per_process = settings.batch_size // run.env.world_size
-    if micro == "auto":
-        with utils.kept_random_state(run.env.device):
-            micro = engine.largest_fitting_micro_batch(trial, per_process, run.env.device)
-        if run.env.is_main:
-            print(f"--max_device_batch_size auto: {micro}")
-    micro, run.accum_steps = utils.split_batch(settings.batch_size, micro, run.env.world_size)
+def make_loader(run, settings):
+    """The training loader: each process's share of the batch, in micro-batches whose gradients accumulate."""
+    micro, run.accum_steps = devices.split_batch(settings.batch_size, settings.max_device_batch_size,
+                                               run.env.world_size)
     run.loader = GpuLoader(run.train_set, micro, run.env.device, augment=AUGMENTATIONS[settings.augment],
                            seed=settings.seed, rank=run.env.rank, world_size=run.env.world_size)
     return run.loader
-
-
-def trial_step(step, model, batch_shape, num_classes, device):
-    """One forward and backward at a micro-batch size, for ``--max_device_batch_size auto``; leaves no gradients."""
-    def trial(size):
-        images = torch.randn(size, *batch_shape, device=device)
-        step(images, torch.randint(0, num_classes, (size,), device=device))[0].backward()
-        model.zero_grad(set_to_none=True)
-
-    return trial
 
 
 def refuse_to_replace(log_dir, checkpoint_paths, overwrite, resume_auto=False):
@@ -272,15 +246,16 @@ def refuse_to_replace(log_dir, checkpoint_paths, overwrite, resume_auto=False):
 
 
 def schedule_for(run, settings, optimizer, resumed):
-    """The learning rate: per epoch, or driven by a time budget (continued from a resumed run's record)."""
-    if not (settings.time_budget or settings.replay_budget):
+    """The learning rate: per epoch, or driven by a time budget (continued from a resumed run's record), or the
+    shares a budget.json recorded, step by step."""
+    if not settings.time_budget:
         return engine.EpochSchedule(optimizer, settings.warmup_epoch, settings.total_epoch)
     record = (resumed or {}).get("budget") or {}
-    replay = json.loads(Path(settings.replay_budget).read_text())["shares"] if settings.replay_budget else None
-    minutes = settings.time_budget or json.loads(Path(settings.replay_budget).read_text())["time_budget_minutes"]
-    warmup_share = settings.warmup_epoch / settings.total_epoch
-    return engine.BudgetSchedule(optimizer, minutes, warmup_share, utils.CLOCK_START, record.get("shares", ()),
-                                 record.get("spent_seconds", 0.0), replay)
+    replay = json.loads(Path(settings.time_budget).read_text()) if isinstance(settings.time_budget, str) else None
+    minutes = replay["time_budget_minutes"] if replay else settings.time_budget
+    return engine.BudgetSchedule(optimizer, minutes, settings.warmup_epoch / settings.total_epoch, devices.CLOCK_START,
+                                 shares=record.get("shares", ()), spent_before=record.get("spent_seconds", 0.0),
+                                 replay=replay and replay["shares"])
 
 
 # ------------------------------------------------------------------------------------------- beside the loop
@@ -290,28 +265,39 @@ class Bookkeeping:
     """What a training loop keeps beside the model: the locked run folder, logger, progress bar, background
     checkpoint writer, save schedule, graceful stop, and a budgeted run's record."""
 
-    def __init__(self, run, fields, done, position, schedule):
+    def __init__(self, run, fields, done, position, schedule, model):
         settings, self.run, self.schedule = run.settings, run, schedule
-        self.is_main, self.stopping, self.final = run.env.is_main, False, None
+        self.is_main, self.stopping, self.final, self.saved = run.env.is_main, False, None, None
         self.locks = [utils.RunLock(run.log_dir).acquire(), *(utils.RunLock.for_file(p).acquire()
                                                                for p in run.checkpoint_paths)] if self.is_main else []
         self.logger = utils.RunLogger(run.log_dir, fields, done + 1, self.is_main)
         self.writer = ckpt.CheckpointWriter()
-        self.saves = engine.SaveSchedule(settings.save_every, settings.save_minutes)
+        self.last_save = time.monotonic()
         self.stop = engine.StopFlag(run.env.device).install()
         self.stop.saving = self.writer.busy
         per_epoch = len(run.loader) // run.accum_steps * run.accum_steps
         budgeted = isinstance(schedule, engine.BudgetSchedule)
         self.last_epoch = 10 ** 6 if budgeted else settings.total_epoch
-        self.bar = engine.progress_bar(None if budgeted else settings.total_epoch * per_epoch,
-                                       done * per_epoch + (position.micro_batches if position else 0), self.is_main)
-        left = settings.total_epoch * per_epoch - self.bar.n
+        done_micro = done * per_epoch + (position.micro_batches if position else 0)
+        left = settings.total_epoch * per_epoch - done_micro
         if self.is_main and not budgeted and left * settings.batch_size // run.accum_steps > 10 ** 7 and \
                 run.env.device.type == "cpu":
-            print(f"{settings.total_epoch} epochs at batch {settings.batch_size}: this run is meant for a GPU; on a "
-                  f"CPU use --preset small, or --time_budget MINUTES (its speed follows in a few micro-batches)")
-            self.bar = engine.LongRunHint(self.bar, left)
+            self.warn_gpu_job(model, left)
+        self.bar = engine.progress_bar(None if budgeted else settings.total_epoch * per_epoch, done_micro,
+                                       self.is_main)
         self.epoch_ended = None  # when the last epoch's training ended: a budget measures what the end costs
+
+    def warn_gpu_job(self, model, micro_batches_left):
+        """A GPU's schedule started on a CPU: say so, with the way out and a lower bound of its time, measured by one
+        forward pass of a micro-batch (a training step also goes backward), before the first (compiling) step."""
+        images = normalize(self.run.loader.images[:self.run.loader.batch_size])
+        with torch.no_grad(), devices.kept_random_state(images.device), engine.autocast(images.device,
+                                                                                         self.run.precision):
+            start = time.perf_counter()
+            model(images)
+        days = (time.perf_counter() - start) * micro_batches_left / 86400
+        print(f"{self.run.settings.total_epoch} epochs at batch {self.run.settings.batch_size} are meant for a GPU: "
+              f"here they would take at least {days:,.1f} days. On a CPU use --preset small, or --time_budget MINUTES")
 
     def epochs(self, done):
         return range(done + 1, self.last_epoch + 1)
@@ -330,15 +316,21 @@ class Bookkeeping:
         """Whether to save after this epoch (rank 0). A stop signal is read once here, so the save and the exit
         agree."""
         self.stopping = self.stop.requested
-        return self.saves.due(epoch, self.last_epoch, self.stopping or last) and self.is_main
+        due = self.stopping or last or epoch == self.last_epoch or \
+            time.monotonic() - self.last_save >= SAVE_MINUTES * 60
+        if due:
+            self.last_save = time.monotonic()
+        return due and self.is_main
 
     def save(self, path, state):
         if self.is_main:
             self.writer.save(path, state)
+            self.saved = path
 
     def finish(self, settings_to_show, message):
-        """Wait for the last write, record the HParams view's settings and final metrics, close the logs, say
-        what the run produced; the exit code: 130 / 143 after a graceful stop, else 0."""
+        """Wait for the last write, record the settings and final metrics for TensorBoard's HParams view, close the
+        logs, say what the run produced, and leave no empty run folder (a first epoch stopped early logs nothing);
+        the exit code: 130 / 143 after a graceful stop, else 0."""
         if self.final:
             self.logger.log_hparams(settings_to_show, self.final[1], self.final[0])
         self.writer.wait()
@@ -346,9 +338,18 @@ class Bookkeeping:
         self.logger.close()
         if self.is_main and isinstance(self.schedule, engine.BudgetSchedule):
             self.write_budget_record()
+        empty = self.is_main and not self.logger.rows  # a first epoch stopped early logs nothing
+        for lock in self.locks:
+            lock.release(remove=empty and lock is self.locks[0])
+        if empty:
+            with contextlib.suppress(OSError):  # not empty after all: a budget record, or another's files
+                self.run.log_dir.rmdir()
+        if self.is_main and self.stopping and self.saved:
+            message = f"stopped; {self.saved} holds where the run stands: the same command with --resume auto " \
+                      f"continues it"
         if self.is_main and message:
             print(message)
-        utils.cleanup_distributed()
+        devices.cleanup_distributed()
         return self.stop.exit_code if self.stopping else 0
 
     def write_budget_record(self):
@@ -358,9 +359,9 @@ class Bookkeeping:
         per_epoch = len(self.run.loader) // self.run.accum_steps
         steps = len(self.schedule.shares)
         record.update(time_budget_minutes=self.schedule.seconds / 60, steps=steps, shares=self.schedule.shares,
-                      wall_seconds=[*record.get("wall_seconds", []), round(time.monotonic() - utils.CLOCK_START, 2)],
-                      machine=utils.machine_description(self.run.env.device), date=time.strftime("%Y-%m-%d"),
-                      reproduce=f"--replay_budget {path} (with this run's other flags)")
+                      wall_seconds=[*record.get("wall_seconds", []), round(time.monotonic() - devices.CLOCK_START, 2)],
+                      machine=devices.machine_description(self.run.env.device), date=time.strftime("%Y-%m-%d"),
+                      reproduce=f"--time_budget {path} (with this run's other flags)")
         if not self.stopping:
             record.update(total_epoch=-(-steps // per_epoch), epochs=round(steps / per_epoch, 3))
         utils.write_text(path, json.dumps(record) + "\n", "budget record")

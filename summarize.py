@@ -1,17 +1,14 @@
-"""Tables and figures of ablation studies (sweep.py's run folders), each setting's results as mean ± sample std
-over its seeds; numpy and matplotlib only (no torch), so it runs wherever the logs are copied to.
+"""Tables and figures of ablation studies (sweep.py's run folders): each setting's results as mean ± sample std over
+its seeds.
 
     python summarize.py logs/cifar10/sweep_depth                                  # writes into that folder
     python summarize.py logs/cifar10/sweep_a logs/cifar10/sweep_b --output_dir results/ablations
 
-A setting (a table row) is a fine-tuning or from-scratch run's, joined by the pretraining and probe runs of the
-same settings. Writes runs.csv (a row per run), budget.csv (a row per budgeted arm and seed) and results.md (also
-printed): all settings, a table per setting that differs, the final accuracy of MAE and from scratch against the
-time budget or the labels per class; figures of each curve against epoch and of the accuracies. A run's value is
-the last one it logged: a blank cell (not measured) gives none; a non-finite one (a NaN loss) is shown as such,
-never averaged with others, its run named. Unfinished runs are named and left out.
+A setting (a table row) is a fine-tuning or from-scratch run's, joined by the pretraining and probe runs of the same
+settings. Writes results.md (also printed), runs.csv (a row per run), budget.csv (a row per budgeted arm and seed)
+and figures. A run's value is the last it logged: a blank cell (not measured) gives none; a non-finite one is shown
+as such, never averaged, and its run named. Unfinished runs are named and left out.
 """
-import csv
 import json
 import math
 from functools import partial
@@ -25,63 +22,46 @@ import utils
 WORDS = {"decoder_depth": "decoder depth", "mask_strategy": "mask strategy", "mask_ratio": "mask ratio",
          "pretrain_epochs": "pretraining epochs", "finetune_epochs": "fine-tuning epochs",
          "time_budget": "time budget (min)", "labels_per_class": "labels per class"}  # known ablations first
-RESULTS = ("loss", "val_acc", "knn_acc", "probe_acc", "best_val_acc", "seconds", "wall_seconds")  # in runs.csv
+RESULTS = ("loss", "val_acc", "knn_acc", "probe_acc", "seconds", "wall_seconds")  # in runs.csv
 TUNED, PRE = ("finetune", "scratch"), ("pretrain",)
-# Table columns: header, the stages whose runs give it, the run's result (accuracies shown in %).
-COLUMNS = [("final acc (%)", TUNED, "val_acc"), ("best acc (%)", TUNED, "best_val_acc"),
-           ("linear probe (%)", ("linear_probe",), "val_acc"), ("k-NN (%)", PRE, "knn_acc"),
-           ("pretraining probe (%)", PRE, "probe_acc"), ("pretrain loss", PRE, "loss")]
+# Table columns: header, the stages whose runs give it, the run's result (accuracies shown in %). The final epoch's
+# accuracy, not the best: picked on the test set, the best would flatter.
+COLUMNS = [("final acc (%)", TUNED, "val_acc"), ("linear probe (%)", ("linear_probe",), "val_acc"),
+           ("k-NN (%)", PRE, "knn_acc"), ("pretraining probe (%)", PRE, "probe_acc"), ("pretrain loss", PRE, "loss")]
 CURVES = {"pretrain_loss": (PRE, "loss", "pretraining loss (MSE on masked patches)"),
           "knn_acc": (PRE, "knn_acc", "k-NN test accuracy during pretraining (%)"),
           "finetune_acc": (TUNED, "val_acc", "fine-tuning test accuracy (%)")}
-BUDGET_FIELDS = ["arm", "budget_minutes", "pretrain_share", "seed", "test_acc", "pretrain_epochs", "finetune_epochs",
-                 "wall_minutes", "machine", "date"]
 # Final accuracy against a setting, where fine-tuned runs have it: the section's heading and figure.
 AGAINST = {"time_budget": ("Accuracy against the time budget (equal compute)", "accuracy_vs_budget.png"),
            "labels_per_class": ("Accuracy against labels per class", "accuracy_vs_labels.png")}
-
-
-def read_json(path):
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def read_rows(run_dir):
-    """metrics.csv's rows (text; '' where nothing was measured), [] before the first."""
-    path = run_dir / "metrics.csv"
-    return list(csv.DictReader(path.read_text().splitlines())) if path.is_file() else []
-
-
-def length(run_dir):
-    """The epochs that end a run, None while unknown: sweep.py's record (settings.json) has those it set, or those
-    the run had logged when it exited 0; a budgeted run's budget.json has total_epoch once the run ended."""
-    return read_json(run_dir / "settings.json").get("total_epochs") or read_json(run_dir / "budget.json").get(
-        "total_epoch")
+word = lambda key: WORDS.get(key, key.replace("_", " "))
+read_json = lambda path: json.loads(path.read_text()) if path.is_file() else {}
+# metrics.csv's rows (text; '' where nothing was measured), [] before the first
+read_rows = lambda run_dir: utils.read_csv(run_dir / "metrics.csv") if (run_dir / "metrics.csv").is_file() else []
+# The epochs that end a run, None while unknown: sweep.py's settings.json has them, or budget.json at the end.
+length = lambda run_dir: (read_json(run_dir / "settings.json").get("total_epochs")
+                          or read_json(run_dir / "budget.json").get("total_epoch"))
 
 
 def read_run(path):
     """(the run, None), or (None, why it is left out: unfinished or unreadable), from a run's settings.json."""
+    run_dir = path.parent
     try:
-        record, rows, total = json.loads(path.read_text()), read_rows(path.parent), length(path.parent)
+        rows, total, budget = read_rows(run_dir), length(run_dir), read_json(run_dir / "budget.json")
         if not total or len(rows) < total:
-            return None, f"{path.parent} (not finished: {len(rows)}/{total or '?'} epochs)"
-        return parse_run(path.parent, record["settings"], rows), None
+            return None, f"{run_dir} (not finished: {len(rows)}/{total or '?'} epochs)"
+        key = dict(json.loads(path.read_text())["settings"])  # the settings less stage and seed
+        measured = {k: [float(row[k]) for row in rows if row[k]] for k in rows[0] if k != "epoch"}
+        results = {k: v[-1] for k, v in measured.items() if v and k in RESULTS}  # the last logged, finite or not
+        results["seconds"] = sum(measured.get("seconds", []))
+        if "wall_seconds" in budget:  # process start to exit, all its processes
+            results["wall_seconds"] = sum(budget["wall_seconds"])
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
-        return None, f"{path.parent} (unreadable: {type(error).__name__}: {error})"
-
-
-def parse_run(run_dir, settings, rows):
-    measured = {k: [float(row[k]) for row in rows if row[k]] for k in rows[0] if k != "epoch"}
-    results = {k: v[-1] for k, v in measured.items() if v and k in RESULTS}  # the last logged, finite or not
-    results["seconds"] = sum(measured.get("seconds", []))
-    if measured.get("val_acc"):
-        results["best_val_acc"] = float(np.max(measured["val_acc"]))  # a NaN anywhere stays NaN
-    budget, key = read_json(run_dir / "budget.json"), dict(settings)  # key: the settings less stage and seed
-    if "wall_seconds" in budget:  # process start to exit, all its processes
-        results["wall_seconds"] = sum(budget["wall_seconds"])
+        return None, f"{run_dir} (unreadable: {type(error).__name__}: {error})"
     return dict(run=run_dir.name, sweep=run_dir.parent.name, stage=key.pop("stage"), seed=key.pop("seed"), key=key,
                 epochs=budget.get("epochs", len(rows)), budget=budget, results=results,
                 curves={k: np.array([float(row[k] or "nan") for row in rows]) for k, v in measured.items() if v},
-                non_finite=" ".join(f"{k}={v}" for k, v in results.items() if not math.isfinite(v)))
+                non_finite=" ".join(f"{k}={v}" for k, v in results.items() if not math.isfinite(v))), None
 
 
 def show(value):
@@ -91,20 +71,11 @@ def show(value):
     return " ".join(value) or "none" if isinstance(value, list) else "default" if value is None else str(value)
 
 
-def word(key):
-    return WORDS.get(key, key.replace("_", " "))
-
-
-def label(row, axes):
-    parts = [f"{word(a)} {show(row['key'][a])}" for a in axes if a in row["key"]]
-    return ", ".join(["from scratch", *parts] if row["scratch"] else parts) or "MAE + fine-tuning"
-
-
-def values(row, stages, name, kind="results"):
-    """``name`` of each of ``row``'s runs of these ``stages`` that logged it, accuracies in %: its result, or with
-    ``kind="curves"`` its curve."""
-    return [r[kind][name] * (1 if name == "loss" else 100) for r in row["runs"] if r["stage"] in stages
-            and name in r[kind]]
+label = lambda row, axes: ", ".join(["from scratch"] * row["scratch"] + [
+    f"{word(a)} {show(row['key'][a])}" for a in axes if a in row["key"]]) or "MAE + fine-tuning"
+# ``name`` (its result, or its curve) of each of ``row``'s runs of these ``stages`` that logged it, accuracies in %
+values = lambda row, stages, name, kind="results": [r[kind][name] * (1 if name == "loss" else 100) for r in row["runs"]
+                                                    if r["stage"] in stages and name in r[kind]]
 
 
 def spread(v, digits=2):
@@ -116,7 +87,7 @@ def spread(v, digits=2):
 
 def table(rows, heads, cells, columns):
     """``heads`` (``cells(row)`` fills them), n seeds, the ``columns`` as mean ± std, time per seed."""
-    lines = [[*heads, "n", *(c[0] for c in columns), "time / seed"]]
+    lines = []
     for row in rows:
         seeds = sorted({r["seed"] for r in row["runs"]})
         line = [*cells(row), str(len(seeds))]
@@ -125,12 +96,16 @@ def table(rows, heads, cells, columns):
             line.append(spread(v, 4 if result == "loss" else 2) + f" (n={len(v)})" * (len(v) < len(seeds)) if v else "")
         s = mean(sum(r["results"]["seconds"] for r in row["runs"] if r["seed"] == seed) for seed in seeds)
         lines.append([*line, f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.2f} h"])
-    return "\n".join(f"| {' | '.join(line)} |" for line in [lines[0], ["---"] * len(lines[0]), *lines[1:]])
+    return utils.markdown([*heads, "n", *(c[0] for c in columns), "time / seed"], lines)
+
+
+def save(figure, path, title):  # the figure, and the report's link to it
+    utils.atomic_write(path, partial(figure.savefig, dpi=120), "figure")
+    return [f"![{title}]({path.name})", ""]
 
 
 def curve_figure(groups, curve, axes, title, path):
-    """A CURVES metric against epoch, the mean over seeds with a ±std band: a line per row (labelled by its
-    ``axes``), a panel per group. Returns the report's link to it, or [] when no run logged the metric."""
+    """A CURVES metric against epoch, mean ± std over seeds: a line per row, a panel per group ([]: none logged)."""
     from matplotlib.figure import Figure  # late, and without pyplot: the tables need no plotting
 
     stages, column, ylabel = CURVES[curve]
@@ -153,16 +128,14 @@ def curve_figure(groups, curve, axes, title, path):
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize="small")
     figure.suptitle(f"{title[0].upper()}{title[1:]} (mean ± std over seeds)")
-    utils.atomic_write(path, partial(figure.savefig, dpi=120), "figure")
-    return [f"![{title}]({path.name})", ""]
+    return save(figure, path, title)
 
 
 def dots_figure(series, path, title, ticks, xlabel="", log=False):
-    """Accuracies (%): for each series, each value a dot and at each x the mean with ±std error bars, joined by a
-    line where x is a number (``xlabel``), side by side where the ``ticks`` name settings."""
+    """Accuracies (%): each value a dot, at each x the mean ± std, a line per series where x is a number."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(min(20, max(7, 0.5 * len(ticks) * len(series) + 3)), 4.5), layout="tight")
+    figure = Figure(figsize=(min(20, max(7, 0.5 * len(ticks) * len(series) + 3)), 5), layout="constrained")
     ax = figure.subplots()
     for i, (name, points) in enumerate(series.items()):
         ax.scatter([x for x, v in points for _ in v], [y for _, v in points for y in v], s=12, color=f"C{i}", alpha=0.5)
@@ -173,21 +146,19 @@ def dots_figure(series, path, title, ticks, xlabel="", log=False):
     ax.set_xticks(*zip(*ticks), rotation=0 if xlabel else 20, ha="center" if xlabel else "right", minor=False)
     ax.minorticks_off()
     ax.set(xlabel=xlabel, ylabel="test accuracy (%)", title=title)
-    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1, 1))
-    utils.atomic_write(path, partial(figure.savefig, dpi=120), "figure")
-    return [f"![{title}]({path.name})", ""]
+    figure.legend(fontsize="small", loc="outside lower center")  # never over a point, however long the names
+    return save(figure, path, title)
 
 
 def against(rows, axis, varying, output_dir):
-    """Markdown: the final test accuracy of MAE and from scratch against ``axis`` (a table and a figure, a line per
-    arm and other differing settings), where fine-tuned runs have that setting."""
+    """The final test accuracy of both arms against ``axis`` (a table and a figure), where fine-tuned runs have it."""
     others, (title, figure) = [a for a in varying if a != axis], AGAINST[axis]
     rows, series = sorted((r for r in rows if r["key"].get(axis) is not None), key=lambda r: r["key"][axis]), {}
     for row in rows:
         series.setdefault(label(row, others), []).append((row["key"][axis], values(row, TUNED, "val_acc")))
     cells = lambda r: [f"{r['key'][axis]:g}", label(r, others)]
     ticks = [(x, f"{x:g}") for x in dict.fromkeys(r["key"][axis] for r in rows)]
-    return [f"## {title}", "", table(rows, [word(axis), "setting"], cells, COLUMNS[:1]), "", *dots_figure(
+    return [f"## {title}", "", table(rows, [word(axis), "setting"], cells, COLUMNS[:1]), *dots_figure(
         series, output_dir / figure, title.split(" (")[0] + ": mean ± std over seeds", ticks, word(axis),
         log=axis == "labels_per_class")]
 
@@ -208,12 +179,6 @@ def budget_rows(rows):
     return sorted(out, key=lambda r: (r["budget_minutes"], r["arm"], r["seed"]))
 
 
-def order(row, axes):
-    """A sort key: from scratch last; numbers by value, words alphabetically."""
-    return row["scratch"], [(v is None, v if isinstance(v, (int, float)) else 0, show(v))
-                            for v in (row["key"].get(a) for a in axes)]
-
-
 def summarize(runs, output_dir):
     """The markdown report; writes the figures (and budget.csv) into ``output_dir`` and links them from it."""
     # A row (setting) is a fine-tuning or scratch run's settings; a pretraining or probe run joins each pretrained
@@ -225,6 +190,9 @@ def summarize(runs, output_dir):
         for row in joins or [rows.setdefault(json.dumps(run["key"], sort_keys=True),
                                              dict(key=run["key"], scratch=run["stage"] == "scratch", runs=[]))]:
             row["runs"].append(run)
+    # Sorted from scratch last; numbers by value, words alphabetically.
+    order = lambda row, axes: (row["scratch"], [(v is None, v if isinstance(v, (int, float)) else 0, show(v))
+                                                for v in (row["key"].get(a) for a in axes)])
     keys = dict.fromkeys([*WORDS, *sorted({k for row in rows.values() for k in row["key"]})])
     varying = [k for k in keys if len({show(r["key"][k]) for r in rows.values() if k in r["key"]}) > 1]
     rows = sorted(rows.values(), key=lambda r: order(r, [*varying, *keys]))
@@ -233,10 +201,9 @@ def summarize(runs, output_dir):
     fixed = ", ".join(f"{word(k)} {show(v)}" for k, v in rows[0]["key"].items()
                       if k not in varying and show(v) not in ("default", "none"))
     scratch = len(pretrained) < len(rows)
-    parts = ["# Ablation results", "", "Test accuracy of the final and the best epoch (picked on the test set, so "
-             "it flatters: compare final); mean ± sample std over n seeds." + (f" Fixed: {fixed}." if fixed else ""),
-             "", "## All settings" + (" vs from scratch" if scratch else ""), "",
-             table(rows, ["setting"], lambda r: [label(r, varying)], columns), ""]
+    parts = ["# Ablation results", "", "Final test accuracy; mean ± sample std over n seeds." +
+             (f" Fixed: {fixed}." if fixed else ""), "", "## All settings" + " vs from scratch" * scratch, "",
+             table(rows, ["setting"], lambda r: [label(r, varying)], columns)]
     for axis in varying or [None]:
         # The pretrained rows that differ only in ``axis`` side by side, in groups by the other differing settings;
         # a group of one compares nothing (but with no ``axis``, all rows are one group).
@@ -244,11 +211,10 @@ def summarize(runs, output_dir):
         for row in sorted(pretrained, key=lambda r: order(r, [*others, axis])):
             groups.setdefault(label(row, others) if others else "", []).append(row)
         groups = [(key, group) for key, group in groups.items() if len(group) > 1 or not axis]
-        if axis and groups:  # the table (but of a setting with its own section below, with both arms)
+        if axis and groups and axis not in AGAINST:  # the table (a setting of AGAINST has its own, with both arms)
             axes = [*others, axis]
-            parts += [f"## {word(axis).capitalize()}", "", *[table([r for _, g in groups for r in g], [
-                word(a) for a in axes], lambda r: [show(r["key"].get(a)) for a in axes], columns), ""]  # noqa: B023
-                * (axis not in AGAINST)]
+            parts += [f"## {word(axis).capitalize()}", "", table([r for _, g in groups for r in g], [
+                word(a) for a in axes], lambda r: [show(r["key"].get(a)) for a in axes], columns)]  # noqa: B023
         for curve, (*_, ylabel) in CURVES.items():
             title = ylabel.split(" (")[0] + (f" by {word(axis)}" if axis else "")
             parts += curve_figure(groups, curve, [axis] if axis else [], title,
@@ -267,7 +233,7 @@ def summarize(runs, output_dir):
         if any(r["key"].get(axis) is not None for r in runs if r["stage"] in TUNED):
             parts += against(rows, axis, varying, output_dir)
     if budget := budget_rows(rows):
-        utils.write_csv(output_dir / "budget.csv", BUDGET_FIELDS, budget)
+        utils.write_csv(output_dir / "budget.csv", list(budget[0]), budget)
     return "\n".join(parts)
 
 
@@ -284,19 +250,17 @@ def main(argv=None):
     runs, unfinished = [r for r, _ in found.values() if r], [why for _, why in found.values() if why]
     if not runs:
         parser.error(f"no finished runs with a settings.json (from sweep.py) under {', '.join(map(str, args.folders))}")
-    output_dir.mkdir(parents=True, exist_ok=True)
     report = summarize(runs, output_dir)
     report += "".join(f"\n{head}: " + "; ".join(items) + "\n" for head, items in (
         ("Non-finite results (shown as such, never averaged)", [f"{r['run']} ({r['non_finite']})" for r in runs
                                                                if r["non_finite"]]), ("Left out", unfinished)) if items)
     utils.write_text(output_dir / "results.md", report + "\n")
     keys = sorted({k for run in runs for k in run["key"]})
-    fields = ["run", "sweep", "stage", "seed", *keys, "epochs", *RESULTS, "non_finite"]
-    utils.write_csv(output_dir / "runs.csv", fields,
-                     [{**{k: run[k] for k in ("run", "sweep", "stage", "seed", "epochs", "non_finite")},
-                       **{k: show(run["key"][k]) for k in keys if k in run["key"]},
-                       **{k: f"{v:.6g}" for k, v in run["results"].items()}}
-                      for run in sorted(runs, key=lambda r: (r["sweep"], r["run"]))])
+    utils.write_csv(output_dir / "runs.csv", ["run", "sweep", "stage", "seed", *keys, "epochs", *RESULTS, "non_finite"],
+                    [{**{k: run[k] for k in ("run", "sweep", "stage", "seed", "epochs", "non_finite")},
+                      **{k: show(run["key"][k]) for k in keys if k in run["key"]},
+                      **{k: f"{v:.6g}" for k, v in run["results"].items()}}
+                     for run in sorted(runs, key=lambda r: (r["sweep"], r["run"]))])
     print(report)
     print(f"wrote {output_dir / 'results.md'}, {output_dir / 'runs.csv'} and {report.count('![')} figures")
 

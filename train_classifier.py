@@ -15,6 +15,7 @@ from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 
 import checkpoint as ckpt
+import devices
 import engine
 import run_setup
 import utils
@@ -22,13 +23,15 @@ from data import AUGMENTATIONS, GpuLoader, Split, random_erasing
 from model import ModelConfig, build_classifier, encoder_state_dict
 
 # Fine-tuning a small ViT on CIFAR: crop/flip + RandAugment, mixup/cutmix, label smoothing, layer decay (which only
-# applies with a pretrained encoder), drop path and random erasing, in the spirit of the MAE / DeiT recipes.
+# applies with a pretrained encoder), drop path and random erasing, in the spirit of the MAE / DeiT recipes. Cutmix,
+# drop path and random erasing have no flags of their own: off, unless a recipe sets them.
+RECIPE_ONLY = dict(cutmix=0.0, drop_path=0.0, reprob=0.0)
+EVAL_BATCH_SIZE = 1000
 RECIPES = {"strong": dict(augment="randaug", mixup=0.8, cutmix=1.0, label_smoothing=0.1, layer_decay=0.65,
                           drop_path=0.1, reprob=0.25, batch_size=512, max_device_batch_size=512)}
 RUN_NAME_KEYS = {"preset": "", "linear_probe": "probe", "recipe": "", "augment": "aug", "mixup": "mix",
-                 "cutmix": "cut", "label_smoothing": "ls", "layer_decay": "ld", "drop_path": "dp", "reprob": "re",
-                 "model_ema": "ema", "labels_per_class": "l", "total_epoch": "ep",
-                 "time_budget": "min", "batch_size": "bs", "base_learning_rate": "lr",
+                 "label_smoothing": "ls", "layer_decay": "ld", "model_ema": "ema", "labels_per_class": "l",
+                 "total_epoch": "ep", "time_budget": "min", "batch_size": "bs", "base_learning_rate": "lr",
                  "patch_size": "p", "emb_dim": "e", "encoder_depth": "ed", "seed": "s"}
 # Changing these on resume would make it another run.
 FIXED_ON_RESUME = ("pretrained_model_path", "linear_probe", "model_ema", "labels_per_class")
@@ -63,27 +66,22 @@ def build_model(args, typed_sizes, image_size, num_classes):
 
 
 def build_optimizer(model, args, fused):
-    """AdamW as in the reference; with ``--layer_decay``, timm's per-layer groups (embeddings get the smallest lr).
-
-    Each group's lr is set here, so the per-epoch schedule scales every layer's lr by the same factor.
-    """
+    """AdamW as in the reference; with ``--layer_decay``, timm's per-layer groups (embeddings get the smallest lr),
+    each group's lr set here, so the schedule scales every layer's by the same factor."""
     lr = args.base_learning_rate * args.batch_size / 256
     if args.layer_decay and args.pretrained_model_path and not args.linear_probe:
-        groups = param_groups_layer_decay(model, args.weight_decay, model.no_weight_decay(),
+        groups = param_groups_layer_decay(model, run_setup.WEIGHT_DECAY, model.no_weight_decay(),
                                           layer_decay=args.layer_decay)
         for group in groups:
             group["lr"] = lr * group["lr_scale"]
     else:
         groups = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=args.weight_decay, fused=fused)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=run_setup.WEIGHT_DECAY, fused=fused)
 
 
 def batch_regularizers(args, num_classes):
-    """Random erasing and mixup / cutmix, applied to a normalised batch on the device before the forward pass.
-
-    Returns ``prepare(images, labels) -> (images, targets)`` and the matching loss. Targets are soft label
-    distributions when mixing; timm's Mixup also folds in the label smoothing.
-    """
+    """``prepare(images, labels) -> (images, targets)`` (random erasing, mixup / cutmix on the device: soft targets,
+    with timm's Mixup folding in the label smoothing) and the matching loss."""
     mixing = args.mixup > 0 or args.cutmix > 0
     mix = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.label_smoothing,
                 num_classes=num_classes) if mixing else None
@@ -144,21 +142,17 @@ def build_parser():
                    help="a preset of the options below; options given explicitly still win")
     p.add_argument("--augment", choices=sorted(AUGMENTATIONS), default="none")
     p.add_argument("--mixup", type=utils.NONNEGATIVE_FLOAT, default=0.0, help="mixup alpha (0: off)")
-    p.add_argument("--cutmix", type=utils.NONNEGATIVE_FLOAT, default=0.0, help="cutmix alpha (0: off)")
     p.add_argument("--label_smoothing", type=utils.ranged(float, 0, 1, high_open=True), default=0.0)
     p.add_argument("--layer_decay", type=utils.ranged(float, 0, 1, low_open=True), default=None,
                    help="layer-wise lr decay, e.g. 0.65")
-    p.add_argument("--drop_path", type=utils.ranged(float, 0, 1, high_open=True), default=0.0,
-                   help="stochastic depth rate of the last block")
-    p.add_argument("--reprob", type=utils.PROBABILITY, default=0.0, help="random erasing probability")
     p.add_argument("--model_ema", type=utils.ranged(float, 0, 1, high_open=True), default=None, metavar="DECAY",
                    help="also keep an exponential moving average of the weights (e.g. 0.999); it is evaluated "
                         "every epoch and is what the best checkpoint holds")
     p.add_argument("--linear_probe", action="store_true",
                    help="freeze the pretrained encoder; train only a BatchNorm + linear head")
-    p.add_argument("--patience", type=utils.POSITIVE_INT, default=None,
-                   help="stop when val accuracy has not improved for N epochs")
-    p.add_argument("--eval_batch_size", type=utils.POSITIVE_INT, default=1000)
+    p.add_argument("--trust_checkpoint", action="store_true",
+                   help="allow loading a pickled whole-module checkpoint (the reference's released weights)")
+    p.set_defaults(**RECIPE_ONLY)
     return p
 
 
@@ -185,11 +179,8 @@ def main(argv=None):
     build_model(args, typed_sizes, *run_setup.peek_data(args))  # the encoder file and shapes, before the data loads
     run, resumed = run_setup.start_run(args, [last_path, args.output_model_path], "classifier", FIXED_ON_RESUME)
     cfg, env, device, classes = run.settings, run.env, run.env.device, run.train_set.classes
-    if resumed and resumed.get("stopped_early"):
-        print(f"{run.resume_path} ended early at epoch {resumed['epoch']} (--patience): nothing to resume")
-        return utils.cleanup_distributed()
     run.train_set, subset = labelled_subset(run.train_set, cfg.labels_per_class, cfg.seed)
-    test_loader = GpuLoader(run.test_set, cfg.eval_batch_size, device, train=False, rank=env.rank,
+    test_loader = GpuLoader(run.test_set, EVAL_BATCH_SIZE, device, train=False, rank=env.rank,
                             world_size=env.world_size)
     model, config = build_model(cfg, typed_sizes, run.image_size, len(classes))
     if resumed:
@@ -202,24 +193,21 @@ def main(argv=None):
     if resumed and not cfg.time_budget and done >= cfg.total_epoch:
         print(f"{run.resume_path} has finished all {done} of --total_epoch {cfg.total_epoch} epochs: nothing to do "
               f"(a larger --total_epoch continues it)")
-        return utils.cleanup_distributed()
+        return devices.cleanup_distributed()
     train_model = DistributedDataParallel(model) if env.world_size > 1 else model
     prepare, criterion = batch_regularizers(cfg, len(classes))
-    step = engine.make_classifier_step(train_model, device, run.precision, criterion, prepare, not cfg.no_compile,
-                                       cfg.compile_mode)
-    loader = run_setup.make_loader(run, cfg, run_setup.trial_step(
-        engine.make_classifier_step(train_model, device, run.precision, torch.nn.CrossEntropyLoss()), model,
-        run.train_set.images.shape[1:], len(classes), device))
+    step = engine.make_classifier_step(train_model, device, run.precision, criterion, prepare, not cfg.no_compile)
+    loader = run_setup.make_loader(run, cfg)
     if subset:  # a small subset: an epoch (and its evaluation) every 10,000 images, not every few steps
         loader.repeats = -(-10_000 // len(run.train_set.labels))
     scaler = engine.grad_scaler(device, run.precision)
-    evaluated = [(m, engine.maybe_compile(m, device, not cfg.no_compile, cfg.compile_mode))
+    evaluated = [(m, engine.maybe_compile(m, device, not cfg.no_compile))
                  for m in (model, *([ema.module] if ema else []))]
     kept = ema.module if ema else model  # what the best checkpoint holds, chosen by its own accuracy
     fields = ["train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s", "compile_seconds",
               *(["val_loss_ema", "val_acc_ema"] if ema else []), *subset]  # metrics.csv
     schedule = run_setup.schedule_for(run, cfg, optimizer, resumed)
-    book = run_setup.Bookkeeping(run, fields, done, position, schedule)
+    book = run_setup.Bookkeeping(run, fields, done, position, schedule, model)
 
     def state(epoch, **extra):
         return ckpt.training_state("classifier", model, config, optimizer, epoch, cfg, best=best, classes=classes,
@@ -243,7 +231,7 @@ def main(argv=None):
             break
         last = book.epoch_end(result) or epoch == book.last_epoch
         if result.loss is None:  # the budget ran out before this epoch's first step: the run ended with the last
-            book.save(last_path, state(epoch - 1))
+            book.save(last_path, state(epoch - 1, ranks_rng=result.ranks_rng))
             break
         (correct,) = result.extras
         scores = dict(zip(("val_loss", "val_acc"), engine.evaluate(*evaluated[0][:1], test_loader, device,
@@ -263,13 +251,9 @@ def main(argv=None):
                                                "config": config.to_dict(), "args": vars(cfg), "val_acc": kept_acc,
                                                "classes": classes})
         book.final = (epoch, {"val_acc": scores["val_acc"], "best_val_acc": best["val_acc"]})
-        patience_over = cfg.patience is not None and epoch - best["epoch"] >= cfg.patience
-        if book.save_due(epoch, last or patience_over):
-            book.save(last_path, state(epoch, stopped_early=patience_over))
-        if patience_over:
-            print(f"\nval accuracy has not improved for {cfg.patience} epochs (best {best['val_acc']:.4f} at "
-                  f"epoch {best['epoch']}); stopping early")
-        if book.stopping or patience_over or last:
+        if book.save_due(epoch, last):
+            book.save(last_path, state(epoch, ranks_rng=result.ranks_rng))
+        if book.stopping or last:
             break
         book.before_next_epoch()
     return book.finish({**vars(cfg), **config.to_dict()}, book.final and not book.stopping and (

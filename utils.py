@@ -1,25 +1,17 @@
-"""What the scripts share: one-line errors, argparse types, atomic writes, seeding, devices and torchrun,
-run names, locks and logging."""
+"""What the scripts and tools share: one-line errors, argparse types, atomic writes, run locks, TensorBoard and CSV
+logging (torch only where TensorBoard is written)."""
 import argparse
 import contextlib
 import csv
 import math
 import os
-import random
 import shutil
 import sys
 import tempfile
 import threading
-import time
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.distributed as dist
-
-# The files a run keeps in its log folder (utils.RunLogger, utils.RunLock): no output may take these names.
+# The files a run keeps in its log folder (RunLogger, RunLock): no output may take these names.
 RUN_LOG_NAMES = ("metrics.csv", ".lock")
 RUN_LOG_PREFIX = "events.out.tfevents"
 
@@ -41,24 +33,20 @@ def first_line(error):
 
 
 def run_cli(main, argv=None, resumable=False):
-    """Run ``main``; turn the errors a user can fix into one clear line and exit code 2.
-
-    ``main`` may return an exit code: 130 / 143 after a graceful stop on SIGINT / SIGTERM. ``resumable``: the
-    script continues a run with ``--resume auto``, which is then the advice after a failed write.
-    """
+    """Run ``main`` (which may return an exit code: 130 / 143 after a graceful stop); the errors a user can fix
+    become one line and exit code 2. ``resumable``: a failed write is then continued with ``--resume auto``."""
     try:
         code = main(argv)
     except WriteError as error:
-        advice = ("fix that, then continue with --resume auto (a run with no checkpoint yet: start it again with "
-                  "--overwrite)" if resumable else "fix that and run the command again")
-        say_error(f"{first_line(error)}; {advice}")
+        say_error(f"{first_line(error)}; " + ("fix that, then continue with --resume auto (a run with no checkpoint "
+                                               "yet: start it again with --overwrite)" if resumable else
+                                               "fix that and run the command again"))
         sys.exit(2)
     except (ValueError, FileNotFoundError) as error:  # our UserError, DataError and model ValueErrors
         say_error(first_line(error))
         sys.exit(2)
     except OSError as error:  # a full disk, a read-only folder: name the path and the cause
-        where = f"{error.filename}: " if error.filename else ""
-        say_error(f"{where}{error.strerror or first_line(error)}")
+        say_error(f"{error.filename}: " * bool(error.filename) + (error.strerror or first_line(error)))
         sys.exit(2)
     except KeyboardInterrupt:
         end_progress_bars()
@@ -74,17 +62,14 @@ def say_error(message):
 
 
 def end_progress_bars():
-    """Close the progress bars an error left open (tqdm's, if it is loaded), so that the error line starts a line
-    of its own instead of following the bar's last state."""
-    tqdm = sys.modules.get("tqdm")
-    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+    """Close the bars an error left open, so that the error line starts a line of its own."""
+    for bar in list(getattr(getattr(sys.modules.get("tqdm"), "tqdm", None), "_instances", ())):
         bar.close()
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser, with a refusal of one usage line and the error instead of the whole usage block (about
-    30 lines above the one that matters); ``--help`` still prints everything. The script's docstring is its
-    description, printed as written."""
+    """argparse's, refusing in one usage line and the error instead of the whole usage block (``--help`` still
+    prints everything); the script's docstring is its description, printed as written."""
 
     def __init__(self, *args, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs):
         super().__init__(*args, formatter_class=formatter_class, **kwargs)
@@ -97,14 +82,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def atomic_write(path, write, what=""):
-    """Write ``path`` whole or not at all: ``write(temporary_path)`` writes a hidden file beside it (same folder,
-    same suffix, so savers that go by the suffix pick the format), which then replaces ``path`` in one rename.
-
-    On any failure the temporary file is removed and one WriteError names the path and the cause; a file that
-    was there before is left as it was. ``what`` names the kind of file in that message ("checkpoint").
-    """
+    """Write ``path`` whole or not at all: ``write(tmp)`` writes a hidden file beside it (same suffix, for savers
+    that go by it), which then replaces ``path`` in one rename. On failure the temporary file is removed and one
+    WriteError names the path and the cause (``what``: the kind of file); a file there before is left as it was."""
     path = Path(path)
-    existed = os.path.isfile(path)  # never an OSError (a name too long): that comes from the write, named
+    existed = os.path.isfile(path)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -114,16 +96,16 @@ def atomic_write(path, write, what=""):
         raise WriteError(f"could not write {what + ' ' if what else ''}{path} ({write_cause(error, path)}); "
                          f"{'the file there before is unchanged' if existed else 'nothing was left there'}") from None
     finally:
-        with contextlib.suppress(OSError):  # a temporary file that could not even be made is no error of its own
+        with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
 
 
 def write_cause(error, path):
     """Why a write failed, with the free space where it went (a full disk and a file-size limit read alike)."""
-    cause = (error.strerror if isinstance(error, OSError) and error.strerror else first_line(error))
-    folder = next((p for p in Path(path).parents if p.is_dir()), None)
-    with contextlib.suppress(OSError):
-        return f"{cause}; {shutil.disk_usage(folder).free / 2 ** 20:.1f} MiB free there" if folder else cause
+    cause = error.strerror if isinstance(error, OSError) and error.strerror else first_line(error)
+    with contextlib.suppress(OSError, StopIteration):
+        folder = next(p for p in Path(path).parents if p.is_dir())
+        return f"{cause}; {shutil.disk_usage(folder).free / 2 ** 20:.1f} MiB free there"
     return cause
 
 
@@ -143,6 +125,17 @@ def write_csv(path, fields, rows, what=""):
     atomic_write(path, write, what)
 
 
+def markdown(heads, lines):
+    """The tools' one Markdown table writer (report.py, summarize.py, campaign.py and benchmark.py)."""
+    lines = [heads, ["---"] * len(heads), *lines] if lines else []
+    return "".join(f"| {' | '.join(map(str, line))} |\n" for line in lines) or "(no rows yet)\n"
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 # ---------------------------------------------------------------------------------------- argparse types
 
 
@@ -153,15 +146,12 @@ def ranged(kind, low=None, high=None, low_open=False, high_open=False):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if value != value or value in (float("inf"), float("-inf")):  # nan and inf pass no range
+        if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{text} is not a finite number")
-        too_low = low is not None and (value <= low if low_open else value < low)
-        too_high = high is not None and (value >= high if high_open else value > high)
-        if too_low or too_high:
-            if high is None:
-                allowed = f"{'greater than' if low_open else 'at least'} {low}"
-            else:
-                allowed = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        if (low is not None and (value <= low if low_open else value < low)) or \
+                (high is not None and (value >= high if high_open else value > high)):
+            allowed = f"{'greater than' if low_open else 'at least'} {low}" if high is None else \
+                f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
             raise argparse.ArgumentTypeError(f"{text} is not allowed: it must be {allowed}")
         return value
 
@@ -245,171 +235,10 @@ def check_figure_file(parser, flag, path, overwrite):
         parser.error(f"argument {flag}: {path} already exists; pass --overwrite to replace it")
 
 
-def check_device(parser, requested):
-    """--device: auto, cpu, mps where Apple's GPU is available, or cuda[:N] that exists here."""
-    if requested in (None, "auto", "cpu"):
-        return
-    try:
-        device = torch.device(requested)
-    except RuntimeError:
-        parser.error(f"argument --device: {requested!r} is not a device; use auto, cpu, mps, cuda or cuda:N")
-    if device.type == "mps":
-        if not mps_available():
-            parser.error(f"argument --device: {requested} was asked for but Apple's MPS is not available here; "
-                         f"use --device cpu")
-        return
-    if device.type != "cuda":
-        parser.error(f"argument --device: {requested!r} is not supported; use auto, cpu, mps, cuda or cuda:N")
-    if not torch.cuda.is_available():
-        parser.error(f"argument --device: {requested} was asked for but no CUDA GPU is visible; use --device cpu")
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        parser.error(f"argument --device: {requested} does not exist; this machine has "
-                     f"{torch.cuda.device_count()} GPU(s)")
-
-
-PROCESS_START = time.monotonic()  # the process's real start where the system says (below)
-try:  # Linux: Python's and torch's imports count against a time budget too
-    with open("/proc/self/stat") as _stat, open("/proc/uptime") as _uptime:
-        _age = float(_uptime.read().split()[0]) - int(_stat.read().rsplit(")", 1)[1].split()[19]) / os.sysconf(
-            "SC_CLK_TCK")
-    PROCESS_START -= max(_age, 0.0)
-except (OSError, ValueError, IndexError):
-    pass
-CLOCK_START = PROCESS_START  # where a time budget counts from: the call, for a main() called inside Python
-
-
-def machine_description(device):
-    """What a run ran on, for the tables that cite it: the GPU, or the CPU and its vector units."""
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    name = "CPU"
-    with contextlib.suppress(OSError, StopIteration):
-        info = Path("/proc/cpuinfo").read_text().splitlines()
-        name = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-        flags = set(next(line for line in info if line.startswith("flags")).split())
-        name += ", " + ("AVX512-BF16" if "avx512_bf16" in flags else "AVX-512" if "avx512f" in flags
-                        else "AVX2" if "avx2" in flags else "no AVX2")
-    threads = torch.get_num_threads()
-    return f"{name}, {threads} thread{'s' * (threads > 1)}, torch {torch.__version__}"
-
-
 try:
     import fcntl  # advisory file locks, released by the OS when a process dies
 except ImportError:  # Windows: runs are not locked
     fcntl = None
-
-
-# ------------------------------------------------------------------------------------------------- seeding
-
-
-def setup_seed(seed, deterministic=False):
-    """Seed every generator the code touches; ``deterministic`` also asks for deterministic kernels (slower)."""
-    torch.manual_seed(seed)  # also seeds CUDA
-    np.random.seed(seed)
-    random.seed(seed)
-    torch.backends.cudnn.benchmark = False
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.deterministic = True
-
-
-# ------------------------------------------------------------------------------------------ devices, torchrun
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-
-def mps_available():
-    """Whether Apple's Metal GPU (MPS) can run here (torch built with it, and a Mac that has it)."""
-    mps = getattr(torch.backends, "mps", None)
-    return bool(mps is not None and mps.is_available())
-
-
-def auto_device():
-    """``--device auto``: a CUDA GPU, else Apple's MPS, else the CPU."""
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if mps_available() else "cpu"
-
-
-def synchronize(device):
-    """Wait for the work queued on ``device`` (the CPU runs in order), so a clock read after it is fair."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-@contextmanager
-def kept_random_state(device):
-    """Random draws inside leave the run's CPU and ``device`` generators as they were (a figure, a trial step).
-
-    torch.random.fork_rng forks the CUDA generator; the MPS one is saved and restored here, through the calls
-    every torch 2.x has.
-    """
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        mps_state = torch.mps.get_rng_state() if device.type == "mps" else None
-        try:
-            yield
-        finally:
-            if mps_state is not None:
-                torch.mps.set_rng_state(mps_state)
-
-
-def setup_device(requested=None, threads=None):
-    """The device, and the process group when launched by torchrun (RANK / WORLD_SIZE in the environment)."""
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if threads:
-        torch.set_num_threads(threads)
-    device = torch.device(auto_device() if requested in (None, "auto") else requested)
-    if device.type == "mps":
-        if not mps_available():
-            raise UserError("--device mps was asked for but Apple's MPS is not available here; use --device cpu")
-        if world_size > 1:  # one Apple GPU per machine, and no collective backend for its tensors
-            raise UserError("--device mps runs in one process; start it without torchrun")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-        device = torch.device("cuda", local_rank if world_size > 1 else (device.index or 0))
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank, world_size, device)
-
-
-def cleanup_distributed():
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def all_reduce_sum(tensor):
-    if dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor
-
-
-def split_batch(batch_size, max_device_batch_size, world_size):
-    """(micro-batch size per process, micro-batches per optimizer step) for a global batch."""
-    if batch_size % world_size:
-        raise UserError(f"--batch_size {batch_size} is not divisible by the {world_size} processes")
-    per_process = batch_size // world_size
-    micro = min(max_device_batch_size, per_process)
-    if per_process % micro:
-        raise UserError(f"--batch_size {batch_size} per process ({per_process}) is not divisible by "
-                        f"--max_device_batch_size {max_device_batch_size}")
-    return micro, per_process // micro
 
 
 # ------------------------------------------------------------------------------------- run names and locks
@@ -419,11 +248,10 @@ class RunLock:
     """An exclusive lock on a run folder: a second live copy of the same run is refused. The OS releases it when
     the process dies, so a crash never blocks a retry."""
 
-    def __init__(self, folder, name=RUN_LOG_NAMES[1], in_use=None):
-        self.path = Path(folder) / name
-        self.file = None
-        self.in_use = in_use or (f"{folder} is in use by another running copy of this run; wait for it to finish, "
-                                 f"or stop it first")
+    def __init__(self, folder, name=".lock", in_use=None):
+        self.path, self.file = Path(folder) / name, None
+        self.in_use = in_use or f"{folder} is in use by another running copy of this run; wait for it to finish, " \
+                                f"or stop it first"
 
     @classmethod
     def for_file(cls, path):
@@ -435,20 +263,20 @@ class RunLock:
     def acquire(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.path, "a")
-        if fcntl is None:
-            return self
         try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if fcntl:
+                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self.file.close()
             raise UserError(self.in_use) from None
         return self
 
-    def release(self):
-        """Before the process ends (its end releases the lock too)."""
+    def release(self, remove=False):
         if self.file:
             self.file.close()
             self.file = None
+            if remove:
+                self.path.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------------- logging
@@ -457,125 +285,96 @@ class RunLock:
 class RunLogger:
     """TensorBoard scalars and a ``metrics.csv`` (header first, one row per epoch) in one run folder.
 
-    On resume, rows from epochs at or after ``start_epoch`` are dropped and TensorBoard purges the same steps,
-    so a resumed run's logs read as if it had never stopped. The CSV is small: it is rewritten whole through a
-    temporary file after every epoch (see utils.atomic_write), so a failed write (a full disk) leaves the
-    previous complete file, never half a row. Columns it already has are kept, so a resume with other monitors
-    loses no rows. The header is written with the first row: a first epoch that fails leaves no CSV that blocks
-    the retry. A run that starts at epoch 1 (new, or ``--overwrite``) first removes the folder's old CSV and
-    TensorBoard event files, so no curve of an earlier run is drawn under its name.
-
-    TensorBoard's event file is only appended to, by a thread of its own; its writes are flushed after every
-    epoch, so that a failed one is raised here, in the training thread, as the same one-line WriteError.
-    """
+    A run that starts at epoch 1 first removes the folder's old CSV and event files (no earlier run's curve under
+    its name); a resumed one drops the rows and TensorBoard steps from ``start_epoch`` on, so its logs read as if
+    it had never stopped, and keeps the columns the CSV already has. The CSV is rewritten whole and atomically after
+    every epoch, header with the first row: a failed write leaves the previous complete file. The event file is
+    made with the first value (an interrupted first epoch leaves none) and flushed every epoch, so that a failed
+    write of its writer thread is raised here, in the training thread, as the same one-line WriteError."""
 
     def __init__(self, log_dir, fields, start_epoch=1, enabled=True):
-        self.enabled = enabled
-        self.fields = ["epoch", *fields]
-        self.log_dir = Path(log_dir)
-        self.csv_path = self.log_dir / RUN_LOG_NAMES[0]
-        self.rows = []
-        self.writer = None
+        self.enabled, self.fields, self.log_dir = enabled, ["epoch", *fields], Path(log_dir)
+        self.csv_path, self.rows, self.writer, self.start_epoch = self.log_dir / "metrics.csv", [], None, start_epoch
         if not enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter  # imported late: slow, and only rank 0 needs it
-
         quiet_tensorboard_thread_errors()
-        try:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise WriteError(f"could not make the run folder {self.log_dir} ({error.strerror or error})") from None
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         if start_epoch <= 1:
-            self._remove_earlier_logs()
-        else:
-            self._keep_rows_before(start_epoch)
-        self.writer = self._tensorboard(lambda: SummaryWriter(str(self.log_dir), purge_step=(
-            start_epoch if start_epoch > 1 else None)))
+            for path in [self.csv_path, *self.log_dir.glob(f"{RUN_LOG_PREFIX}.*")]:
+                path.unlink(missing_ok=True)
+        elif self.csv_path.exists():
+            with open(self.csv_path, newline="") as f:
+                reader = csv.DictReader(f)
+                self.rows = [row for row in reader if epoch_of(row) < start_epoch]
+                self.fields = (reader.fieldnames or []) + [f for f in self.fields if f not in (reader.fieldnames or [])]
+            write_csv(self.csv_path, self.fields, self.rows)  # now: the CSV agrees with the checkpoint resumed
 
-    def _remove_earlier_logs(self):
-        for path in [self.csv_path, *self.log_dir.glob(f"{RUN_LOG_PREFIX}.*")]:
-            if path.is_file():
-                path.unlink()
+    def _tensorboard(self, call):
+        """``call(writer)``, with a failed event-file write (the writer thread's error) as one WriteError."""
+        try:
+            if self.writer is None:
+                from torch.utils.tensorboard import SummaryWriter  # slow to import, and only rank 0 needs it
 
-    def _keep_rows_before(self, start_epoch):
-        if not self.csv_path.exists():
-            return
-        with open(self.csv_path, newline="") as f:
-            reader = csv.DictReader(f)
-            old_fields = reader.fieldnames or []
-            self.rows = [row for row in reader if epoch_of(row) < start_epoch]
-        self.fields = old_fields + [f for f in self.fields if f not in old_fields]
-        write_csv(self.csv_path, self.fields, self.rows)  # now: the CSV agrees with the checkpoint resumed
+                self.writer = SummaryWriter(str(self.log_dir), purge_step=(
+                    self.start_epoch if self.start_epoch > 1 else None))
+            return call(self.writer)
+        except OSError as error:
+            event_writer = getattr(getattr(self.writer, "file_writer", None), "event_writer", None)
+            name = getattr(event_writer, "_file_name", None) or f"in {self.log_dir}"  # torch's private name
+            raise WriteError(f"could not write TensorBoard events {name} "
+                             f"({write_cause(error, self.log_dir / 'events')})") from None
 
     def log(self, epoch, **values):
         if not self.enabled:
             return
-        self._tensorboard(lambda: [self.writer.add_scalar(tensorboard_tag(name), value, epoch)
-                                   for name, value in values.items() if value is not None])
+        numbers = {k: v for k, v in values.items() if v is not None and not isinstance(v, str)}  # a hash: CSV only
+        self._tensorboard(lambda w: [w.add_scalar(tensorboard_tag(k), v, epoch) for k, v in numbers.items()])
         self.rows.append({"epoch": epoch, **values})
         try:
             write_csv(self.csv_path, self.fields, self.rows)
         except WriteError:
             self.rows.pop()  # the file still holds the rows before this one
             raise
-        self._tensorboard(self.writer.flush)
+        self._tensorboard(lambda w: w.flush())
 
     def log_hparams(self, settings, final_metrics, epoch):
-        """The run's settings and final metrics for TensorBoard's HParams view, written through this run's own
-        writer (``SummaryWriter.add_hparams`` would start a timestamped subfolder: a second run in every view).
-
-        Only bool (shown as 0 / 1), int, float and str settings are kept: the view has no other types; None is
-        "none". A metric
-        is the scalar ``hparams/<name>`` at ``epoch``, so a resumed run's purge replaces it like any curve."""
-        if not self.enabled:
-            return
+        """The run's settings (bool, int, float, str; None as "none") and final metrics for TensorBoard's HParams
+        view, through this run's own writer (``add_hparams`` would start a second run in every view); a metric is
+        the scalar ``hparams/<name>`` at ``epoch``, so a resumed run's purge replaces it like any curve."""
         from torch.utils.tensorboard.summary import hparams
 
-        kept = {name: "none" if value is None else value for name, value in settings.items()
-                if value is None or isinstance(value, (bool, int, float, str))}
+        kept = {k: "none" if v is None else v for k, v in settings.items() if isinstance(v, (bool, int, float, str))
+                or v is None}
         metrics = {f"hparams/{name}": float(value) for name, value in final_metrics.items() if value is not None}
-        for summary in hparams(kept, metrics):  # the experiment, and this session's start and end
-            self.writer.file_writer.add_summary(summary)
-        for tag, value in metrics.items():
-            self.writer.add_scalar(tag, value, epoch)
-        self.writer.flush()
+
+        def write(w):
+            for summary in hparams(kept, metrics):  # the experiment, and this session's start and end
+                w.file_writer.add_summary(summary)
+            for tag, value in metrics.items():
+                w.add_scalar(tag, value, epoch)
+            w.flush()
+
+        if self.enabled:
+            self._tensorboard(write)
 
     def add_image(self, tag, image, epoch):
         if self.enabled:
-            self._tensorboard(lambda: (self.writer.add_image(tag, image, epoch), self.writer.flush()))
+            self._tensorboard(lambda w: (w.add_image(tag, image, epoch), w.flush()))
 
     def close(self):
         """Flush (close alone would not raise the writer thread's error), then close, once, even after a failure."""
         if self.writer is None:
             return
         try:
-            self._tensorboard(self.writer.flush)
-        except WriteError:
-            with contextlib.suppress(OSError):  # the same failure again: reported once
-                self.writer.close()
-            raise
-        else:
-            self._tensorboard(self.writer.close)
+            self._tensorboard(lambda w: w.flush())
         finally:
+            with contextlib.suppress(OSError):  # a failed flush was reported above: once
+                self.writer.close()
             self.writer = None
-
-    def _tensorboard(self, call):
-        """``call()``, with a failed event-file write (raised by the writer thread's error) as one WriteError."""
-        try:
-            return call()
-        except OSError as error:
-            raise WriteError(f"could not write TensorBoard events {self._event_file()} "
-                             f"({write_cause(error, self.log_dir / 'events')})") from None
-
-    def _event_file(self):
-        """The event file being written (a private attribute of torch's writer: the folder if that changes)."""
-        event_writer = getattr(getattr(self.writer, "file_writer", None), "event_writer", None)
-        return getattr(event_writer, "_file_name", None) or f"in {self.log_dir}"
 
 
 def epoch_of(row):
-    """A metrics.csv row's epoch; infinite (never kept on resume) for a row cut short by an older version's failed
-    append, or edited by hand."""
+    """A metrics.csv row's epoch; infinite (never kept on resume) for a torn or hand-edited row."""
     try:
         return int(row.get("epoch") or "")
     except ValueError:
@@ -583,9 +382,8 @@ def epoch_of(row):
 
 
 def quiet_tensorboard_thread_errors():
-    """TensorBoard's writer thread keeps its failed write's error for the main thread's next flush, and also lets
-    it escape as a traceback of its own ("Exception in thread ..."). RunLogger reports that error as one line
-    from the main thread, so the writer thread's own report is dropped; every other thread's is kept."""
+    """TensorBoard's writer thread keeps a failed write's error for the next flush (RunLogger reports it as one
+    line) and also prints it as a traceback of its own: that print is dropped, every other thread's kept."""
     previous = threading.excepthook
     if getattr(previous, "quiets_tensorboard", False):
         return
@@ -600,10 +398,8 @@ def quiet_tensorboard_thread_errors():
 
 def tensorboard_tag(name):
     """``train_loss`` -> ``train/loss`` so TensorBoard groups the curves."""
-    for group in ("train_", "val_", "knn_", "probe_"):
-        if name.startswith(group):
-            return group[:-1] + "/" + name[len(group):]
-    return name
+    group = next((g for g in ("train_", "val_", "knn_", "probe_") if name.startswith(g)), None)
+    return f"{group[:-1]}/{name[len(group):]}" if group else name
 
 
 def logged_rows(csv_path):

@@ -1,5 +1,5 @@
 """--time_budget: the learning rate follows the share of the budget spent (a fake clock), the run ends within its
-budget, and its record trains the same steps again to the bit (--replay_budget)."""
+budget, and its record trains the same steps again to the bit (--time_budget BUDGET_JSON)."""
 import json
 import subprocess
 import sys
@@ -69,9 +69,9 @@ def test_a_budgeted_run_records_its_steps_and_replays_to_the_bit(tmp_path, cls_a
     record = json.loads((run_dir / "budget.json").read_text())
     assert record["time_budget_minutes"] == 0.2 and record["steps"] == len(record["shares"]) >= 3
     assert record["total_epoch"] == len(read_metrics(run_dir)[1]) and len(record["wall_seconds"]) == 1
-    assert "--replay_budget" in record["reproduce"]
+    assert f"--time_budget {run_dir / 'budget.json'}" in record["reproduce"]
     replay = without(cls_argv(tmp_path / "r", "--run_name", "r"), "--total_epoch", "--warmup_epoch")
-    assert train_classifier.main([*replay, "--replay_budget", str(run_dir / "budget.json")]) == 0
+    assert train_classifier.main([*replay, "--time_budget", str(run_dir / "budget.json")]) == 0
     assert same_weights(load_state(tmp_path / "b" / "cls_last.pt")["model"],
                         load_state(tmp_path / "r" / "cls_last.pt")["model"])
 

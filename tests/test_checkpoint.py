@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import checkpoint as ckpt
+import devices
 import engine
 import utils
 from model import MAE_Encoder, MAE_ViT, ModelConfig, ViT_Classifier
@@ -126,9 +127,12 @@ def test_damaged_files_are_reported_as_truncated_or_corrupt(tmp_path, content):
             ckpt.load_checkpoint(path, trust_pickle=trust)
 
 
-def test_a_missing_checkpoint_raises(tmp_path):
-    with pytest.raises(UserError, match="does not exist"):
-        ckpt.load_checkpoint(tmp_path / "nope.pt")
+@pytest.mark.parametrize("name", ["nope.pt", "."], ids=["missing", "folder"])
+def test_a_missing_checkpoint_or_a_folder_is_one_line_naming_it(tmp_path, capsys, name):
+    with pytest.raises(SystemExit, match="2"):
+        utils.run_cli(lambda argv: ckpt.load_checkpoint(tmp_path / name))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(tmp_path) in err and "Traceback" not in err, err
 
 
 def test_a_pickled_module_needs_trust(tmp_path):
@@ -204,7 +208,7 @@ def test_rng_state_round_trip(tmp_path):
 
 def test_setup_seed_makes_model_init_repeatable():
     def init(seed):
-        utils.setup_seed(seed)
+        devices.setup_seed(seed)
         return MAE_ViT(**TINY).state_dict(), draws()
 
     (first, first_draws), (again, again_draws), (other, _) = init(0), init(0), init(1)

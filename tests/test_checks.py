@@ -4,6 +4,7 @@ import argparse
 import pytest
 import torch
 
+import devices
 import utils
 
 
@@ -38,5 +39,5 @@ def test_unknown_or_missing_devices_are_refused(device, capsys):
     if device == "cuda:7" and torch.cuda.device_count() > 7:
         pytest.skip("this machine has 8 GPUs")
     with pytest.raises(SystemExit):
-        utils.check_device(parser, device)
+        devices.check_device(parser, device)
     assert "argument --device" in capsys.readouterr().err

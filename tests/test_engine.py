@@ -198,23 +198,6 @@ def test_gpus_without_bf16_get_fp16(monkeypatch):
     assert engine.resolve_precision("auto", torch.device("cuda")) == "bf16"
 
 
-def test_auto_micro_batch_is_the_largest_power_of_two_that_fits(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    tried = []
-
-    def trial(size):
-        tried.append(size)
-        if size > 256:
-            raise torch.cuda.OutOfMemoryError("out of memory")
-
-    assert engine.largest_fitting_micro_batch(trial, 4096, torch.device("cuda")) == 256
-    assert tried == [4096, 2048, 1024, 512, 256]
-    assert engine.largest_fitting_micro_batch(trial, 384, torch.device("cuda")) == 128  # must divide the batch
-    assert engine.largest_fitting_micro_batch(None, 4096, torch.device("cpu")) == 256  # no trial on the CPU
-    with pytest.raises(UserError, match="not even a micro-batch of 1"):
-        engine.largest_fitting_micro_batch(lambda size: trial(size * 1000), 4, torch.device("cuda"))
-
-
 def test_first_step_is_timed_apart_for_the_steady_rate(monkeypatch):
     clock = iter([0.0, 5.0, 7.0])  # start, after the first step (compilation), end
     monkeypatch.setattr(engine.time, "perf_counter", lambda: next(clock))

@@ -183,7 +183,7 @@ def pretrain(image_folder, tmp_path, *extra):
     """A tiny pretraining run; returns its metrics.csv rows and its final weights."""
     argv = ["--data_dir", str(image_folder), "--device", "cpu", "--batch_size", "16", "--max_device_batch_size",
             "16", "--warmup_epoch", "1", "--emb_dim", "32", "--encoder_depth", "1", "--encoder_heads", "2",
-            "--decoder_depth", "1", "--decoder_heads", "2", "--knn_k", "5", "--log_dir", str(tmp_path / "logs"),
+            "--decoder_depth", "1", "--decoder_heads", "2", "--log_dir", str(tmp_path / "logs"),
             "--run_name", "run", "--model_path", str(tmp_path / "mae.pt"), *extra]
     mae_pretrain.main(argv)
     with open(tmp_path / "logs" / "cifar10" / "run" / "metrics.csv", newline="") as f:

@@ -1,12 +1,17 @@
 """Resume and stop semantics, end to end on tiny runs: a stop takes effect at the next optimizer step and resumes
 bit for bit; a resumed run trains with the schedule its command line says (applied changes, inherited flags)."""
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 
 import engine
 import mae_pretrain
 import train_classifier
-from conftest import load_state, read_metrics, run_dirs
+from conftest import REPO, SUBPROCESS_ENV, load_state, read_metrics, run_dirs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,7 +64,7 @@ def test_pretraining_stopped_mid_epoch_resumes_bit_for_bit(tmp_path, mae_argv, s
     assert [r["loss"] for r in read_metrics(run_dir)[1]] == [r["loss"] for r in read_metrics(full_dir)[1]]
 
 
-def test_finetuning_stopped_mid_epoch_resumes_bit_for_bit(tmp_path, cls_argv, stop_at_step):
+def test_finetuning_stopped_mid_epoch_resumes_bit_for_bit(tmp_path, cls_argv, stop_at_step, capsys):
     extra = ["--total_epoch", 2, "--base_learning_rate", 0.01, "--model_ema", 0.9, "--augment", "crop_flip"]
     train_classifier.main(cls_argv(tmp_path / "full", *extra))
     argv = cls_argv(tmp_path / "split", *extra)
@@ -67,6 +72,8 @@ def test_finetuning_stopped_mid_epoch_resumes_bit_for_bit(tmp_path, cls_argv, st
     assert train_classifier.main(argv) == 143
     stopped = load_state(tmp_path / "split" / "cls_last.pt")
     assert stopped["epoch"] == 0 and stopped["position"]["optimizer_steps"] == 3
+    assert run_dirs(tmp_path / "split" / "logs") == []  # nothing logged yet: no empty run for TensorBoard to list
+    assert f"stopped; {tmp_path / 'split' / 'cls_last.pt'} holds where the run stands" in capsys.readouterr().out
 
     stop_at_step(10 ** 9)
     assert train_classifier.main(argv + ["--resume", "auto"]) == 0
@@ -132,3 +139,50 @@ def test_resume_auto_alone_continues_the_run_as_it_was(tmp_path, mae_argv, stop_
     assert "changed settings" not in capsys.readouterr().out
     assert load_state(tmp_path / "run" / "mae.pt")["epoch"] == 3
     assert lrs(tmp_path / "run" / "logs" / "cifar10" / "r") == lrs(tmp_path / "reference" / "logs" / "cifar10" / "r")
+
+
+def test_more_signals_during_the_stops_save_wait_for_it_and_keep_the_exit_code(tmp_path, mae_argv):
+    """A real process: SIGTERM stops the run, and two more arrive while its checkpoint's temporary file is being
+    written (made slow here). The write ends whole, no temporary file is left, and the exit code stays 143."""
+    argv = mae_argv(tmp_path, "--total_epoch", 1000, "--warmup_epoch", 1)
+    code = f"""import sys, time
+sys.path.insert(0, {str(REPO)!r})
+import checkpoint, mae_pretrain, utils
+fast = checkpoint.torch_save
+def slow(state, path):
+    fast(state, path)
+    print("writing", flush=True)
+    time.sleep(3)
+checkpoint.torch_save = slow
+utils.run_cli(mae_pretrain.main, {argv!r}, resumable=True)
+"""
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        process = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=SUBPROCESS_ENV, text=True,
+                                   stdout=subprocess.PIPE, stderr=stderr)
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not any(len(read_metrics(c.parent)[1]) >= 1 for c in
+                                                          (tmp_path / "logs").rglob("metrics.csv")):
+                time.sleep(0.05)
+            process.send_signal(signal.SIGTERM)
+            assert any("writing" in line for line in process.stdout)  # the stop's save is under way
+            for _ in range(2):
+                process.send_signal(signal.SIGTERM)
+                time.sleep(0.2)
+            process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    errors = (tmp_path / "stderr.txt").read_text()
+    assert process.returncode == 143, errors[-2000:]
+    assert "a checkpoint is being written; it will end whole" in errors and "Traceback" not in errors
+    assert load_state(tmp_path / "mae.pt")["kind"] == "mae"
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_a_gpu_schedule_on_a_cpu_says_so_before_its_first_step(tmp_path, mae_argv, stop_at_step, capsys):
+    stop_at_step(1)  # 16 million images: the run stops after its first micro-batch
+    assert mae_pretrain.main(mae_argv(tmp_path, "--total_epoch", 200_000, "--warmup_epoch", 1)) == 143
+    out = capsys.readouterr().out
+    assert "200000 epochs at batch 16 are meant for a GPU: here they would take at least" in out
+    assert "use --preset small, or --time_budget MINUTES" in out

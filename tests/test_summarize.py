@@ -89,7 +89,6 @@ def test_tables_keep_ablations_apart_and_count_seeds(tmp_path, capsys):
         ("block", "1", "3"), ("block", "2", "1"), ("random", "1", "3"), ("random", "2", "3")]
     row, key = depth_rows[0], (1, "block")
     assert row["final acc (%)"] == mean_std_text(accuracies[key])
-    assert row["best acc (%)"] == mean_std_text(np.add(accuracies[key], 0.2))
     assert row["linear probe (%)"] == mean_std_text(np.divide(accuracies[key], 3))
     assert row["k-NN (%)"] == mean_std_text(knn[key])              # the last non-empty value of each seed
     assert row["pretraining probe (%)"] == mean_std_text(probe[key])
@@ -111,7 +110,7 @@ def test_tables_keep_ablations_apart_and_count_seeds(tmp_path, capsys):
     assert (ft["stage"], ft["seed"], ft["decoder_depth"], ft["mask_strategy"], ft["finetune_epochs"]) == (
         "finetune", "2", "1", "block", "2")
     assert float(ft["val_acc"]) == pytest.approx(accuracies[1, "block"][2])
-    assert float(ft["best_val_acc"]) == pytest.approx(accuracies[1, "block"][2] + 0.2)
+    assert "best_val_acc" not in ft  # picked on the test set, it would flatter
     mae = next(r for r in runs if r["run"] == "mae_dd1_block_s2")
     assert float(mae["knn_acc"]) == pytest.approx(knn[1, "block"][2]) and mae["val_acc"] == ""
     for name in ("finetune_acc_decoder_depth", "finetune_acc_mask_strategy", "pretrain_loss_decoder_depth",
@@ -129,7 +128,8 @@ def figure_texts(monkeypatch):
     texts, savefig = {}, Figure.savefig
 
     def recording_savefig(self, path, **kwargs):
-        legends = [[t.get_text() for t in ax.get_legend().get_texts()] if ax.get_legend() else [] for ax in self.axes]
+        legends = [ax.get_legend() or (self.legends or [None])[0] for ax in self.axes]  # the axes' or the figure's
+        legends = [[t.get_text() for t in legend.get_texts()] if legend else [] for legend in legends]
         # Saved as a hidden temporary file beside the figure (utils.atomic_write): keyed by the figure's name.
         name = re.sub(r"^\.(.*)\.tmp\d+(\.\w+)$", r"\1\2", Path(path).name)
         texts[name] = {"title": self.get_suptitle() or self.axes[0].get_title(), "axes": [
@@ -168,7 +168,7 @@ def test_several_sweeps_combine_and_settings_that_differ_become_rows(tmp_path, c
     assert figure_texts["pretrain_loss_pretrain_args.png"]["axes"][0][2] == ["pretrain args --norm_pix_loss (n=2)",
                                                                              "pretrain args none (n=2)"]
     (_, ylabel, legend), = figure_texts["accuracy_per_setting.png"]["axes"]
-    assert ylabel == "test accuracy (%)" and legend == ["final acc", "best acc", "linear probe"]
+    assert ylabel == "test accuracy (%)" and legend == ["final acc", "linear probe"]
 
 
 def test_one_setting_over_seeds_still_gets_its_curves(tmp_path, capsys):

@@ -176,27 +176,6 @@ def test_resuming_with_model_ema_needs_a_run_that_had_it(tmp_path, cls_argv, cli
     assert "cannot resume" in line and "--model_ema: None -> 0.9" in line
 
 
-def test_patience_stops_when_val_accuracy_stops_improving(tmp_path, cls_argv, capsys):
-    # lr 0: the weights never change, so val accuracy cannot beat epoch 1's.
-    train_classifier.main(cls_argv(tmp_path, "--total_epoch", 6, "--patience", 1, "--base_learning_rate", 1e-30))
-    (run_dir,) = run_dirs(tmp_path / "logs")
-    rows = read_metrics(run_dir)[1]
-    assert [int(row["epoch"]) for row in rows] == [1, 2]
-    assert len({row["val_acc"] for row in rows}) == 1
-    assert "stopping early" in capsys.readouterr().out
-    last = load_state(tmp_path / "cls_last.pt")
-    assert last["epoch"] == 2 and last["best"]["epoch"] == 1
-    assert load_state(tmp_path / "cls.pt")["epoch"] == 1
-    assert last["stopped_early"]
-
-    # Resuming a run that patience ended trains nothing more.
-    train_classifier.main(cls_argv(tmp_path, "--total_epoch", 6, "--patience", 1, "--base_learning_rate", 1e-30,
-                                   "--resume", "auto"))
-    assert "nothing to resume" in capsys.readouterr().out
-    assert [int(row["epoch"]) for row in read_metrics(run_dir)[1]] == [1, 2]
-    assert load_state(tmp_path / "cls_last.pt")["epoch"] == 2
-
-
 # --------------------------------------------------------------------------------------------- bad input
 
 
@@ -298,3 +277,21 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, cl
     assert [float(r["train_loss"]) for r in ddp_rows] == pytest.approx(
         [float(r["train_loss"]) for r in single_rows], rel=1e-4)
     assert [r["val_acc"] for r in ddp_rows] == [r["val_acc"] for r in single_rows]  # every test image counted once
+
+
+# -------------------------------------------------------------------------------------------- few labels
+
+
+def test_labels_per_class_gives_both_arms_of_a_seed_the_same_images(tmp_path, cls_argv, mae_run, cli_error):
+    def subset(name, seed, *extra):
+        assert train_classifier.main(cls_argv(tmp_path / name, "--labels_per_class", 3, "--seed", seed,
+                                              "--total_epoch", 1, "--warmup_epoch", 0, *extra)) == 0
+        (row,) = read_metrics(run_dirs(tmp_path / name / "logs")[0])[1]
+        assert row["labels"] == "30"  # 3 of each of the 10 classes; the test set stays whole
+        return row["subset"]
+
+    scratch = subset("scratch", 5)
+    assert subset("mae", 5, "--pretrained_model_path", mae_run.checkpoint) == scratch
+    assert subset("other_seed", 6) != scratch
+    line = cli_error(train_classifier.main, cls_argv(tmp_path / "too_many", "--labels_per_class", 9))
+    assert "--labels_per_class 9: class class0 has only 8 training images" in line

@@ -13,6 +13,7 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 
 import checkpoint as ckpt
+import run_setup
 import train_classifier
 import utils
 from conftest import write_coloured_image_folder
@@ -235,9 +236,9 @@ def test_explicit_options_override_the_recipe(argv):
 
 
 def test_an_explicit_default_value_still_overrides_the_recipe():
-    args, _, _ = train_classifier.parse_args(["--recipe", "strong", "--augment", "none", "--drop_path", "0"])
-    assert args.augment == "none" and args.drop_path == 0.0
-    assert args.reprob == 0.25
+    args, _, _ = train_classifier.parse_args(["--recipe", "strong", "--augment", "none"])
+    assert args.augment == "none"
+    assert args.reprob == 0.25 and args.drop_path == 0.1  # no flags of their own: the recipe's
 
 
 def test_recipe_run_name_lists_only_deviations_from_the_recipe(tmp_path):
@@ -317,7 +318,7 @@ def test_layer_decay_follows_timms_scheme(mae_checkpoint):
     for name, p in params.items():
         if p.ndim <= 1:
             assert wd[name] == 0.0, name  # biases and norms
-    assert wd["patchify.weight"] == wd["transformer.0.attn.qkv.weight"] == wd["head.weight"] == args.weight_decay
+    assert wd["patchify.weight"] == wd["transformer.0.attn.qkv.weight"] == wd["head.weight"] == run_setup.WEIGHT_DECAY
 
 
 def test_layer_decay_scales_match_timms_own_vit(mae_checkpoint):
@@ -365,7 +366,7 @@ def drop_path_rates(model):
 
 @pytest.mark.parametrize("pretrained", [False, True])
 def test_drop_path_grows_linearly_over_the_blocks(mae_checkpoint, pretrained):
-    argv = ["--drop_path", "0.1", "--emb_dim", "32", "--encoder_depth", str(DEPTH), "--encoder_heads", "2"]
+    argv = ["--recipe", "strong", "--emb_dim", "32", "--encoder_depth", str(DEPTH), "--encoder_heads", "2"]
     if pretrained:
         argv += ["--pretrained_model_path", str(mae_checkpoint)]
     model = train_classifier.build_model(classifier_args(*argv), {}, IMAGE_SIZE, NUM_CLASSES)[0]
@@ -384,7 +385,7 @@ def test_drop_path_grows_linearly_over_the_blocks(mae_checkpoint, pretrained):
 
 
 def test_linear_probe_has_no_drop_path(mae_checkpoint):
-    args = classifier_args("--pretrained_model_path", str(mae_checkpoint), "--linear_probe", "--drop_path", "0.1")
+    args = classifier_args("--pretrained_model_path", str(mae_checkpoint), "--linear_probe", "--recipe", "strong")
     model = train_classifier.build_model(args, {}, IMAGE_SIZE, NUM_CLASSES)[0]
     assert all(rate == 0.0 for block in drop_path_rates(model) for rate in block)
 
@@ -399,7 +400,7 @@ def image_folder(tmp_path_factory):
 
 def classifier_argv(image_folder, tmp_path, *extra):
     return ["--data_dir", str(image_folder), "--device", "cpu", "--total_epoch", "1", "--warmup_epoch", "1",
-            "--batch_size", "16", "--max_device_batch_size", "16", "--eval_batch_size", "64",
+            "--batch_size", "16", "--max_device_batch_size", "16",
             "--log_dir", str(tmp_path / "logs"), "--output_model_path", str(tmp_path / "cls.pt"), *extra]
 
 

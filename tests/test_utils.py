@@ -3,6 +3,7 @@ import csv
 
 import pytest
 
+import devices
 import utils
 from utils import UserError
 
@@ -16,14 +17,14 @@ TINY = dict(image_size=16, patch_size=2, emb_dim=32, encoder_layer=1, encoder_he
 @pytest.mark.parametrize("batch, max_device, world, expected", [
     (4096, 512, 1, (512, 8)), (128, 256, 1, (128, 1)), (4096, 512, 4, (512, 2)), (256, 512, 2, (128, 1))])
 def test_split_batch(batch, max_device, world, expected):
-    assert utils.split_batch(batch, max_device, world) == expected
+    assert devices.split_batch(batch, max_device, world) == expected
 
 
 def test_split_batch_rejects_uneven_splits():
     with pytest.raises(UserError, match="not divisible by the 3 processes"):
-        utils.split_batch(128, 64, 3)
+        devices.split_batch(128, 64, 3)
     with pytest.raises(UserError, match=r"per process \(96\) is not divisible by --max_device_batch_size 64"):
-        utils.split_batch(96, 64, 1)
+        devices.split_batch(96, 64, 1)
 
 
 def test_run_cli_turns_user_errors_into_one_line_and_exit_code_2(capsys):

@@ -1,0 +1,154 @@
+"""Devices, seeding and torchrun: where a run computes, and on what (for the tables that cite it)."""
+import contextlib
+import os
+import random
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from utils import UserError
+
+PROCESS_START = time.monotonic()  # the process's real start where the system says (below)
+try:  # Linux: Python's and torch's imports count against a time budget too
+    with open("/proc/self/stat") as _stat, open("/proc/uptime") as _uptime:
+        _age = float(_uptime.read().split()[0]) - int(_stat.read().rsplit(")", 1)[1].split()[19]) / os.sysconf(
+            "SC_CLK_TCK")
+    PROCESS_START -= max(_age, 0.0)
+except (OSError, ValueError, IndexError):
+    pass
+CLOCK_START = PROCESS_START  # where a time budget counts from: the call, for a main() called inside Python
+
+
+def machine_description(device):
+    """What a run ran on, for the tables that cite it: the GPU, or the CPU and its vector units."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    name = "CPU"
+    with contextlib.suppress(OSError, StopIteration):
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+        name = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+        flags = set(next(line for line in info if line.startswith("flags")).split())
+        name += ", " + ("AVX512-BF16" if "avx512_bf16" in flags else "AVX-512" if "avx512f" in flags
+                        else "AVX2" if "avx2" in flags else "no AVX2")
+    threads = torch.get_num_threads()
+    return f"{name}, {threads} thread{'s' * (threads > 1)}, torch {torch.__version__}"
+
+
+# ------------------------------------------------------------------------------------------------- seeding
+
+
+def setup_seed(seed):
+    """Seed every generator the code touches."""
+    torch.manual_seed(seed)  # also seeds CUDA
+    np.random.seed(seed)
+    random.seed(seed)
+    torch.backends.cudnn.benchmark = False
+
+
+# ------------------------------------------------------------------------------------------ devices, torchrun
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def mps_available():
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+def auto_device():
+    """``--device auto``: a CUDA GPU, else Apple's MPS, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu"
+
+
+def synchronize(device):
+    """Wait for the work queued on ``device`` (the CPU runs in order), so a clock read after it is fair."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+@contextmanager
+def kept_random_state(device):
+    """Random draws inside leave the run's CPU and ``device`` generators as they were (a figure). fork_rng forks
+    the CUDA generator; the MPS one is kept here."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        mps_state = torch.mps.get_rng_state() if device.type == "mps" else None
+        try:
+            yield
+        finally:
+            if mps_state is not None:
+                torch.mps.set_rng_state(mps_state)
+
+
+def setup_device(requested=None):
+    """The device, and the process group when launched by torchrun (RANK / WORLD_SIZE in the environment)."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(auto_device() if requested in (None, "auto") else requested)  # checked at parsing
+    if device.type == "mps" and world_size > 1:  # one Apple GPU per machine, and no collective backend for it
+        raise UserError("--device mps runs in one process; start it without torchrun")
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank if world_size > 1 else (device.index or 0))
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world_size, device)
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor):
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def split_batch(batch_size, max_device_batch_size, world_size):
+    """(micro-batch size per process, micro-batches per optimizer step) for a global batch."""
+    if batch_size % world_size:
+        raise UserError(f"--batch_size {batch_size} is not divisible by the {world_size} processes")
+    per_process = batch_size // world_size
+    micro = min(max_device_batch_size, per_process)
+    if per_process % micro:
+        raise UserError(f"--batch_size {batch_size} per process ({per_process}) is not divisible by "
+                        f"--max_device_batch_size {max_device_batch_size}")
+    return micro, per_process // micro
+
+
+def check_device(parser, requested):
+    """--device: auto, cpu, mps where Apple's GPU is available, or cuda[:N] that exists here."""
+    if requested in (None, "auto", "cpu"):
+        return
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("mps", "cuda"):
+        parser.error(f"argument --device: {requested!r} is not a device; use auto, cpu, mps, cuda or cuda:N")
+    if device.type == "mps" and not mps_available():
+        parser.error(f"argument --device: {requested} was asked for but Apple's MPS is not available here; "
+                     f"use --device cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"argument --device: {requested} was asked for but no CUDA GPU is visible; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        parser.error(f"argument --device: {requested} does not exist; this machine has "
+                     f"{torch.cuda.device_count()} GPU(s)")

@@ -39,18 +39,12 @@ def machine_description(device):
     return f"{name}, {threads} thread{'s' * (threads > 1)}, torch {torch.__version__}"
 
 
-# ------------------------------------------------------------------------------------------------- seeding
-
-
 def setup_seed(seed):
     """Seed every generator the code touches."""
     torch.manual_seed(seed)  # also seeds CUDA
     np.random.seed(seed)
     random.seed(seed)
     torch.backends.cudnn.benchmark = False
-
-
-# ------------------------------------------------------------------------------------------ devices, torchrun
 
 
 @dataclass

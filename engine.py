@@ -144,16 +144,14 @@ def train_epoch(step, batches, optimizer, accum_steps, model, *, progress=None, 
                 start=None, stop=None, before_step=None, rng_state=None):
     """One pass over ``batches``; ``step(images, labels)`` returns (loss, *extra sums) for one micro-batch.
 
-    Gradients of ``accum_steps`` micro-batches are averaged before each optimizer step (the same update as the
-    whole batch); sums stay on the device, synced once at the end. ``before_step()`` runs before each optimizer step
-    (a budget sets the lr there; False ends the epoch), ``after_step()`` after it (an EMA). When ``stop()`` says so
-    after a micro-batch, the unfinished accumulation is dropped and ``stopped_at`` is the position after the last
-    step, with the random streams of then (``rng_state()``, kept per step when micro-batches accumulate), which
-    ``start`` continues from."""
+    ``accum_steps`` micro-batches' gradients are averaged per optimizer step (the whole batch's update); sums stay on
+    the device, synced once. ``before_step()`` runs before each step (a budget's lr; False ends the epoch),
+    ``after_step()`` after it (an EMA). When ``stop()`` says so, the unfinished accumulation is dropped: ``stopped_at``
+    is the position after the last step, with its random streams (``rng_state()``), which ``start`` continues from."""
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     done = start.micro_batches if start else 0
     sums = None  # [loss, *extras] on the device, up to the last finished optimizer step
-    if start and start.micro_batches and is_main_process():  # the other processes' sums are in rank 0's totals
+    if start and start.micro_batches and (not dist.is_initialized() or dist.get_rank() == 0):  # rank 0 has the sums
         sums = [torch.tensor(v) for v in start.sums]
     micro, images_seen = done, start.images_seen if start else 0
     step_sums, step_images = None, 0
@@ -218,10 +216,6 @@ def gathered(get_state):
     return [torch.load(io.BytesIO(state), weights_only=True) for state in states]
 
 
-def is_main_process():
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
 @torch.no_grad()
 def evaluate(model, loader, device, precision, forward=None):
     """Mean loss and accuracy over the whole split, summed on the device and synced once."""
@@ -269,10 +263,9 @@ class EpochSchedule:
 
 
 class BudgetSchedule(EpochSchedule):
-    """``--time_budget M``: before every optimizer step the share of the budget spent sets the lr (warm-up, then a
-    cosine to zero at the end; Li, Yumer, Ramanan, "Budgeted Training", ICLR 2020); the run ends when the budget, less
-    what its end needs (measured at each epoch's end) and the exit, is spent. Every step's share is recorded, and a run
-    given those shares (``replay``) trains the same steps to the bit. A resumed run adds ``spent_before``."""
+    """``--time_budget M``: the share of the budget spent sets each step's lr (warm-up, then a cosine to zero at the
+    end; Li et al., "Budgeted Training", ICLR 2020) until the budget, less what the end needs, is spent. The shares
+    are recorded: a run given them (``replay``) trains the same steps. A resumed run adds ``spent_before``."""
 
     EXIT_SECONDS = 1.5  # tearing down an interpreter with torch loaded: 1.0-1.4 s measured on 2-core CPUs
 
@@ -290,6 +283,10 @@ class BudgetSchedule(EpochSchedule):
 
     def before_step(self):
         share = self.next_share()
+        if dist.is_initialized() and dist.get_world_size() > 1:  # every process trains rank 0's steps and lr
+            shared = [share]
+            dist.broadcast_object_list(shared, src=0)
+            share = shared[0]
         if share is None and not self.shares:
             raise UserError(f"--time_budget {self.seconds / 60:g} min was spent by the set-up ({self.spent():.0f} s: "
                             f"imports, data, compilation) before one step trained; give a larger budget")
@@ -313,10 +310,8 @@ class BudgetSchedule(EpochSchedule):
         share = share_then + (1 - share_then) * (now - began) / max(end - began, 1e-9)
         return None if share >= 1 else max(share, self.shares[-1] if self.shares else 0.0)
 
-    def measured_end(self, seconds):
-        """An epoch's end took ``seconds`` (evaluation, monitors, logging, save): the run keeps the most for its own."""
-        self.end_seconds = max(seconds, self.end_seconds if self.measured else 0.0)
-        self.measured = True
+    def measured_end(self, seconds):  # what an epoch's end took: the run keeps the most for its own end
+        self.end_seconds, self.measured = max(seconds, self.end_seconds if self.measured else 0.0), True
 
     def set_epoch(self, epoch):
         return self.set_factor(self.factor(self.shares[-1] if self.shares else 0.0))

@@ -72,7 +72,14 @@ TABLES = {
     "glance": {**BUDGET, "csv": ["cpu_budget30_course/budget.csv", "budget/*.csv"], "columns": [
         "machine", ARM, ("minutes per run", cell("budget_minutes", "{:g}")), ("test accuracy", mean_sd("test_acc")),
         ("seeds", count("test_acc")), SOURCE]},
-    "budget": {**BUDGET, "csv": ["*/budget.csv", "budget/*.csv"]},  # every time-budget study
+    "budget": {**BUDGET, "csv": ["*/budget.csv", "budget/*.csv"],  # every time-budget study with all labels
+               "where": lambda r: not r.get("labels_per_class")},
+    "few_labels": {**BUDGET, "csv": ["*/budget.csv", "few_labels*.csv"], "where": lambda r: r.get("labels_per_class"),
+                   "by": lambda r: (r["_link"], r["machine"], int(r["labels_per_class"]), r["arm"]), "columns": [
+        ("labels per class", cell("labels_per_class")), ARM, ("minutes per arm", cell("budget_minutes", "{:g}")),
+        ("n", count("test_acc")), ("test acc.", mean_sd("test_acc")), ("per seed", each("test_acc", "{:.2f}")),
+        ("wall (min)", each("wall_minutes")), ("machine, date", lambda g: "{machine}, {date}".format(**g[0])),
+        SOURCE]},
     "tuning": dict(csv=["cpu_budget30/tuning.csv"], columns=[
         "choice", "tried", ("test acc. (%)", cell("test_acc")), ("s / step", cell("seconds_per_step")), "condition",
         "decision", ("machine, date", lambda g: "{machine}, {date}".format(**g[0]))]),

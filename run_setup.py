@@ -181,9 +181,7 @@ class Run:
 
 def start_run(args, checkpoint_paths, kind, fixed=()):
     """Seed, device, data, the run folder and (when resuming) the checkpoint and its settings -> (Run, resumed).
-
-    ``checkpoint_paths``: what this run writes, the first is what ``--resume auto`` continues from. A new run
-    refuses to replace another run's files without ``--overwrite``; a resumed one must be this run's, on this data."""
+    ``checkpoint_paths``: what the run writes, the first what ``--resume auto`` continues from."""
     env = devices.setup_device(args.device)
     devices.setup_seed(args.seed + env.rank)  # each process draws its own masks and augmentations
     resume_path = args.resume if args.resume != "auto" else (
@@ -199,9 +197,6 @@ def start_run(args, checkpoint_paths, kind, fixed=()):
     train_set, test_set = load_dataset(args.dataset, args.data_dir)
     if resumed:
         ckpt.check_classes(resumed, train_set.classes, resume_path)
-    if args.batch_size > len(train_set.labels):
-        raise utils.UserError(f"--batch_size {args.batch_size} is larger than the {len(train_set.labels)} training "
-                              f"images: not one optimizer step would run")
     precision = engine.resolve_precision(args.precision, env.device)
     if env.is_main:
         print(engine.describe_speed_path(env.device, precision, not args.no_compile, args.precision))

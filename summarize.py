@@ -171,12 +171,13 @@ def budget_rows(rows):
             pre = [r for r in row["runs"] if r["stage"] == "pretrain" and r["seed"] == run["seed"]][:1]
             out.append(dict(arm="scratch" if row["scratch"] else "mae", budget_minutes=run["key"]["time_budget"],
                             pretrain_share=run["key"].get("pretrain_share") or 0.0, seed=run["seed"],
+                            labels_per_class=run["key"].get("labels_per_class") or "",
                             test_acc=round(100 * run["results"].get("val_acc", math.nan), 2),
                             pretrain_epochs=pre[0]["epochs"] if pre else 0, finetune_epochs=run["epochs"],
                             wall_minutes=round(sum(r["results"].get("wall_seconds", math.nan) for r in [*pre, run])
                                                / 60, 2), machine=run["budget"].get("machine", ""),
                             date=run["budget"].get("date", "")))
-    return sorted(out, key=lambda r: (r["budget_minutes"], r["arm"], r["seed"]))
+    return sorted(out, key=lambda r: (r["budget_minutes"], r["labels_per_class"] or 0, r["arm"], r["seed"]))
 
 
 def summarize(runs, output_dir):

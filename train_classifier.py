@@ -22,9 +22,8 @@ import utils
 from data import AUGMENTATIONS, GpuLoader, Split, random_erasing
 from model import ModelConfig, build_classifier, encoder_state_dict
 
-# Fine-tuning a small ViT on CIFAR: crop/flip + RandAugment, mixup/cutmix, label smoothing, layer decay (which only
-# applies with a pretrained encoder), drop path and random erasing, in the spirit of the MAE / DeiT recipes. Cutmix,
-# drop path and random erasing have no flags of their own: off, unless a recipe sets them.
+# The MAE / DeiT fine-tuning recipe at CIFAR scale (layer decay: with a pretrained encoder only). Cutmix, drop path and
+# random erasing have no flags of their own: off, unless the recipe sets them.
 RECIPE_ONLY = dict(cutmix=0.0, drop_path=0.0, reprob=0.0)
 EVAL_BATCH_SIZE = 1000
 RECIPES = {"strong": dict(augment="randaug", mixup=0.8, cutmix=1.0, label_smoothing=0.1, layer_decay=0.65,

@@ -49,22 +49,19 @@ def run_cli(main, argv=None, resumable=False):
         say_error(f"{error.filename}: " * bool(error.filename) + (error.strerror or first_line(error)))
         sys.exit(2)
     except KeyboardInterrupt:
-        end_progress_bars()
+        say_error()
         print("interrupted; the last saved checkpoint is intact (resume with --resume auto)" if resumable else
               "interrupted; every file written so far is whole", file=sys.stderr)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
 
 
-def say_error(message):
-    end_progress_bars()
-    print(f"error: {message}", file=sys.stderr)
-
-
-def end_progress_bars():
-    """Close the bars an error left open, so that the error line starts a line of its own."""
+def say_error(message=None):
+    """Close the progress bars an error left open, so that its line (if any) starts a line of its own."""
     for bar in list(getattr(getattr(sys.modules.get("tqdm"), "tqdm", None), "_instances", ())):
         bar.close()
+    if message:
+        print(f"error: {message}", file=sys.stderr)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -283,14 +280,10 @@ class RunLock:
 
 
 class RunLogger:
-    """TensorBoard scalars and a ``metrics.csv`` (header first, one row per epoch) in one run folder.
-
-    A run that starts at epoch 1 first removes the folder's old CSV and event files (no earlier run's curve under
-    its name); a resumed one drops the rows and TensorBoard steps from ``start_epoch`` on, so its logs read as if
-    it had never stopped, and keeps the columns the CSV already has. The CSV is rewritten whole and atomically after
-    every epoch, header with the first row: a failed write leaves the previous complete file. The event file is
-    made with the first value (an interrupted first epoch leaves none) and flushed every epoch, so that a failed
-    write of its writer thread is raised here, in the training thread, as the same one-line WriteError."""
+    """TensorBoard scalars and ``metrics.csv`` (a row per epoch, rewritten whole and atomically) in a run folder. A
+    run from epoch 1 removes the folder's old logs; a resumed one drops what came after its checkpoint, so its logs
+    read as if it had never stopped. The event file is made with the first value and flushed every epoch, so a failed
+    write of its thread is raised here, in the training thread, as the same one-line WriteError."""
 
     def __init__(self, log_dir, fields, start_epoch=1, enabled=True):
         self.enabled, self.fields, self.log_dir = enabled, ["epoch", *fields], Path(log_dir)

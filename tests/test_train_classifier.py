@@ -295,3 +295,17 @@ def test_labels_per_class_gives_both_arms_of_a_seed_the_same_images(tmp_path, cl
     assert subset("other_seed", 6) != scratch
     line = cli_error(train_classifier.main, cls_argv(tmp_path / "too_many", "--labels_per_class", 9))
     assert "--labels_per_class 9: class class0 has only 8 training images" in line
+
+
+def test_resuming_on_data_whose_classes_changed_is_refused(tmp_path, cls_argv, tiny_image_folder, cli_error):
+    import shutil
+
+    data = shutil.copytree(tiny_image_folder, tmp_path / "data")
+    argv = [*cls_argv(tmp_path, "--total_epoch", 1, "--run_name", "r"), "--data_dir", data]
+    assert train_classifier.main(argv) == 0
+    for split in ("train", "test"):
+        (data / split / "class5").rename(data / split / "class55")  # the order is the same, one name is not
+    line = cli_error(train_classifier.main, [*cls_argv(tmp_path, "--total_epoch", 2, "--run_name", "r"),
+                                             "--data_dir", data, "--resume", "auto"])
+    assert "cls_last.pt was trained on the classes" in line and "'class55'" in line
+    assert len(read_metrics(run_dirs(tmp_path / "logs")[0])[1]) == 1  # nothing trained on the shifted labels

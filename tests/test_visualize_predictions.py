@@ -127,3 +127,17 @@ def test_a_missing_output_folder_is_made(tmp_path, tiny_image_folder, mae_run):
     visualize_predictions.main(["--mae_model_path", str(mae_run.checkpoint), "--data_dir", str(tiny_image_folder),
                                 "--device", "cpu", "--reconstruction_output", str(output)])
     assert output.is_file()
+
+
+def test_data_whose_classes_differ_from_the_checkpoints_is_refused(tmp_path, tiny_image_folder, classifier_run,
+                                                                    cli_error):
+    """A renamed class folder would shift every label by one, silently: refused, naming both lists."""
+    import shutil
+
+    data = shutil.copytree(tiny_image_folder, tmp_path / "data")
+    for split in ("train", "test"):
+        (data / split / "class0").rename(data / split / "class99")  # sorted last now: every label moves
+    line = cli_error(visualize_predictions.main, ["--model_path", classifier_run.best, "--data_dir", data,
+                                                  "--device", "cpu", "--output", tmp_path / "p.png"])
+    assert "was trained on the classes ['class0', 'class1'" in line and "the data has ['class1', 'class2'" in line
+    assert not (tmp_path / "p.png").exists()

@@ -265,7 +265,7 @@ def torchrun(workdir, argv):
 def test_two_processes_stopped_and_resumed_train_the_same_weights(tmp_path, mae_argv):
     """Under torchrun each process draws its own masks: a stop saves every process's random streams, and the
     resumed run (stopped by SIGTERM to the launcher, which passes it on) ends with the uninterrupted run's weights."""
-    argv = {name: mae_argv(tmp_path / name, "--total_epoch", 30, "--warmup_epoch", 1) for name in ("whole", "stopped")}
+    argv = {name: mae_argv(tmp_path / name, "--total_epoch", 16, "--warmup_epoch", 1) for name in ("whole", "stopped")}
     for name in argv:
         (tmp_path / name).mkdir()
     whole = torchrun(tmp_path / "whole", argv["whole"])
@@ -282,16 +282,16 @@ def test_two_processes_stopped_and_resumed_train_the_same_weights(tmp_path, mae_
         for process in (whole, stopped):
             if process.poll() is None:
                 process.kill()
-    assert 1 <= load_state(tmp_path / "stopped" / "mae.pt")["epoch"] < 30  # it stopped, and saved
+    assert 1 <= load_state(tmp_path / "stopped" / "mae.pt")["epoch"] < 16  # it stopped, and saved
     resumed = torchrun(tmp_path / "stopped", [*argv["stopped"], "--resume", "auto"])
     assert resumed.wait(timeout=300) == 0, resumed.communicate()[1][-3000:]
     ends = [load_state(tmp_path / name / "mae.pt") for name in argv]
-    assert ends[0]["epoch"] == ends[1]["epoch"] == 30
+    assert ends[0]["epoch"] == ends[1]["epoch"] == 16
     for key, value in ends[0]["model"].items():
         assert torch.equal(value, ends[1]["model"][key]), key
     csvs = list((tmp_path / "whole" / "logs").rglob("metrics.csv"))
     assert len(csvs) == 1  # only rank 0 logs
-    assert [int(row["epoch"]) for row in read_metrics(csvs[0].parent)[1]] == list(range(1, 31))
+    assert [int(row["epoch"]) for row in read_metrics(csvs[0].parent)[1]] == list(range(1, 17))
     assert len(list(csvs[0].parent.glob("events.out.tfevents.*"))) == 1
 
 

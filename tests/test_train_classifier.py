@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import run_setup
 import train_classifier
 from conftest import REPO, SUBPROCESS_ENV, TINY_ENCODER, assert_one_line_error, load_state, read_metrics, run_dirs
@@ -282,7 +283,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, cl
 # -------------------------------------------------------------------------------------------- few labels
 
 
-def test_labels_per_class_gives_both_arms_of_a_seed_the_same_images(tmp_path, cls_argv, mae_run, cli_error):
+def test_labels_per_class_gives_both_arms_of_a_seed_the_same_images(tmp_path, cls_argv, mae_run, cli_error,
+                                                                     tiny_image_folder):
     def subset(name, seed, *extra):
         assert train_classifier.main(cls_argv(tmp_path / name, "--labels_per_class", 3, "--seed", seed,
                                               "--total_epoch", 1, "--warmup_epoch", 0, *extra)) == 0
@@ -292,7 +294,9 @@ def test_labels_per_class_gives_both_arms_of_a_seed_the_same_images(tmp_path, cl
 
     scratch = subset("scratch", 5)
     assert subset("mae", 5, "--pretrained_model_path", mae_run.checkpoint) == scratch
-    assert subset("other_seed", 6) != scratch
+    train = data.load_dataset("cifar10", tiny_image_folder)[0]
+    assert train_classifier.labelled_subset(train, 3, 5)[1]["subset"] == scratch
+    assert train_classifier.labelled_subset(train, 3, 6)[1]["subset"] != scratch  # another seed, other images
     line = cli_error(train_classifier.main, cls_argv(tmp_path / "too_many", "--labels_per_class", 9))
     assert "--labels_per_class 9: class class0 has only 8 training images" in line
 

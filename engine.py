@@ -288,8 +288,10 @@ class BudgetSchedule(EpochSchedule):
             dist.broadcast_object_list(shared, src=0)
             share = shared[0]
         if share is None and not self.shares:
+            need = math.ceil((self.spent() + self.end_seconds) / 3) / 10  # twice the set-up and the end, in minutes
             raise UserError(f"--time_budget {self.seconds / 60:g} min was spent by the set-up ({self.spent():.0f} s: "
-                            f"imports, data, compilation) before one step trained; give a larger budget")
+                            f"imports, data, compilation) and what the end needs before one step trained; give at "
+                            f"least {need:g} minutes")
         if share is None:
             return False
         self.shares.append(share)

@@ -70,9 +70,8 @@ def budget(text):
 
 
 def parse(parser, argv, script, **tables):
-    """Parse twice: a named preset or recipe replaces the defaults, and what the user typed still wins.
-    Returns the arguments (with ``typed``: the flags on the command line, a typed preset's values counted) and the
-    flags as typed."""
+    """Parse twice: a preset or recipe replaces the defaults, what the user typed still wins -> (args with ``typed``:
+    the flags on the command line, a typed preset's values counted; the flags as typed)."""
     devices.CLOCK_START = devices.PROCESS_START if argv is None else time.monotonic()  # a main() called in Python
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     literal = options_typed(parser, argv)

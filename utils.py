@@ -331,9 +331,8 @@ class RunLogger:
         self._tensorboard(lambda w: w.flush())
 
     def log_hparams(self, settings, final_metrics, epoch):
-        """The run's settings (bool, int, float, str; None as "none") and final metrics for TensorBoard's HParams
-        view, through this run's own writer (``add_hparams`` would start a second run in every view); a metric is
-        the scalar ``hparams/<name>`` at ``epoch``, so a resumed run's purge replaces it like any curve."""
+        """Settings and final metrics for TensorBoard's HParams view, through this run's own writer (``add_hparams``
+        would add a second run to every view); a metric is the scalar ``hparams/<name>`` at ``epoch``."""
         from torch.utils.tensorboard.summary import hparams
 
         kept = {k: "none" if v is None else v for k, v in settings.items() if isinstance(v, (bool, int, float, str))

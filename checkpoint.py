@@ -27,9 +27,6 @@ RUNTIME_FLAGS = {"resume", "run_name", "log_dir", "device", "overwrite", "trust_
                  "precision", "max_device_batch_size", "model_path", "output_model_path"}
 
 
-# ------------------------------------------------------------------------------------------------- saving
-
-
 def save_checkpoint(path, state):
     """Whole or not at all, and a failed write leaves the checkpoint before it (utils.atomic_write)."""
     atomic_write(path, lambda tmp: torch_save(state, tmp), "checkpoint")

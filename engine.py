@@ -136,9 +136,6 @@ class EpochResult:
     budget_spent: bool = False  # a time budget ended the epoch (and the run) early
     ranks_rng: list = None  # under torchrun: every process's random streams at the epoch's end (rank order)
 
-    def __iter__(self):  # (loss, extras, images_seen)
-        return iter((self.loss, self.extras, self.images_seen))
-
 
 def train_epoch(step, batches, optimizer, accum_steps, model, *, progress=None, after_step=None, scaler=None,
                 start=None, stop=None, before_step=None, rng_state=None):

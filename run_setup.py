@@ -84,8 +84,13 @@ def parse(parser, argv, script, **tables):
             on_command_line |= set(chosen)
     args = parser.parse_args(argv)
     args.typed = sorted(on_command_line)
-    if isinstance(args.time_budget, str) and not Path(args.time_budget).is_file():
-        parser.error(f"argument --time_budget: {args.time_budget} is not a file (a run's budget.json)")
+    if isinstance(args.time_budget, str):
+        try:
+            record = json.loads(Path(args.time_budget).read_text())
+            float(record["time_budget_minutes"]) + sum(record["shares"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            parser.error(f"argument --time_budget: {args.time_budget} is not a budget.json a run wrote "
+                         f"({type(error).__name__}: {utils.first_line(error)})")
     if args.time_budget and "total_epoch" in literal:
         parser.error(f"argument --time_budget: cannot be combined with --total_epoch {args.total_epoch}; give one")
     if isinstance(args.time_budget, float) and args.time_budget < MIN_BUDGET_MINUTES:

@@ -92,7 +92,7 @@ CASES = [  # (script, argv after the common ones, what the error line must conta
     # Finite but absurd: the learning rate (base * batch / 256) overflows, or AdamW's decay factor turns negative.
     ("mae", ["--base_learning_rate", "1e300"], "argument --base_learning_rate"),
     ("cls", ["--base_learning_rate", "10000"], "the learning rate (base * --batch_size / 256) must stay below 20"),
-    ("mae", ["--time_budget", "missing/budget.json"], "argument --time_budget: missing/budget.json is not a file"),
+    ("mae", ["--time_budget", "missing/budget.json"], "--time_budget: missing/budget.json is not a budget.json"),
     # A model or batch far beyond any machine's memory: counted before anything is allocated.
     ("mae", ["--emb_dim", "1000000", "--encoder_heads", "1", "--decoder_heads", "1"], "needs more memory than"),
     ("cls", ["--emb_dim", "4096", "--encoder_depth", "100000"], "needs more memory than a machine has"),

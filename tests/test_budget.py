@@ -132,3 +132,11 @@ def test_two_processes_train_the_same_budgeted_steps(tmp_path, cls_argv):
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((tmp_path / "logs" / "cifar10" / "r" / "budget.json").read_text())
     assert record["steps"] >= 3 and record["wall_seconds"][0] <= 0.2 * 60 * 1.05
+
+
+def test_a_json_that_no_budgeted_run_wrote_is_refused_at_parsing(tmp_path, cls_argv, cli_error):
+    (tmp_path / "other.json").write_text('{"steps": 3}')
+    line = cli_error(train_classifier.main, [*without(cls_argv(tmp_path), "--total_epoch", "--warmup_epoch"),
+                                             "--time_budget", tmp_path / "other.json"])
+    assert "other.json is not a budget.json a run wrote (KeyError: 'time_budget_minutes')" in line
+    assert not (tmp_path / "logs").exists()

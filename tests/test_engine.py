@@ -31,7 +31,8 @@ def linear_run(batches, accum_steps):
         return loss, (model(x) - y).abs().sum()
 
     result = engine.train_epoch(step, batches, optimizer, accum_steps, model)
-    return torch.cat([p.detach().flatten() for p in model.parameters()]), result
+    return torch.cat([p.detach().flatten() for p in model.parameters()]), (result.loss, result.extras,
+                                                                            result.images_seen)
 
 
 def test_gradient_accumulation_matches_the_whole_batch():
@@ -175,9 +176,9 @@ def test_forced_fp16_path_scales_the_loss_and_lowers_it():
     step = engine.make_classifier_step(model, cpu, "fp16", torch.nn.CrossEntropyLoss())
     torch.manual_seed(1)
     batch = [(torch.randn(8, 3, 16, 16), torch.arange(8) % 5)]
-    first, _, _ = engine.train_epoch(step, batch, optimizer, 1, model, scaler=scaler)
+    first = engine.train_epoch(step, batch, optimizer, 1, model, scaler=scaler).loss
     for _ in range(10):
-        last, _, _ = engine.train_epoch(step, batch, optimizer, 1, model, scaler=scaler)
+        last = engine.train_epoch(step, batch, optimizer, 1, model, scaler=scaler).loss
     assert scaler.get_scale() > 1  # the loss really was scaled
     assert last < first
 

@@ -71,7 +71,8 @@ def one_optimizer_step(model, make_step, images, labels, accum_steps):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     micro = len(images) // accum_steps
     batches = [(images[i:i + micro], labels[i:i + micro]) for i in range(0, len(images), micro)]
-    loss, extras, seen = engine.train_epoch(make_step(model), batches, optimizer, accum_steps, model)
+    result = engine.train_epoch(make_step(model), batches, optimizer, accum_steps, model)
+    loss, extras, seen = result.loss, result.extras, result.images_seen
     assert seen == len(images)
     return loss, extras, [p.detach().clone() for p in model.parameters()]
 

@@ -108,10 +108,6 @@ def make_classifier_step(model, device, precision, criterion, prepare=None, comp
 # ------------------------------------------------------------------------------------------ epoch, evaluation
 
 
-class NonFiniteLoss(UserError):
-    pass
-
-
 @dataclass
 class EpochPosition:
     """Where a stopped epoch stands: its finished optimizer steps and the sums of their micro-batches (over all
@@ -196,7 +192,7 @@ def train_epoch(step, batches, optimizer, accum_steps, model, *, progress=None, 
     world = dist.get_world_size() if dist.is_initialized() else 1
     mean_loss = totals[0] / (micro * world)
     if not math.isfinite(mean_loss):
-        raise NonFiniteLoss(f"the training loss became {mean_loss}; stopping. The last checkpoint (from before "
+        raise UserError(f"the training loss became {mean_loss}; stopping. The last checkpoint (from before "
                             f"this epoch) is kept; try a lower --base_learning_rate")
     return EpochResult(mean_loss, totals[1:], images_seen * world, budget_spent=budget_spent,
                        ranks_rng=gathered(rng_state))
@@ -279,11 +275,7 @@ class BudgetSchedule(EpochSchedule):
         return self.spent_before + time.monotonic() - self.clock_start
 
     def before_step(self):
-        share = self.next_share()
-        if dist.is_initialized() and dist.get_world_size() > 1:  # every process trains rank 0's steps and lr
-            shared = [share]
-            dist.broadcast_object_list(shared, src=0)
-            share = shared[0]
+        share = self.agreed_share()
         if share is None and not self.shares:
             need = math.ceil((self.spent() + self.end_seconds) / 3) / 10  # twice the set-up and the end, in minutes
             raise UserError(f"--time_budget {self.seconds / 60:g} min was spent by the set-up ({self.spent():.0f} s: "
@@ -294,6 +286,13 @@ class BudgetSchedule(EpochSchedule):
         self.shares.append(share)
         self.set_factor(self.factor(share))
         return True
+
+    def agreed_share(self):
+        """The next step's share (None: spent); rank 0's for all under torchrun, where a process alone would hang."""
+        shared = [self.next_share()]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(shared, src=0)
+        return shared[0]
 
     def next_share(self):
         if self.replay is not None:

@@ -305,7 +305,7 @@ class Bookkeeping:
         """After an epoch's training: the time its end (evaluation, logging, save) starts counting from."""
         self.epoch_ended = time.monotonic()
         budgeted = isinstance(self.schedule, engine.BudgetSchedule)
-        return result.budget_spent or budgeted and self.schedule.next_share() is None
+        return result.budget_spent or budgeted and self.schedule.agreed_share() is None
 
     def before_next_epoch(self):
         if isinstance(self.schedule, engine.BudgetSchedule) and self.epoch_ended is not None:

@@ -124,7 +124,7 @@ def test_a_budgeted_pretraining_times_its_monitors_before_it_trains(tiny_image_f
 
 def test_two_processes_train_the_same_budgeted_steps(tmp_path, cls_argv):
     """Under torchrun each process has its own clock: rank 0's share of the budget is every process's, so all stop
-    at the same step (a process that went on alone would wait for the others forever) with the same lr."""
+    at the same step and end at the same epoch (a process that went on alone would wait forever) with the same lr."""
     argv = [*budget_argv(cls_argv, tmp_path, 0.2, "--run_name", "r"), "--no_compile"]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                              str(REPO / "train_classifier.py"), *argv], cwd=tmp_path, env=SUBPROCESS_ENV,

@@ -193,7 +193,7 @@ def train_epoch(step, batches, optimizer, accum_steps, model, *, progress=None, 
     mean_loss = totals[0] / (micro * world)
     if not math.isfinite(mean_loss):
         raise UserError(f"the training loss became {mean_loss}; stopping. The last checkpoint (from before "
-                            f"this epoch) is kept; try a lower --base_learning_rate")
+                        f"this epoch) is kept; try a lower --base_learning_rate")
     return EpochResult(mean_loss, totals[1:], images_seen * world, budget_spent=budget_spent,
                        ranks_rng=gathered(rng_state))
 

@@ -51,7 +51,7 @@ def read_run(path):
         if not total or len(rows) < total:
             return None, f"{run_dir} (not finished: {len(rows)}/{total or '?'} epochs)"
         key = dict(json.loads(path.read_text())["settings"])  # the settings less stage and seed
-        measured = {k: [float(row[k]) for row in rows if row[k]] for k in rows[0] if k != "epoch"}
+        measured = {k: [float(row[k]) for row in rows if row[k]] for k in rows[0] if k not in ("epoch", "subset")}
         results = {k: v[-1] for k, v in measured.items() if v and k in RESULTS}  # the last logged, finite or not
         results["seconds"] = sum(measured.get("seconds", []))
         if "wall_seconds" in budget:  # process start to exit, all its processes

@@ -249,7 +249,8 @@ def test_accuracy_against_labels_per_class_for_both_arms(tmp_path, figure_texts)
                 final = accuracy.setdefault((labels, arm), [])
                 final.append(labels / 1000 + (0.2 if arm == "ft" else 0) + 0.01 * seed)
                 write_run(tmp_path / f"{arm}_lpc{labels}_s{seed}", stage, seed, [{"val_acc": final[-1],
-                          "seconds": 1}] * 2, labels_per_class=labels, **(grid if arm == "ft" else {}))
+                          "seconds": 1, "labels": 10 * labels, "subset": f"{labels}{seed}ab"}] * 2,  # as logged
+                          labels_per_class=labels, **(grid if arm == "ft" else {}))
     summarize.main([str(tmp_path)])
     report = (tmp_path / "results.md").read_text()
     assert [r["setting"] for r in table_after(report, "All settings vs from scratch")] == [

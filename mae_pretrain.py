@@ -119,14 +119,10 @@ def main(argv=None):
                                         after_step=timer.after_step() if first else None, scaler=scaler,
                                         start=position if first else None, stop=book.stop.poll,
                                         before_step=schedule.before_step, rng_state=ckpt.rng_state)
-        if result.stopped_at:  # a stop signal: save where this epoch stands, then exit
-            book.stopping = True
-            book.save(args.model_path, state(epoch - 1, position=result.stopped_at))
+        if book.cut_short(result):  # a stop, or a budget spent before the epoch's first step: save, then exit
+            book.save(args.model_path, state(epoch - 1, position=result.stopped_at, ranks_rng=result.ranks_rng))
             break
         last = book.epoch_end(result) or epoch == book.last_epoch
-        if result.loss is None:  # the budget ran out before this epoch's first step: the run ended with the last
-            book.save(args.model_path, state(epoch - 1, ranks_rng=result.ranks_rng))
-            break
         monitor = {}
         if env.is_main and cfg.knn_every and (epoch % cfg.knn_every == 0 or last):
             monitor = evaluate_encoder(model.encoder, run.train_set, run.test_set, device,

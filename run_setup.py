@@ -301,6 +301,11 @@ class Bookkeeping:
     def epochs(self, done):
         return range(done + 1, self.last_epoch + 1)
 
+    def cut_short(self, result):
+        """Whether the epoch ended early: a stop signal, or a budget spent before its first step."""
+        self.stopping = self.stopping or result.stopped_at is not None
+        return result.stopped_at is not None or result.loss is None
+
     def epoch_end(self, result):
         """After an epoch's training: the time its end (evaluation, logging, save) starts counting from."""
         self.epoch_ended = time.monotonic()

@@ -224,20 +224,14 @@ def main(argv=None):
                                         after_step=timer.after_step(update_ema) if first else update_ema,
                                         scaler=scaler, start=position if first else None, stop=book.stop.poll,
                                         before_step=schedule.before_step, rng_state=ckpt.rng_state)
-        if result.stopped_at:  # a stop signal: save where this epoch stands, then exit
-            book.stopping = True
-            book.save(last_path, state(epoch - 1, position=result.stopped_at))
+        if book.cut_short(result):  # a stop, or a budget spent before the epoch's first step: save, then exit
+            book.save(last_path, state(epoch - 1, position=result.stopped_at, ranks_rng=result.ranks_rng))
             break
         last = book.epoch_end(result) or epoch == book.last_epoch
-        if result.loss is None:  # the budget ran out before this epoch's first step: the run ended with the last
-            book.save(last_path, state(epoch - 1, ranks_rng=result.ranks_rng))
-            break
-        (correct,) = result.extras
-        scores = dict(zip(("val_loss", "val_acc"), engine.evaluate(*evaluated[0][:1], test_loader, device,
-                                                                   run.precision, evaluated[0][1])))
-        if ema:
-            scores.update(zip(("val_loss_ema", "val_acc_ema"), engine.evaluate(
-                evaluated[1][0], test_loader, device, run.precision, evaluated[1][1])))
+        (correct,), scores = result.extras, {}
+        for suffix, (evaluated_model, forward) in zip(("", "_ema"), evaluated):  # the EMA's too, if it has one
+            scores[f"val_loss{suffix}"], scores[f"val_acc{suffix}"] = engine.evaluate(
+                evaluated_model, test_loader, device, run.precision, forward)
         book.bar.set_postfix(epoch=epoch, loss=f"{result.loss:.4f}", val_acc=f"{scores['val_acc']:.4f}")
         book.logger.log(epoch, train_loss=result.loss, train_acc=correct / result.images_seen, lr=lr,
                         seconds=timer.seconds, images_per_s=timer.steady_rate(result.images_seen, cfg.batch_size),

@@ -66,20 +66,21 @@ BUDGET = dict(by=lambda r: (r["_link"], r["machine"], float(r["budget_minutes"])
     ("epochs", lambda g: ", ".join(epochs(r) if r["arm"] == "mae" else r["finetune_epochs"] for r in g)),
     ("wall (min)", each("wall_minutes")), SOURCE])
 STUDY = "cpu_study/runs.csv"
+FEW = {**BUDGET, "csv": ["*/budget.csv"], "where": lambda r: r.get("labels_per_class"),  # the few-label studies
+       "by": lambda r: (r["_link"], r["machine"], int(r["labels_per_class"]), r["arm"])}
+LABELS = [("labels per class", cell("labels_per_class")), ARM, ("minutes per arm", cell("budget_minutes", "{:g}"))]
+GLANCE = [("test accuracy", mean_sd("test_acc")), ("seeds", count("test_acc"))]
 # name: csv (globs under results/), prepare (rows -> rows), where (row -> used?), by (row -> its group, and the
 # groups' order; without it each row is one, in the CSVs' order), columns [a CSV column, or (heading, cell)].
 TABLES = {
     "glance": {**BUDGET, "csv": ["cpu_budget30_course/budget.csv", "budget/*.csv"], "columns": [
-        "machine", ARM, ("minutes per run", cell("budget_minutes", "{:g}")), ("test accuracy", mean_sd("test_acc")),
-        ("seeds", count("test_acc")), SOURCE]},
+        "machine", ARM, ("minutes per run", cell("budget_minutes", "{:g}")), *GLANCE, SOURCE]},
+    "few_labels_glance": {**FEW, "columns": [*LABELS, *GLANCE]},
     "budget": {**BUDGET, "csv": ["*/budget.csv", "budget/*.csv"],  # every time-budget study with all labels
                "where": lambda r: not r.get("labels_per_class")},
-    "few_labels": {**BUDGET, "csv": ["*/budget.csv", "few_labels*.csv"], "where": lambda r: r.get("labels_per_class"),
-                   "by": lambda r: (r["_link"], r["machine"], int(r["labels_per_class"]), r["arm"]), "columns": [
-        ("labels per class", cell("labels_per_class")), ARM, ("minutes per arm", cell("budget_minutes", "{:g}")),
-        ("n", count("test_acc")), ("test acc.", mean_sd("test_acc")), ("per seed", each("test_acc", "{:.2f}")),
-        ("wall (min)", each("wall_minutes")), ("machine, date", lambda g: "{machine}, {date}".format(**g[0])),
-        SOURCE]},
+    "few_labels": {**FEW, "columns": [*LABELS, ("n", count("test_acc")), ("test acc.", mean_sd("test_acc")),
+        ("per seed", each("test_acc", "{:.2f}")), ("wall (min)", each("wall_minutes")),
+        ("machine, date", lambda g: "{machine}, {date}".format(**g[0])), SOURCE]},
     "tuning": dict(csv=["cpu_budget30/tuning.csv"], columns=[
         "choice", "tried", ("test acc. (%)", cell("test_acc")), ("s / step", cell("seconds_per_step")), "condition",
         "decision", ("machine, date", lambda g: "{machine}, {date}".format(**g[0]))]),
@@ -168,8 +169,7 @@ def main(argv=None):
         if not args.check:
             draw_glance(results, args.root / "docs" / "glance.png")
     except (OSError, ValueError) as error:  # one line: the file, or the page and its table
-        print(f"report.py: error: {type(error).__name__}: {error}", file=sys.stderr)
-        return 2
+        return print(f"report.py: error: {type(error).__name__}: {error}", file=sys.stderr) or 2
     if args.check and stale:
         print(f"not current: {', '.join(stale)} (run python report.py)", file=sys.stderr)
         return 1

@@ -5,6 +5,7 @@
     python train_classifier.py --pretrained_model_path vit-t-mae.pt --trust_checkpoint   # the reference's pickle
 """
 import hashlib
+import time
 from pathlib import Path
 
 import torch
@@ -124,6 +125,17 @@ def resume(run, checkpoint, model, optimizer, ema):
     return done, position, checkpoint["best"]
 
 
+def time_the_evaluation(evaluated, test_loader, run, schedule):
+    """A budgeted run keeps time for its last evaluation: one test batch per model, timed after a first pass that
+    compiles, scaled to the test set (the EMA's evaluation counted too)."""
+    batch = [next(iter(test_loader))]
+    for _pass in ("compiling", "timed"):
+        start = time.perf_counter()
+        for model, forward in evaluated:
+            engine.evaluate(model, batch, run.env.device, run.precision, forward)
+    schedule.measured_end((time.perf_counter() - start) * len(test_loader))
+
+
 def build_parser():
     p = utils.ArgumentParser(description=__doc__)
     run_setup.add_arguments(p, "train_classifier", batch_size=128, micro_batch=256, lr=1e-3, total_epoch=100,
@@ -207,6 +219,8 @@ def main(argv=None):
               *(["val_loss_ema", "val_acc_ema"] if ema else []), *subset]  # metrics.csv
     schedule = run_setup.schedule_for(run, cfg, optimizer, resumed)
     book = run_setup.Bookkeeping(run, fields, done, position, schedule, model)
+    if isinstance(schedule, engine.BudgetSchedule):
+        time_the_evaluation(evaluated, test_loader, run, schedule)
 
     def state(epoch, **extra):
         return ckpt.training_state("classifier", model, config, optimizer, epoch, cfg, best=best, classes=classes,

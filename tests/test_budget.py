@@ -122,6 +122,23 @@ def test_a_budgeted_pretraining_times_its_monitors_before_it_trains(tiny_image_f
     assert "the k-NN and probe at the end will take about" in capsys.readouterr().out
 
 
+def test_a_budgeted_fine_tuning_times_its_evaluation_before_it_trains(tiny_image_folder):
+    """A short budget's first evaluation may be its last: it is timed before training (one batch per model, after a
+    pass that compiles), scaled to the test set, and kept for the end."""
+    from types import SimpleNamespace
+
+    import data
+    from model import ModelConfig, build_classifier
+
+    test = data.load_dataset("cifar10", tiny_image_folder)[1]
+    loader = data.GpuLoader(test, 8, torch.device("cpu"), train=False)
+    model = build_classifier(ModelConfig(image_size=16, patch_size=4, emb_dim=32, encoder_depth=1, encoder_heads=2))
+    run = SimpleNamespace(env=SimpleNamespace(device=torch.device("cpu")), precision="fp32")
+    schedule = engine.BudgetSchedule(torch.optim.SGD(model.parameters(), lr=0.1), 1, 0.0, time.monotonic())
+    train_classifier.time_the_evaluation([(model, model), (model, model)], loader, run, schedule)
+    assert schedule.measured and 0 < schedule.end_seconds < 30 and len(loader) > 1
+
+
 def test_two_processes_train_the_same_budgeted_steps(tmp_path, cls_argv):
     """Under torchrun each process has its own clock: rank 0's share of the budget is every process's, so all stop
     at the same step and end at the same epoch (a process that went on alone would wait forever) with the same lr."""

@@ -107,8 +107,7 @@ UNITS = units()
 
 
 def summary(name):
-    """A run's last logged epoch, its budget.json (a budgeted run's) and its median epoch after the first, which
-    compiles."""
+    """A run's last logged epoch, its budget.json (if budgeted) and its median epoch after the first (compiling)."""
     folder = ROOT / WORK / "logs" / "cifar10" / name
     rows, budget = utils.read_csv(folder / "metrics.csv"), folder / "budget.json"
     median = lambda column: statistics.median([float(r[column]) for r in rows[1:] or rows if r[column]] or [0])
@@ -124,8 +123,7 @@ def export(checkpoint_file, target):
 
 
 def collect(unit):
-    """The unit's rows: the benchmark's own CSV; a row per arm of a budget pair, as summarize.py's budget.csv (what
-    the glance reads); else a row per run."""
+    """The unit's rows: the benchmark's CSV; a budget pair's a row per arm (as in budget.csv), else a row per run."""
     if unit.step == "bench":
         return utils.read_csv(ROOT / WORK / "bench" / f"{unit.name}.csv")
     if unit.step not in ("budget", "few_labels"):
@@ -186,8 +184,7 @@ def main(args=None):
     p.add_argument("--dry_run", action="store_true", help="print the next unit and its command; run nothing")
     p.add_argument("--only", choices=[*STEPS, *(u.name for u in UNITS)], metavar="STEP_OR_UNIT",
                    help=f"the next unit of this step ({', '.join(STEPS)}), or this unit if not done")
-    p.add_argument("--data_dir", type=utils.path_text, help="image folder with train/ and test/ (left out: "
-                   "torchvision's CIFAR-10)")
+    p.add_argument("--data_dir", type=utils.path_text, help="image folder with train/ and test/ (default: CIFAR-10)")
     args = p.parse_args(args)
     data_dir, finished = args.data_dir and str(Path(args.data_dir).resolve()), done()  # the scripts run in ROOT
     todo = [u for u in UNITS if args.only in (None, u.step, u.name) and u.name not in finished]

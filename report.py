@@ -4,7 +4,6 @@ between `<!-- table: NAME -->` and `<!-- /table -->` is this script's: table NAM
     python report.py            # after a CSV under results/ changed: refill every table, redraw the figure
     python report.py --check    # write nothing; exit 1 naming each page whose tables the CSVs no longer give
 """
-import argparse
 import os
 import re
 import sys
@@ -134,12 +133,11 @@ def render_table(name, results=HERE / "results", page=HERE / "README.md"):
 
 def fill_tables(page, results=HERE / "results", write=True):
     """Refills the marked tables of ``page`` (write=False: only compares); returns whether it already held them."""
-    page, tmp = Path(page), Path(page).with_name(f".{Path(page).name}.tmp")
+    page = Path(page)
     old = page.read_text()
     new = MARKED.sub(lambda m: m[1] + render_table(m[2], results, page) + m[3], old)
     if write and new != old:  # whole or not at all: a reader never sees half a page
-        tmp.write_text(new)
-        os.replace(tmp, page)
+        utils.write_text(page, new)
     return new == old
 
 
@@ -159,7 +157,7 @@ def draw_glance(results, path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = utils.ArgumentParser(description=__doc__)
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a page's tables are stale")
     parser.add_argument("--root", type=Path, default=HERE, help="the folder whose pages are filled (the repository)")
     args = parser.parse_args(argv)

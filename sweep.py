@@ -141,14 +141,12 @@ def plan(a):
 
 def check_study(a):
     """A sweep folder holds one study: another one there is refused, in one line that says what differs."""
-    path, now = a.folder / "study.json", study(a)
-    if path.is_file():
-        then = json.loads(path.read_text())
-        if changed := [f"{k}: {then.get(k)!r} then, {now.get(k)!r} now" for k in sorted(then | now)
-                       if then.get(k) != now.get(k)]:
-            raise utils.UserError(f"{a.folder} holds another study ({'; '.join(changed)}); give this one another "
-                                  f"--name, or run the same settings again")
-    elif a.folder.is_dir() and any(p.name != SWEEP_LOCK for p in a.folder.iterdir()):
+    then, now = summarize.read_json(a.folder / "study.json"), study(a)
+    if changed := [f"{k}: {then.get(k)!r} then, {now.get(k)!r} now" for k in sorted(then | now)
+                   if then and then.get(k) != now.get(k)]:
+        raise utils.UserError(f"{a.folder} holds another study ({'; '.join(changed)}); give this one another "
+                              f"--name, or run the same settings again")
+    if not then and a.folder.is_dir() and any(p.name != SWEEP_LOCK for p in a.folder.iterdir()):
         raise utils.UserError(f"{a.folder} holds runs but no study.json (an earlier sweep.py's?), so its study is "
                               f"unknown; give this one another --name")
 

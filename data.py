@@ -2,7 +2,6 @@
 import io
 import math
 import os
-import struct
 import sys
 import warnings
 from collections import Counter, namedtuple
@@ -139,19 +138,15 @@ def physical_memory():  # bytes of memory on this machine; 0 where the system do
 
 
 def header_size(path):
-    """(width, height) from a PNG's first 24 bytes, else PIL's lazy open; None when PIL cannot tell."""
-    with suppress(OSError):
-        with open(path, "rb") as file:
-            head = file.read(24)
-        if head.startswith(PNG) and head[12:16] == b"IHDR":
-            return struct.unpack(">II", head[16:24])
+    """(width, height) from the header alone (PIL opens lazily); None when PIL cannot tell (read_image says why)."""
     try:
         with Image.open(path) as image:
             return image.size
-    except Exception as error:  # not an image, damaged, unreadable: read_image gives the reason
-        if isinstance(error, Image.DecompressionBombError):
-            raise DataError(f"{path} is too large to be one of the data set's images ({error}); replace or delete "
-                            f"the file") from None
+    except Image.DecompressionBombError as error:
+        raise DataError(f"{path} is too large to be one of the data set's images ({error}); replace or delete "
+                        f"the file") from None
+    except Exception:  # not an image, damaged, unreadable
+        return None
 
 
 def read_image(path):
@@ -234,18 +229,22 @@ def rand_augment(images, groups=16, num_ops=2, magnitude=9):
 def random_erasing(images, probability=0.25, area=(0.02, 1 / 3), aspect=(0.3, 3.3)):
     """timm's RandomErasing (one noise-filled rectangle per image with ``probability``), drawn for all at once."""
     B, C, H, W = images.shape
-    device = images.device
-    target_area = torch.empty(B, device=device).uniform_(*area) * H * W
-    log_ratio = torch.empty(B, device=device).uniform_(math.log(aspect[0]), math.log(aspect[1]))
-    h = (target_area * log_ratio.exp()).sqrt().round().clamp(1, H).long()
-    w = (target_area / log_ratio.exp()).sqrt().round().clamp(1, W).long()
-    top = (torch.rand(B, device=device) * (H - h + 1)).long()
-    left = (torch.rand(B, device=device) * (W - w + 1)).long()
-    rows, cols = torch.arange(H, device=device), torch.arange(W, device=device)
-    inside = (((rows[None] >= top[:, None]) & (rows[None] < (top + h)[:, None]))[:, :, None]
-              & ((cols[None] >= left[:, None]) & (cols[None] < (left + w)[:, None]))[:, None, :])
-    inside &= (torch.rand(B, 1, 1, device=device) < probability)
+    target_area = torch.empty(B, device=images.device).uniform_(*area) * H * W
+    log_ratio = torch.empty(B, device=images.device).uniform_(math.log(aspect[0]), math.log(aspect[1]))
+    inside = random_rectangles(target_area, log_ratio, H, W) & (torch.rand(B, 1, 1, device=images.device) < probability)
     return torch.where(inside[:, None], torch.randn_like(images), images)
+
+
+def random_rectangles(area, log_aspect, height, width):
+    """(..., H, W) bool: per entry of ``area``, a rectangle of about that many pixels and aspect exp(``log_aspect``)
+    (clipped to the image) at a uniformly random place; timm's RandomErasing and BEiT's masking draw them so."""
+    h = (area * log_aspect.exp()).sqrt().round().clamp(1, height).long()
+    w = (area / log_aspect.exp()).sqrt().round().clamp(1, width).long()
+    top, left = ((torch.rand(area.shape, device=area.device) * (side - size + 1)).long() for side, size in
+                 ((height, h), (width, w)))
+    top, left, h, w = (x[..., None, None] for x in (top, left, h, w))
+    rows, cols = torch.arange(height, device=area.device)[:, None], torch.arange(width, device=area.device)
+    return (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
 
 
 AUGMENTATIONS = {"none": None, "flip": random_flip, "crop_flip": random_crop_flip, "randaug": rand_augment}

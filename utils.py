@@ -316,12 +316,9 @@ class RunLogger:
             return
         numbers = {k: v for k, v in values.items() if v is not None and not isinstance(v, str)}  # a hash: CSV only
         self._tensorboard(lambda w: [w.add_scalar(tensorboard_tag(k), v, epoch) for k, v in numbers.items()])
-        self.rows.append({"epoch": epoch, **values})
-        try:
-            write_csv(self.csv_path, self.fields, self.rows)
-        except WriteError:
-            self.rows.pop()  # the file still holds the rows before this one
-            raise
+        row = {"epoch": epoch, **values}
+        write_csv(self.csv_path, self.fields, [*self.rows, row])  # failed: the file still holds the rows before
+        self.rows.append(row)
         self._tensorboard(lambda w: w.flush())
 
     def log_hparams(self, settings, final_metrics, epoch):

@@ -134,7 +134,7 @@ def read_csv(path):
 # ---------------------------------------------------------------------------------------- argparse types
 
 
-def ranged(kind, low=None, high=None, low_open=False, high_open=False):
+def ranged(kind, low, high=math.inf, low_open=False, high_open=False):
     """An argparse ``type`` that also checks a range, so a bad value is refused with the flag's name."""
     def parse(text):
         try:
@@ -143,9 +143,8 @@ def ranged(kind, low=None, high=None, low_open=False, high_open=False):
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{text} is not a finite number")
-        if (low is not None and (value <= low if low_open else value < low)) or \
-                (high is not None and (value >= high if high_open else value > high)):
-            allowed = f"{'greater than' if low_open else 'at least'} {low}" if high is None else \
+        if not low <= value <= high or (low_open and value == low) or (high_open and value == high):
+            allowed = f"{'greater than' if low_open else 'at least'} {low}" if high == math.inf else \
                 f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
             raise argparse.ArgumentTypeError(f"{text} is not allowed: it must be {allowed}")
         return value

@@ -2,6 +2,7 @@
 import io
 import math
 import os
+import struct
 import sys
 import warnings
 from collections import Counter, namedtuple
@@ -138,15 +139,19 @@ def physical_memory():  # bytes of memory on this machine; 0 where the system do
 
 
 def header_size(path):
-    """(width, height) from the header alone (PIL opens lazily); None when PIL cannot tell (read_image says why)."""
+    """(width, height) from a PNG's first 24 bytes, else PIL's lazy open; None when PIL cannot tell."""
+    with suppress(OSError):
+        with open(path, "rb") as file:
+            head = file.read(24)
+        if head.startswith(PNG) and head[12:16] == b"IHDR":
+            return struct.unpack(">II", head[16:24])
     try:
         with Image.open(path) as image:
             return image.size
-    except Image.DecompressionBombError as error:
-        raise DataError(f"{path} is too large to be one of the data set's images ({error}); replace or delete "
-                        f"the file") from None
-    except Exception:  # not an image, damaged, unreadable
-        return None
+    except Exception as error:  # not an image, damaged, unreadable: read_image gives the reason
+        if isinstance(error, Image.DecompressionBombError):
+            raise DataError(f"{path} is too large to be one of the data set's images ({error}); replace or delete "
+                            f"the file") from None
 
 
 def read_image(path):

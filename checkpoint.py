@@ -73,9 +73,11 @@ class CheckpointWriter:
         return self.pending is not None and not self.pending.done()
 
     def wait(self):
-        pending, self.pending = self.pending, None
-        if pending is not None:
-            pending.result()  # a failed write: save_checkpoint's one-line WriteError, once
+        if self.pending is not None:
+            try:  # busy() until the write ends: a signal meanwhile is told that it will end whole
+                self.pending.result()  # a failed write: save_checkpoint's one-line WriteError, once
+            finally:
+                self.pending = None
 
 
 # ------------------------------------------------------------------------------------------------- loading

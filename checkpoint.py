@@ -7,12 +7,13 @@ import math
 import pickle
 import random
 import re
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils._pytree import tree_map_only
 
 from engine import EpochPosition
 from model import ModelConfig, build_classifier, build_mae, encoder_state_dict
@@ -54,13 +55,7 @@ def export_weights(state, target, limit=None):
 
 def to_host(value):
     """A copy with every tensor on the CPU: what a background writer may hold while training goes on."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {k: to_host(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(to_host(v) for v in value)
-    return value
+    return tree_map_only(torch.Tensor, lambda tensor: tensor.detach().to("cpu", copy=True), value)
 
 
 class CheckpointWriter:
@@ -68,29 +63,21 @@ class CheckpointWriter:
     ``wait()`` (before the next save and at the end of a run) re-raises a failed write in the training thread."""
 
     def __init__(self):
-        self.thread, self.error = None, None
+        self.pool, self.pending = ThreadPoolExecutor(1, "checkpoint"), None
 
     def save(self, path, state):
         self.wait()
-        self.thread = threading.Thread(target=self._write, args=(path, to_host(state)))
-        self.thread.start()
-
-    def _write(self, path, state):
-        try:
-            save_checkpoint(path, state)
-        except Exception as error:  # reported in the training thread by wait()
-            self.error = error if isinstance(error, UserError) else UserError(
-                f"could not write checkpoint {path} ({first_line(error)})")
+        self.pending = self.pool.submit(save_checkpoint, path, to_host(state))
 
     def busy(self):
-        return self.thread is not None and self.thread.is_alive()
+        return self.pending is not None and not self.pending.done()
 
     def wait(self):
-        if self.thread is not None:
-            self.thread.join()
-        self.thread, error, self.error = None, self.error, None
-        if error is not None:
-            raise error
+        if self.pending is not None:
+            try:  # busy() until the write ends: a signal meanwhile is told that it will end whole
+                self.pending.result()  # a failed write: save_checkpoint's one-line WriteError, once
+            finally:
+                self.pending = None
 
 
 # ------------------------------------------------------------------------------------------------- loading
@@ -154,8 +141,7 @@ def add_config(checkpoint, source):
 
 
 def count_blocks(state_dict, prefix):
-    ids = {int(m.group(1)) for k in state_dict for m in [re.match(re.escape(prefix) + r"(\d+)\.", k)] if m}
-    return max(ids) + 1 if ids else 0
+    return len({k[len(prefix):].split(".")[0] for k in state_dict if k.startswith(prefix)})
 
 
 def infer_config(state_dict, hints=None):

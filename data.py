@@ -234,18 +234,22 @@ def rand_augment(images, groups=16, num_ops=2, magnitude=9):
 def random_erasing(images, probability=0.25, area=(0.02, 1 / 3), aspect=(0.3, 3.3)):
     """timm's RandomErasing (one noise-filled rectangle per image with ``probability``), drawn for all at once."""
     B, C, H, W = images.shape
-    device = images.device
-    target_area = torch.empty(B, device=device).uniform_(*area) * H * W
-    log_ratio = torch.empty(B, device=device).uniform_(math.log(aspect[0]), math.log(aspect[1]))
-    h = (target_area * log_ratio.exp()).sqrt().round().clamp(1, H).long()
-    w = (target_area / log_ratio.exp()).sqrt().round().clamp(1, W).long()
-    top = (torch.rand(B, device=device) * (H - h + 1)).long()
-    left = (torch.rand(B, device=device) * (W - w + 1)).long()
-    rows, cols = torch.arange(H, device=device), torch.arange(W, device=device)
-    inside = (((rows[None] >= top[:, None]) & (rows[None] < (top + h)[:, None]))[:, :, None]
-              & ((cols[None] >= left[:, None]) & (cols[None] < (left + w)[:, None]))[:, None, :])
-    inside &= (torch.rand(B, 1, 1, device=device) < probability)
+    target_area = torch.empty(B, device=images.device).uniform_(*area) * H * W
+    log_ratio = torch.empty(B, device=images.device).uniform_(math.log(aspect[0]), math.log(aspect[1]))
+    inside = random_rectangles(target_area, log_ratio, H, W) & (torch.rand(B, 1, 1, device=images.device) < probability)
     return torch.where(inside[:, None], torch.randn_like(images), images)
+
+
+def random_rectangles(area, log_aspect, height, width):
+    """(..., H, W) bool: per entry of ``area``, a rectangle of about that many pixels and aspect exp(``log_aspect``)
+    (clipped to the image) at a uniformly random place; timm's RandomErasing and BEiT's masking draw them so."""
+    h = (area * log_aspect.exp()).sqrt().round().clamp(1, height).long()
+    w = (area / log_aspect.exp()).sqrt().round().clamp(1, width).long()
+    top, left = ((torch.rand(area.shape, device=area.device) * (side - size + 1)).long() for side, size in
+                 ((height, h), (width, w)))
+    top, left, h, w = (x[..., None, None] for x in (top, left, h, w))
+    rows, cols = torch.arange(height, device=area.device)[:, None], torch.arange(width, device=area.device)
+    return (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
 
 
 AUGMENTATIONS = {"none": None, "flip": random_flip, "crop_flip": random_crop_flip, "randaug": rand_augment}

@@ -9,6 +9,8 @@ from einops import rearrange
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 
+from data import random_rectangles
+
 MASK_STRATEGIES = ("random", "block", "grid", "blockwise")
 
 
@@ -113,14 +115,7 @@ class PatchShuffle(nn.Module):
         shape = (batch_size, rectangles)
         area = torch.empty(shape, device=device).uniform_(min_area, masked)
         log_aspect = torch.empty(shape, device=device).uniform_(math.log(min_aspect), -math.log(min_aspect))
-        h = (area * log_aspect.exp()).sqrt().round().clamp(1, side).long()
-        w = (area / log_aspect.exp()).sqrt().round().clamp(1, side).long()
-        top = (torch.rand(shape, device=device) * (side - h + 1)).long()[..., None, None]
-        left = (torch.rand(shape, device=device) * (side - w + 1)).long()[..., None, None]
-        r = torch.arange(side, device=device).view(1, 1, side, 1)
-        c = r.view(1, 1, 1, side)
-        inside = ((r >= top) & (r < top + h[..., None, None]) & (c >= left)
-                  & (c < left + w[..., None, None])).flatten(2)  # (B, K, T)
+        inside = random_rectangles(area, log_aspect, side, side).flatten(2)  # (B, K, T)
         order = torch.arange(rectangles, device=device).view(1, -1, 1)
         first_cover = torch.where(inside, order, rectangles).amin(dim=1).float()  # (B, T); K: never covered
         rank = (first_cover + torch.rand(batch_size, num_patches, device=device)).argsort(dim=1).argsort(dim=1)

@@ -28,6 +28,10 @@ class WriteError(UserError):
     message names the file and the cause; what the user does next depends on the script (see ``run_cli``)."""
 
 
+WRITE_ADVICE = {True: "fix that, then continue with --resume auto (a run with no checkpoint yet: start it again with "
+                      "--overwrite)", False: "fix that and run the command again"}  # by resumable
+
+
 def first_line(error):
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
@@ -37,16 +41,10 @@ def run_cli(main, argv=None, resumable=False):
     become one line and exit code 2. ``resumable``: a failed write is then continued with ``--resume auto``."""
     try:
         code = main(argv)
-    except WriteError as error:
-        say_error(f"{first_line(error)}; " + ("fix that, then continue with --resume auto (a run with no checkpoint "
-                                               "yet: start it again with --overwrite)" if resumable else
-                                               "fix that and run the command again"))
-        sys.exit(2)
-    except (ValueError, FileNotFoundError) as error:  # our UserError, DataError and model ValueErrors
-        say_error(first_line(error))
-        sys.exit(2)
-    except OSError as error:  # a full disk, a read-only folder: name the path and the cause
-        say_error(f"{error.filename}: " * bool(error.filename) + (error.strerror or first_line(error)))
+    except (ValueError, OSError) as error:  # ours (UserError, DataError), the model's; the OS's: its path and cause
+        os_error = isinstance(error, OSError) and error.strerror
+        line = f"{error.filename}: " * bool(error.filename) + error.strerror if os_error else first_line(error)
+        say_error(line + (f"; {WRITE_ADVICE[resumable]}" if isinstance(error, WriteError) else ""))
         sys.exit(2)
     except KeyboardInterrupt:
         say_error()
@@ -136,7 +134,7 @@ def read_csv(path):
 # ---------------------------------------------------------------------------------------- argparse types
 
 
-def ranged(kind, low=None, high=None, low_open=False, high_open=False):
+def ranged(kind, low, high=math.inf, low_open=False, high_open=False):
     """An argparse ``type`` that also checks a range, so a bad value is refused with the flag's name."""
     def parse(text):
         try:
@@ -145,9 +143,8 @@ def ranged(kind, low=None, high=None, low_open=False, high_open=False):
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{text} is not a finite number")
-        if (low is not None and (value <= low if low_open else value < low)) or \
-                (high is not None and (value >= high if high_open else value > high)):
-            allowed = f"{'greater than' if low_open else 'at least'} {low}" if high is None else \
+        if not low <= value <= high or (low_open and value == low) or (high_open and value == high):
+            allowed = f"{'greater than' if low_open else 'at least'} {low}" if high == math.inf else \
                 f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
             raise argparse.ArgumentTypeError(f"{text} is not allowed: it must be {allowed}")
         return value
@@ -187,12 +184,8 @@ def run_name_text(text):
 
 def check_writable_folder(parser, flag, folder):
     """For tools that write at their end (a sweep, a summary): the folder is, or can be made, and takes a file."""
-    probe = Path(folder)
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        parser.error(f"argument {flag}: {folder} cannot be made: {probe} is a file")
-    try:  # permissions do not tell everything (root, /proc, some mounts): make an unnamed file there
+    probe = next(p for p in (Path(folder), *Path(folder).parents) if p.exists())
+    try:  # permissions do not tell everything (root, /proc, some mounts; a file in the way: "Not a directory")
         with tempfile.TemporaryFile(dir=probe):
             pass
     except OSError as error:
@@ -296,9 +289,9 @@ class RunLogger:
             for path in [self.csv_path, *self.log_dir.glob(f"{RUN_LOG_PREFIX}.*")]:
                 path.unlink(missing_ok=True)
         elif self.csv_path.exists():
-            with open(self.csv_path, newline="") as f:
+            with open(self.csv_path, newline="") as f:  # a torn or hand-edited row (no whole epoch number) goes
                 reader = csv.DictReader(f)
-                self.rows = [row for row in reader if epoch_of(row) < start_epoch]
+                self.rows = [r for r in reader if str(r.get("epoch")).isdigit() and int(r["epoch"]) < start_epoch]
                 self.fields = (reader.fieldnames or []) + [f for f in self.fields if f not in (reader.fieldnames or [])]
             write_csv(self.csv_path, self.fields, self.rows)  # now: the CSV agrees with the checkpoint resumed
 
@@ -322,12 +315,9 @@ class RunLogger:
             return
         numbers = {k: v for k, v in values.items() if v is not None and not isinstance(v, str)}  # a hash: CSV only
         self._tensorboard(lambda w: [w.add_scalar(tensorboard_tag(k), v, epoch) for k, v in numbers.items()])
-        self.rows.append({"epoch": epoch, **values})
-        try:
-            write_csv(self.csv_path, self.fields, self.rows)
-        except WriteError:
-            self.rows.pop()  # the file still holds the rows before this one
-            raise
+        row = {"epoch": epoch, **values}
+        write_csv(self.csv_path, self.fields, [*self.rows, row])  # failed: the file still holds the rows before
+        self.rows.append(row)
         self._tensorboard(lambda w: w.flush())
 
     def log_hparams(self, settings, final_metrics, epoch):
@@ -365,14 +355,6 @@ class RunLogger:
             self.writer = None
 
 
-def epoch_of(row):
-    """A metrics.csv row's epoch; infinite (never kept on resume) for a torn or hand-edited row."""
-    try:
-        return int(row.get("epoch") or "")
-    except ValueError:
-        return math.inf
-
-
 def quiet_tensorboard_thread_errors():
     """TensorBoard's writer thread keeps a failed write's error for the next flush (RunLogger reports it as one
     line) and also prints it as a traceback of its own: that print is dropped, every other thread's kept."""
@@ -396,7 +378,4 @@ def tensorboard_tag(name):
 
 def logged_rows(csv_path):
     """Data rows in a metrics.csv (0 if there is none)."""
-    if not Path(csv_path).is_file():
-        return 0
-    with open(csv_path, newline="") as f:
-        return sum(1 for _ in csv.DictReader(f))
+    return len(read_csv(csv_path)) if Path(csv_path).is_file() else 0

@@ -9,6 +9,7 @@ import torch
 import checkpoint as ckpt
 import devices
 import engine
+import train_classifier
 import utils
 from model import MAE_Encoder, MAE_ViT, ModelConfig, ViT_Classifier
 from utils import UserError
@@ -316,3 +317,14 @@ def test_typing_a_new_length_ends_a_budgeted_run():
     assert settle(saved, resume_args(["time_budget"], time_budget=5.0), ()).time_budget == 5.0
 
 
+
+
+def test_a_budgeted_run_resumed_with_its_preset_keeps_its_budget():
+    """The sweep resumes with the run's own command: the preset's length must not turn the budget off (it did, and
+    a fine-tuning stopped at epoch 8 of its budget was then 'finished' at the preset's 2 epochs)."""
+    args, _, _ = train_classifier.parse_args(["--preset", "small", "--time_budget", "15", "--resume", "auto"])
+    saved = {**SAVED, "args": {**vars(args), "typed": None}}
+    settings = ckpt.resume_settings(saved, args, ("dataset", "seed"), "run.pt", "logs/run")
+    assert settings.time_budget == 15.0
+    args, _, _ = train_classifier.parse_args(["--preset", "small", "--total_epoch", "9", "--resume", "auto"])
+    assert ckpt.resume_settings(saved, args, ("dataset", "seed"), "run.pt", "logs/run").time_budget is None

@@ -12,7 +12,7 @@ from utils import UserError
 
 def test_presets_set_defaults_and_typed_flags_win():
     args = mae_pretrain.parse_args(["--preset", "small", "--total_epoch", "7"])
-    assert (args.patch_size, args.emb_dim, args.decoder_depth, args.total_epoch) == (4, 96, 2, 7)
+    assert (args.patch_size, args.emb_dim, args.decoder_depth, args.total_epoch) == (4, 64, 2, 7)
     assert args.run_name == "mae_small_ep7" and args.model_path == "vit-t-mae_small_ep7.pt"
     args, typed_sizes, _ = train_classifier.parse_args(["--preset", "small", "--emb_dim", "48"])
     assert (args.patch_size, args.emb_dim, args.total_epoch) == (4, 48, 2)

@@ -362,10 +362,12 @@ class Bookkeeping:
         record = json.loads(path.read_text()) if path.is_file() else {}
         per_epoch = len(self.run.loader) // self.run.accum_steps
         steps = len(self.schedule.shares)
+        # A run killed before it could write its record still counted its time up to its last save (spent_before).
+        earlier = [round(self.schedule.spent_before, 2)] if self.schedule.spent_before else []
+        wall = [*record.get("wall_seconds", earlier), round(time.monotonic() - devices.CLOCK_START, 2)]
         record.update(time_budget_minutes=self.schedule.seconds / 60, steps=steps, shares=self.schedule.shares,
-                      wall_seconds=[*record.get("wall_seconds", []), round(time.monotonic() - devices.CLOCK_START, 2)],
-                      machine=devices.machine_description(self.run.env.device), date=time.strftime("%Y-%m-%d"),
-                      reproduce=f"--time_budget {path} (with this run's other flags)")
+                      wall_seconds=wall, machine=devices.machine_description(self.run.env.device),
+                      date=time.strftime("%Y-%m-%d"), reproduce=f"--time_budget {path} (with this run's other flags)")
         if not self.stopping:
             record.update(total_epoch=-(-steps // per_epoch), epochs=round(steps / per_epoch, 3))
         utils.write_text(path, json.dumps(record) + "\n", "budget record")

@@ -1,5 +1,6 @@
 """Resume and stop semantics, end to end on tiny runs: a stop takes effect at the next optimizer step and resumes
 bit for bit; a resumed run trains with the schedule its command line says (applied changes, inherited flags)."""
+import json
 import signal
 import subprocess
 import sys
@@ -83,6 +84,24 @@ def test_finetuning_stopped_mid_epoch_resumes_bit_for_bit(tmp_path, cls_argv, st
     rows, full_rows = read_metrics(run_dir)[1], read_metrics(full_dir)[1]
     for column in ("train_loss", "train_acc", "val_acc", "val_acc_ema"):
         assert [r[column] for r in rows] == [r[column] for r in full_rows]
+
+
+def test_a_budgeted_run_killed_and_resumed_with_its_preset_keeps_its_budget(tmp_path, cls_argv, stop_at_step):
+    """As a sweep resumes a run killed at a session's end: its own command (a preset in it), no budget record
+    written. The budget goes on (the preset's length once ended it), and the record counts the time before."""
+    argv = without(cls_argv(tmp_path, "--preset", "small", "--run_name", "r"), "--total_epoch", "--warmup_epoch")
+    argv += ["--time_budget", "0.2"]
+    stop_at_step(3)
+    assert train_classifier.main(argv) == 143
+    run_dir = tmp_path / "logs" / "cifar10" / "r"
+    (run_dir / "budget.json").unlink(missing_ok=True)  # a hard kill writes none
+    stopped = load_state(tmp_path / "cls_last.pt")
+    stop_at_step(10 ** 9)
+    assert train_classifier.main(argv + ["--resume", "auto"]) == 0
+    record = json.loads((run_dir / "budget.json").read_text())
+    assert record["steps"] > len(stopped["budget"]["shares"]) and record["epochs"] > 0
+    assert len(record["wall_seconds"]) == 2 and record["wall_seconds"][0] == pytest.approx(
+        stopped["budget"]["spent_seconds"], abs=0.01)
 
 
 def test_a_batch_size_change_in_the_middle_of_an_epoch_is_refused(tmp_path, mae_argv, stop_at_step, cli_error):

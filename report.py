@@ -72,7 +72,7 @@ GLANCE = [("test accuracy", mean_sd("test_acc")), ("seeds", count("test_acc"))]
 # name: csv (globs under results/), prepare (rows -> rows), where (row -> used?), by (row -> its group, and the
 # groups' order; without it each row is one, in the CSVs' order), columns [a CSV column, or (heading, cell)].
 TABLES = {
-    "glance": {**BUDGET, "csv": ["cpu_budget30_course/budget.csv", "budget/*.csv"], "columns": [
+    "glance": {**BUDGET, "csv": ["cpu_full30_tuned/budget.csv", "budget/*.csv"], "columns": [
         "machine", ARM, ("minutes per run", cell("budget_minutes", "{:g}")), *GLANCE, SOURCE]},
     "few_labels_glance": {**FEW, "columns": [*LABELS, *GLANCE]},
     "budget": {**BUDGET, "csv": ["*/budget.csv", "budget/*.csv"],  # every time-budget study with all labels
@@ -80,7 +80,7 @@ TABLES = {
     "few_labels": {**FEW, "columns": [*LABELS, ("n", count("test_acc")), ("test acc.", mean_sd("test_acc")),
         ("per seed", each("test_acc", "{:.2f}")), ("wall (min)", each("wall_minutes")),
         ("machine, date", lambda g: "{machine}, {date}".format(**g[0])), SOURCE]},
-    "tuning": dict(csv=["cpu_budget30/tuning.csv"], columns=[
+    "tuning": dict(csv=["*/tuning.csv"], columns=[
         "choice", "tried", ("test acc. (%)", cell("test_acc")), ("s / step", cell("seconds_per_step")), "condition",
         "decision", ("machine, date", lambda g: "{machine}, {date}".format(**g[0]))]),
     "cpu_study": dict(csv=[STUDY], by=lambda r: r["stage"] == "scratch", columns=[

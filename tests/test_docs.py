@@ -45,7 +45,7 @@ def mean_std(values, scale=100):
 
 def small_repo(root):
     """A repository with a README (the glance table), a docs page (the budget table) and two small studies."""
-    write_csv(root / "results" / "cpu_budget30_course" / "budget.csv", BUDGET_HEAD, [
+    write_csv(root / "results" / "cpu_full30_tuned" / "budget.csv", BUDGET_HEAD, [
         ["mae", "30.0", "0.5", 0, 61.0, 6, 3, 29.5, "a CPU", "2026-12-01"],
         ["mae", "30.0", "0.5", 1, 63.0, 6, 3.5, 29.0, "a CPU", "2026-12-01"],
         ["scratch", "30.0", "0", 0, 60.5, 0, 7, 29.9, "a CPU", "2026-12-01"]])
@@ -66,7 +66,7 @@ def test_tables_are_filled_from_the_csvs_and_only_between_the_markers(tmp_path):
         "<!-- /table -->\n\nText after.\n") and "old" not in readme
     rows = [r for r in table_rows(readme) if r[0] == "a CPU"]
     assert rows[0] == ["a CPU", report.ARMS["mae"], "30", mean_std([61.0, 63.0], 1), "2",
-                       "[results/cpu_budget30_course/budget.csv](results/cpu_budget30_course/budget.csv)"]
+                       "[results/cpu_full30_tuned/budget.csv](results/cpu_full30_tuned/budget.csv)"]
     assert rows[1][:5] == ["a CPU", "from scratch", "30", "60.50 %", "1"]
     gpu = [r for r in table_rows(readme) if r[0] == "a GPU"]
     assert [r[2:4] for r in gpu] == [["3.5", "70.25 %"], ["7", "75.50 %"]] and "budget/campaign.csv" in gpu[0][-1]
@@ -74,7 +74,7 @@ def test_tables_are_filled_from_the_csvs_and_only_between_the_markers(tmp_path):
     report.fill_tables(root / "docs" / "results.md", root / "results")
     mae = [r for r in table_rows((root / "docs" / "results.md").read_text()) if r[0] == "a CPU"][0]
     assert mae[5:] == ["61.00, 63.00", "6 + 3, 6 + 3.5", "29.5, 29.0",
-                       "[results/cpu_budget30_course/budget.csv](../results/cpu_budget30_course/budget.csv)"]
+                       "[results/cpu_full30_tuned/budget.csv](../results/cpu_full30_tuned/budget.csv)"]
 
 
 def test_check_fails_on_a_stale_page_and_passes_after_a_rebuild(tmp_path, capsys):

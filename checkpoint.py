@@ -29,7 +29,6 @@ RUNTIME_FLAGS = {"resume", "run_name", "log_dir", "device", "overwrite", "trust_
 
 
 def save_checkpoint(path, state):
-    """Whole or not at all, and a failed write leaves the checkpoint before it (utils.atomic_write)."""
     atomic_write(path, lambda tmp: torch_save(state, tmp), "checkpoint")
 
 
@@ -53,13 +52,8 @@ def export_weights(state, target, limit=None):
     return size
 
 
-def to_host(value):
-    """A copy with every tensor on the CPU: what a background writer may hold while training goes on."""
-    return tree_map_only(torch.Tensor, lambda tensor: tensor.detach().to("cpu", copy=True), value)
-
-
 class CheckpointWriter:
-    """Saves from a host copy in a background thread, one at a time, so that training does not wait for the disk;
+    """Saves from a copy on the CPU in a background thread, one at a time, so that training does not wait for the disk;
     ``wait()`` (before the next save and at the end of a run) re-raises a failed write in the training thread."""
 
     def __init__(self):
@@ -67,7 +61,8 @@ class CheckpointWriter:
 
     def save(self, path, state):
         self.wait()
-        self.pending = self.pool.submit(save_checkpoint, path, to_host(state))
+        host_copy = tree_map_only(torch.Tensor, lambda tensor: tensor.detach().to("cpu", copy=True), state)
+        self.pending = self.pool.submit(save_checkpoint, path, host_copy)
 
     def busy(self):
         return self.pending is not None and not self.pending.done()
@@ -78,9 +73,6 @@ class CheckpointWriter:
                 self.pending.result()  # a failed write: save_checkpoint's one-line WriteError, once
             finally:
                 self.pending = None
-
-
-# ------------------------------------------------------------------------------------------------- loading
 
 
 def load_checkpoint(path, trust_pickle=False, kind=None, option=None):
@@ -124,9 +116,6 @@ def checkpoint_kind(state_dict):
     return "mae" if any(k.startswith("encoder.") for k in state_dict) else "classifier" if classifier else "unknown"
 
 
-# ---------------------------------------------------------------------------------- the model a file holds
-
-
 def add_config(checkpoint, source):
     """Its ModelConfig: its own ``config``, or (older files) inferred from the weights, with ``guessed`` the
     fields that neither the file nor the shapes tell: the defaults stand in, and a flag the user gives may set them."""
@@ -140,13 +129,10 @@ def add_config(checkpoint, source):
                         f"({first_line(error)})") from None
 
 
-def count_blocks(state_dict, prefix):
-    return len({k[len(prefix):].split(".")[0] for k in state_dict if k.startswith(prefix)})
-
-
 def infer_config(state_dict, hints=None):
     """The architecture from the weights' shapes; the rest from ``hints`` (saved args) or the reference's defaults."""
     encoder = encoder_state_dict(state_dict)
+    count_blocks = lambda weights, prefix: len({k[len(prefix):].split(".")[0] for k in weights if k.startswith(prefix)})
     width, _, patch, _ = encoder["patchify.weight"].shape
     values = {k: v for k, v in (hints or {}).items() if k in GUESSABLE and v is not None}
     values.update(image_size=math.isqrt(encoder["pos_embedding"].shape[0]) * patch, patch_size=patch,
@@ -171,7 +157,7 @@ def build_model(checkpoint, source, drop_path_rate=0.0):
     return model
 
 
-def load_weights(module, state_dict, source, strict=True, optional_prefix=None):
+def load_weights(module, state_dict, source, optional_prefix=None):
     """``load_state_dict``, one line on a mismatch; ``optional_prefix`` (a new classifier's head) may be missing."""
     own = module.state_dict()
     for name, value in state_dict.items():
@@ -180,12 +166,9 @@ def load_weights(module, state_dict, source, strict=True, optional_prefix=None):
                             f"but {tuple(own[name].shape)} here (another --emb_dim, --patch_size or --image_size?)")
     missing, unexpected = module.load_state_dict(state_dict, strict=False)
     missing = [name for name in missing if not (optional_prefix and name.startswith(optional_prefix))]
-    if strict and (missing or unexpected):
+    if missing or unexpected:
         raise UserError(f"checkpoint {source} does not fit this model: missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]} (another depth or model kind?)")
-
-
-# -------------------------------------------------------------------------------------------------- resume
 
 
 def rng_state():

@@ -13,14 +13,12 @@ import torch.distributed as dist
 
 from utils import UserError
 
-PROCESS_START = time.monotonic()  # the process's real start where the system says (below)
-try:  # Linux: Python's and torch's imports count against a time budget too
-    with open("/proc/self/stat") as _stat, open("/proc/uptime") as _uptime:
-        _age = float(_uptime.read().split()[0]) - int(_stat.read().rsplit(")", 1)[1].split()[19]) / os.sysconf(
-            "SC_CLK_TCK")
-    PROCESS_START -= max(_age, 0.0)
+try:  # Linux: the process's real start, so that Python's and torch's imports count against a time budget too
+    with open("/proc/self/stat") as _stat:  # field 22: the start in clock ticks since boot
+        _started = int(_stat.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+    PROCESS_START = time.monotonic() - max(time.clock_gettime(time.CLOCK_BOOTTIME) - _started, 0.0)
 except (OSError, ValueError, IndexError):
-    pass
+    PROCESS_START = time.monotonic()
 CLOCK_START = PROCESS_START  # where a time budget counts from: the call, for a main() called inside Python
 
 
@@ -40,7 +38,6 @@ def machine_description(device):
 
 
 def setup_seed(seed):
-    """Seed every generator the code touches."""
     torch.manual_seed(seed)  # also seeds CUDA
     np.random.seed(seed)
     random.seed(seed)
@@ -58,13 +55,8 @@ class Dist:
         return self.rank == 0
 
 
-def mps_available():
-    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
-
-
 def auto_device():
-    """``--device auto``: a CUDA GPU, else Apple's MPS, else the CPU."""
-    return "cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu"
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 
 
 def synchronize(device):
@@ -91,12 +83,11 @@ def kept_random_state(device):
 def setup_device(requested=None):
     """The device, and the process group when launched by torchrun (RANK / WORLD_SIZE in the environment)."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(auto_device() if requested in (None, "auto") else requested)  # checked at parsing
     if device.type == "mps" and world_size > 1:  # one Apple GPU per machine, and no collective backend for it
         raise UserError("--device mps runs in one process; start it without torchrun")
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank if world_size > 1 else (device.index or 0))
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if world_size > 1 else (device.index or 0))
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -132,13 +123,12 @@ def check_device(parser, requested):
     """--device: auto, cpu, mps where Apple's GPU is available, or cuda[:N] that exists here."""
     if requested in (None, "auto", "cpu"):
         return
-    try:
+    device = None
+    with contextlib.suppress(RuntimeError):
         device = torch.device(requested)
-    except RuntimeError:
-        device = None
     if device is None or device.type not in ("mps", "cuda"):
         parser.error(f"argument --device: {requested!r} is not a device; use auto, cpu, mps, cuda or cuda:N")
-    if device.type == "mps" and not mps_available():
+    if device.type == "mps" and not torch.backends.mps.is_available():
         parser.error(f"argument --device: {requested} was asked for but Apple's MPS is not available here; "
                      f"use --device cpu")
     if device.type == "cuda" and not torch.cuda.is_available():

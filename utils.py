@@ -11,12 +11,14 @@ import tempfile
 import threading
 from pathlib import Path
 
+try:
+    import fcntl  # advisory file locks, released by the OS when a process dies
+except ImportError:  # Windows: runs are not locked
+    fcntl = None
+
 # The files a run keeps in its log folder (RunLogger, RunLock): no output may take these names.
 RUN_LOG_NAMES = ("metrics.csv", ".lock")
 RUN_LOG_PREFIX = "events.out.tfevents"
-
-
-# ------------------------------------------------------------------------------------------ one-line errors
 
 
 class UserError(ValueError):
@@ -24,8 +26,7 @@ class UserError(ValueError):
 
 
 class WriteError(UserError):
-    """A file could not be written (a full disk, a file-size limit, a read-only folder, a name too long): the
-    message names the file and the cause; what the user does next depends on the script (see ``run_cli``)."""
+    """A file could not be written (a full disk, a file-size limit, a read-only folder): one line names it and why."""
 
 
 WRITE_ADVICE = {True: "fix that, then continue with --resume auto (a run with no checkpoint yet: start it again with "
@@ -37,34 +38,25 @@ def first_line(error):
 
 
 def run_cli(main, argv=None, resumable=False):
-    """Run ``main`` (which may return an exit code: 130 / 143 after a graceful stop); the errors a user can fix
-    become one line and exit code 2. ``resumable``: a failed write is then continued with ``--resume auto``."""
+    """Exit with the code ``main`` returns (130 / 143 after a graceful stop); an error a user can fix: one line, 2."""
     try:
         code = main(argv)
-    except (ValueError, OSError) as error:  # ours (UserError, DataError), the model's; the OS's: its path and cause
-        os_error = isinstance(error, OSError) and error.strerror
+    except (ValueError, OSError, KeyboardInterrupt) as error:  # ours (UserError, DataError), the model's; the OS's
+        for bar in list(getattr(getattr(sys.modules.get("tqdm"), "tqdm", None), "_instances", ())):
+            bar.close()  # the bars an error left open: its line then starts a line of its own
+        if isinstance(error, KeyboardInterrupt):
+            print("interrupted; the last saved checkpoint is intact (resume with --resume auto)" if resumable else
+                  "interrupted; every file written so far is whole", file=sys.stderr)
+            sys.exit(130)
+        os_error = isinstance(error, OSError) and error.strerror  # then its path and cause
         line = f"{error.filename}: " * bool(error.filename) + error.strerror if os_error else first_line(error)
-        say_error(line + (f"; {WRITE_ADVICE[resumable]}" if isinstance(error, WriteError) else ""))
+        print(f"error: {line}" + f"; {WRITE_ADVICE[resumable]}" * isinstance(error, WriteError), file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        say_error()
-        print("interrupted; the last saved checkpoint is intact (resume with --resume auto)" if resumable else
-              "interrupted; every file written so far is whole", file=sys.stderr)
-        sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
 
 
-def say_error(message=None):
-    """Close the progress bars an error left open, so that its line (if any) starts a line of its own."""
-    for bar in list(getattr(getattr(sys.modules.get("tqdm"), "tqdm", None), "_instances", ())):
-        bar.close()
-    if message:
-        print(f"error: {message}", file=sys.stderr)
-
-
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse's, refusing in one usage line and the error instead of the whole usage block (``--help`` still
-    prints everything); the script's docstring is its description, printed as written."""
+    """argparse's, refusing in one usage line (not the whole block); the script's docstring is printed as written."""
 
     def __init__(self, *args, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs):
         super().__init__(*args, formatter_class=formatter_class, **kwargs)
@@ -73,13 +65,9 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"usage: {self.prog} [options]; see --help\n{self.prog}: error: {message}\n")
 
 
-# ------------------------------------------------------------------------------------------- atomic writes
-
-
 def atomic_write(path, write, what=""):
     """Write ``path`` whole or not at all: ``write(tmp)`` writes a hidden file beside it (same suffix, for savers
-    that go by it), which then replaces ``path`` in one rename. On failure the temporary file is removed and one
-    WriteError names the path and the cause (``what``: the kind of file); a file there before is left as it was."""
+    that go by it), then one rename. A failure is one WriteError naming ``what``, the path and the cause."""
     path = Path(path)
     existed = os.path.isfile(path)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
@@ -105,12 +93,10 @@ def write_cause(error, path):
 
 
 def write_text(path, text, what=""):
-    """``text`` as the whole content of ``path``, atomically (see ``atomic_write``)."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(text), what)
 
 
 def write_csv(path, fields, rows, what=""):
-    """A CSV of ``rows`` (dicts; keys not in ``fields`` are left out) under a header, atomically."""
     def write(tmp):
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fields, extrasaction="ignore")
@@ -121,7 +107,6 @@ def write_csv(path, fields, rows, what=""):
 
 
 def markdown(heads, lines):
-    """The tools' one Markdown table writer (report.py, summarize.py, campaign.py and benchmark.py)."""
     lines = [heads, ["---"] * len(heads), *lines] if lines else []
     return "".join(f"| {' | '.join(map(str, line))} |\n" for line in lines) or "(no rows yet)\n"
 
@@ -129,9 +114,6 @@ def markdown(heads, lines):
 def read_csv(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
-
-
-# ---------------------------------------------------------------------------------------- argparse types
 
 
 def ranged(kind, low, high=math.inf, low_open=False, high_open=False):
@@ -149,7 +131,6 @@ def ranged(kind, low, high=math.inf, low_open=False, high_open=False):
             raise argparse.ArgumentTypeError(f"{text} is not allowed: it must be {allowed}")
         return value
 
-    parse.__name__ = kind.__name__
     return parse
 
 
@@ -157,7 +138,6 @@ POSITIVE_INT = ranged(int, 1)
 NONNEGATIVE_INT = ranged(int, 0)
 POSITIVE_FLOAT = ranged(float, 0, low_open=True)
 NONNEGATIVE_FLOAT = ranged(float, 0)
-PROBABILITY = ranged(float, 0, 1)
 OPEN_UNIT = ranged(float, 0, 1, low_open=True, high_open=True)
 SEED = ranged(int, 0, 2 ** 32 - 1)  # numpy's range
 EPOCHS = ranged(int, 1, 10 ** 6)  # beyond any real schedule: a typo, not a plan
@@ -186,15 +166,13 @@ def check_writable_folder(parser, flag, folder):
     """For tools that write at their end (a sweep, a summary): the folder is, or can be made, and takes a file."""
     probe = next(p for p in (Path(folder), *Path(folder).parents) if p.exists())
     try:  # permissions do not tell everything (root, /proc, some mounts; a file in the way: "Not a directory")
-        with tempfile.TemporaryFile(dir=probe):
-            pass
+        tempfile.TemporaryFile(dir=probe).close()
     except OSError as error:
         parser.error(f"argument {flag}: {folder} is not writable ({probe}: {error.strerror or error})")
 
 
 def check_outputs(parser, outputs, inputs=None, data_dir=None):
-    """The files a command writes (``{flag: path}``): none a folder, none of them an input, none inside the
-    data folder, none named like a run folder's own logs, and no two the same file."""
+    """The files a command writes (``{flag: path}``): none may replace an input, the data, a run's logs or another."""
     seen = {}
     for flag, path in outputs.items():
         if Path(path).is_dir():
@@ -216,27 +194,16 @@ def check_figure_file(parser, flag, path, overwrite):
     """An image the command will save: a format PIL writes, and an existing file replaced only when asked."""
     from PIL import Image
 
-    extension = Path(path).suffix.lower()
     writable = sorted(ext for ext, name in Image.registered_extensions().items() if name in Image.SAVE)
-    if Image.registered_extensions().get(extension) not in Image.SAVE:
+    if Image.registered_extensions().get(Path(path).suffix.lower()) not in Image.SAVE:
         parser.error(f"argument {flag}: {path} does not end in an image format that can be written "
                      f"(e.g. .png, .jpg, .pdf; all: {' '.join(writable)})")
     if Path(path).exists() and not overwrite:
         parser.error(f"argument {flag}: {path} already exists; pass --overwrite to replace it")
 
 
-try:
-    import fcntl  # advisory file locks, released by the OS when a process dies
-except ImportError:  # Windows: runs are not locked
-    fcntl = None
-
-
-# ------------------------------------------------------------------------------------- run names and locks
-
-
 class RunLock:
-    """An exclusive lock on a run folder: a second live copy of the same run is refused. The OS releases it when
-    the process dies, so a crash never blocks a retry."""
+    """A run folder's lock against a second live copy; the OS releases it when a process dies, even in a crash."""
 
     def __init__(self, folder, name=".lock", in_use=None):
         self.path, self.file = Path(folder) / name, None
@@ -269,14 +236,10 @@ class RunLock:
                 self.path.unlink(missing_ok=True)
 
 
-# ------------------------------------------------------------------------------------------------- logging
-
-
 class RunLogger:
-    """TensorBoard scalars and ``metrics.csv`` (a row per epoch, rewritten whole and atomically) in a run folder. A
-    run from epoch 1 removes the folder's old logs; a resumed one drops what came after its checkpoint, so its logs
-    read as if it had never stopped. The event file is made with the first value and flushed every epoch, so a failed
-    write of its thread is raised here, in the training thread, as the same one-line WriteError."""
+    """TensorBoard scalars and ``metrics.csv`` (a row per epoch, rewritten atomically). A run from epoch 1 removes
+    the folder's old logs; a resumed one drops what came after its checkpoint. The event file is flushed every epoch,
+    so a failed write of its thread is raised here, in the training thread, as the same one-line WriteError."""
 
     def __init__(self, log_dir, fields, start_epoch=1, enabled=True):
         self.enabled, self.fields, self.log_dir = enabled, ["epoch", *fields], Path(log_dir)
@@ -296,7 +259,6 @@ class RunLogger:
             write_csv(self.csv_path, self.fields, self.rows)  # now: the CSV agrees with the checkpoint resumed
 
     def _tensorboard(self, call):
-        """``call(writer)``, with a failed event-file write (the writer thread's error) as one WriteError."""
         try:
             if self.writer is None:
                 from torch.utils.tensorboard import SummaryWriter  # slow to import, and only rank 0 needs it
@@ -377,5 +339,4 @@ def tensorboard_tag(name):
 
 
 def logged_rows(csv_path):
-    """Data rows in a metrics.csv (0 if there is none)."""
     return len(read_csv(csv_path)) if Path(csv_path).is_file() else 0

@@ -1,5 +1,4 @@
-"""The training engine both scripts share: precision and compile, a step, an epoch, evaluation, the learning rate
-(per epoch, or driven by a time budget), timing and a graceful stop."""
+"""The training engine both scripts share: precision, compile, steps, epochs, evaluation, lr, timing, graceful stop."""
 import contextlib
 import io
 import logging
@@ -15,7 +14,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from devices import all_reduce_sum, synchronize
 from model import mae_loss
@@ -54,8 +52,7 @@ def grad_scaler(device, precision):
 
 
 def why_eager(device):
-    """Why torch.compile is not used here (None where it is): it needs a C++ compiler on the CPU, and on MPS it
-    is experimental in torch 2.x."""
+    """Why torch.compile is not used here (None where it is)."""
     if device.type == "mps":
         return "torch.compile on MPS is experimental in torch 2.x"
     if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
@@ -110,8 +107,7 @@ def make_classifier_step(model, device, precision, criterion, prepare=None, comp
 
 @dataclass
 class EpochPosition:
-    """Where a stopped epoch stands: its finished optimizer steps and the sums of their micro-batches (over all
-    processes), so that a resumed epoch continues the same data order and logs the same loss."""
+    """Where a stopped epoch stands, so that the resumed epoch continues the same data order and logs the same loss."""
     optimizer_steps: int
     micro_batches: int  # per process
     images_seen: int  # per process
@@ -135,13 +131,11 @@ class EpochResult:
 
 def train_epoch(step, batches, optimizer, accum_steps, model, *, progress=None, after_step=None, scaler=None,
                 start=None, stop=None, before_step=None, rng_state=None):
-    """One pass over ``batches``; ``step(images, labels)`` returns (loss, *extra sums) for one micro-batch.
-
-    ``accum_steps`` micro-batches' gradients are averaged per optimizer step (the whole batch's update); sums stay on
-    the device, synced once. ``before_step()`` runs before each step (a budget's lr; False ends the epoch),
-    ``after_step()`` after it (an EMA). When ``stop()`` says so, the unfinished accumulation is dropped: ``stopped_at``
-    is the position after the last step, with its random streams (``rng_state()``), which ``start`` continues from."""
-    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    """One pass over ``batches``; ``step(images, labels)`` -> (loss, *extra sums) of a micro-batch; ``accum_steps``
+    micro-batches make an optimizer step. Sums stay on the device, synced once. ``before_step()`` (a budget's lr)
+    returning False ends the epoch. On ``stop()`` the unfinished accumulation is dropped: ``stopped_at`` is the
+    position after the last step, with its random streams (``rng_state()``), which ``start`` continues from."""
+    scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)  # disabled (all but fp16): passes the loss through
     done = start.micro_batches if start else 0
     sums = None  # [loss, *extras] on the device, up to the last finished optimizer step
     if start and start.micro_batches and (not dist.is_initialized() or dist.get_rank() == 0):  # rank 0 has the sums
@@ -158,19 +152,15 @@ def train_epoch(step, batches, optimizer, accum_steps, model, *, progress=None, 
             budget_spent = True
             break
         sync = (i + 1) % accum_steps == 0
-        with nullcontext() if sync or not ddp else model.no_sync():
+        with nullcontext() if sync else getattr(model, "no_sync", nullcontext)():  # DDP: no all-reduce until the step
             loss, *extras = step(images, labels)
-            scaled = loss / accum_steps
-            (scaler.scale(scaled) if scaler else scaled).backward()
+            scaler.scale(loss / accum_steps).backward()
         values = [loss.detach().float(), *(e.detach().float() for e in extras)]
         step_sums = values if step_sums is None else [a + b for a, b in zip(step_sums, values)]
         step_images += len(labels)
         if sync:
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             if after_step is not None:
                 after_step()
@@ -199,8 +189,7 @@ def train_epoch(step, batches, optimizer, accum_steps, model, *, progress=None, 
 
 
 def gathered(get_state):
-    """Every process's ``get_state()``, in rank order, under torchrun (None in one process): saved with a
-    checkpoint, so that each process resumes its own random streams."""
+    """Every process's ``get_state()`` in rank order under torchrun (else None): each resumes its own random streams."""
     if get_state is None or not dist.is_initialized() or dist.get_world_size() == 1:
         return None
     states, buffer = [None] * dist.get_world_size(), io.BytesIO()
@@ -228,8 +217,7 @@ def evaluate(model, loader, device, precision, forward=None):
 
 
 def warmup_cosine(warmup, total):
-    """The reference's schedule as a function of epoch (or of the share of a budget): linear warm-up, then a half
-    cosine to zero."""
+    """The reference's schedule, of the epoch (or a budget's share): a linear warm-up, then a half cosine to zero."""
     return lambda t: min((t + 1) / (warmup + 1e-8), 0.5 * (math.cos(t / total * math.pi) + 1))
 
 
@@ -281,11 +269,10 @@ class BudgetSchedule(EpochSchedule):
             raise UserError(f"--time_budget {self.seconds / 60:g} min was spent by the set-up ({self.spent():.0f} s: "
                             f"imports, data, compilation) and what the end needs before one step trained; give at "
                             f"least {need:g} minutes")
-        if share is None:
-            return False
-        self.shares.append(share)
-        self.set_factor(self.factor(share))
-        return True
+        if share is not None:
+            self.shares.append(share)
+            self.set_factor(self.factor(share))
+        return share is not None
 
     def agreed_share(self):
         """The next step's share (None: spent); rank 0's for all under torchrun, where a process alone would hang."""
@@ -318,12 +305,11 @@ class BudgetSchedule(EpochSchedule):
         return {"shares": self.shares, "spent_seconds": round(self.spent(), 2)}
 
 
-# ----------------------------------------------------------------------------------- timing, stop, the loop
+# ------------------------------------------------------------------------------------------ timing and stop
 
 
 class EpochTimer:
-    """Wall time of a block, the device synchronised (GPU work counted where it happened); ``after_step`` times a
-    process's first optimizer step (the compilation) apart."""
+    """Wall time of a block, the device synchronised; ``after_step`` times the first step (the compilation) apart."""
 
     def __init__(self, device):
         self.device, self.first_step_seconds = device, None
@@ -389,8 +375,3 @@ class StopFlag:
         self.requested, self.exit_code = True, 128 + signum
         print(f"\n{signal.Signals(signum).name}: stopping after this micro-batch, saving, then exiting "
               f"(send it again to quit now)", file=sys.stderr)
-
-
-def progress_bar(total_steps, initial, enabled):
-    return tqdm(total=total_steps, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
-                smoothing=0.05)

@@ -109,7 +109,7 @@ def main(argv=None):
         return ckpt.training_state("mae", model, config, optimizer, epoch, cfg, run_dir=str(run.log_dir),
                                    classes=run.train_set.classes, budget=schedule.record(), **extra)
 
-    for epoch in book.epochs(done):
+    for epoch in range(done + 1, book.last_epoch + 1):
         loader.set_epoch(epoch)
         lr = schedule.set_epoch(epoch)
         model.train()
@@ -122,7 +122,7 @@ def main(argv=None):
         if book.cut_short(result):  # a stop, or a budget spent before the epoch's first step: save, then exit
             book.save(args.model_path, state(epoch - 1, position=result.stopped_at, ranks_rng=result.ranks_rng))
             break
-        last = book.epoch_end(result) or epoch == book.last_epoch
+        last = book.epoch_end(result, epoch)
         monitor = {}
         if env.is_main and cfg.knn_every and (epoch % cfg.knn_every == 0 or last):
             monitor = evaluate_encoder(model.encoder, run.train_set, run.test_set, device,
@@ -133,11 +133,8 @@ def main(argv=None):
                         compile_seconds=timer.first_step_seconds if first and not cfg.no_compile else None)
         if env.is_main and (epoch % IMAGE_EVERY == 0 or epoch == 1 or last):
             book.logger.add_image("mae_image", reconstruction_grid(model, fixed_images), epoch)
-        if book.save_due(epoch, last):
-            book.save(args.model_path, state(epoch, ranks_rng=result.ranks_rng))
-        if book.stopping or last:
+        if book.save_and_stop(last, args.model_path, state, epoch, ranks_rng=result.ranks_rng):
             break
-        book.before_next_epoch()
     summary = book.final and ", ".join(f"{k} {v:.4f}" for k, v in book.final[1].items() if v is not None)
     return book.finish({**vars(cfg), **config.to_dict()}, book.final and not book.stopping and
                        f"saved {args.model_path} (epoch {book.final[0]}: {summary}); logs in {run.log_dir}")

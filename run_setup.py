@@ -1,6 +1,5 @@
-"""How a training run starts, the same for both scripts: the flags they share and the presets (each written once
-here), parsing, then seed, device, data, the run folder and its lock, resume's settings, and what the loop keeps
-beside the model (Bookkeeping)."""
+"""How a training run starts, the same for both scripts: the flags they share and the presets, parsing, then seed,
+device, data, the run folder, resume's settings, and what the loop keeps beside the model (Bookkeeping)."""
 import argparse
 import contextlib
 import json
@@ -11,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 import checkpoint as ckpt
 import devices
@@ -49,7 +49,8 @@ def add_arguments(p, script, batch_size, micro_batch, lr, total_epoch, warmup_ep
     p.add_argument("--base_learning_rate", type=utils.POSITIVE_FLOAT, default=lr, help="lr = base * batch / 256")
     p.add_argument("--total_epoch", type=utils.EPOCHS, default=total_epoch)
     p.add_argument("--warmup_epoch", type=utils.ranged(int, 0, 10 ** 6), default=warmup_epoch)
-    p.add_argument("--time_budget", type=budget, metavar="MINUTES|BUDGET_JSON",
+    p.add_argument("--time_budget", type=lambda text: text if text.endswith(".json") else utils.BUDGET_MINUTES(text),
+                   metavar="MINUTES|BUDGET_JSON",
                    help="instead of --total_epoch: train until this many minutes from the start have passed, the "
                         "learning rate following the share spent; or a run's budget.json: train its steps again")
     p.add_argument("--dataset", choices=["cifar10", "cifar100"], default="cifar10")
@@ -62,11 +63,6 @@ def add_arguments(p, script, batch_size, micro_batch, lr, total_epoch, warmup_ep
     p.add_argument("--run_name", type=utils.run_name_text, default=None, help="default: built from the settings")
     p.add_argument("--resume", type=utils.path_text, default=None, help="a checkpoint, or auto for this run's own")
     p.add_argument("--overwrite", action="store_true", help="let a new run replace an existing run and checkpoint")
-
-
-def budget(text):
-    """--time_budget: minutes, or the budget.json of a run whose steps are trained again."""
-    return text if text.endswith(".json") else utils.BUDGET_MINUTES(text)
 
 
 def parse(parser, argv, script, **tables):
@@ -245,8 +241,7 @@ def refuse_to_replace(log_dir, checkpoint_paths, overwrite, resume_auto=False):
 
 
 def schedule_for(run, settings, optimizer, resumed):
-    """The learning rate: per epoch, or driven by a time budget (continued from a resumed run's record), or the
-    shares a budget.json recorded, step by step."""
+    """The learning rate: per epoch, or driven by a time budget (a resumed run's continued), or a budget.json's."""
     if not settings.time_budget:
         return engine.EpochSchedule(optimizer, settings.warmup_epoch, settings.total_epoch)
     record = (resumed or {}).get("budget") or {}
@@ -261,8 +256,7 @@ def schedule_for(run, settings, optimizer, resumed):
 
 
 class Bookkeeping:
-    """What a training loop keeps beside the model: the locked run folder, logger, progress bar, background
-    checkpoint writer, save schedule, graceful stop, and a budgeted run's record."""
+    """What a training loop keeps beside the model: the locked run folder, logs, saves, graceful stop, budget record."""
 
     def __init__(self, run, fields, done, position, schedule, model):
         settings, self.run, self.schedule = run.settings, run, schedule
@@ -275,56 +269,42 @@ class Bookkeeping:
         self.stop = engine.StopFlag(run.env.device).install()
         self.stop.saving = self.writer.busy
         per_epoch = len(run.loader) // run.accum_steps * run.accum_steps
-        budgeted = isinstance(schedule, engine.BudgetSchedule)
-        self.last_epoch = 10 ** 6 if budgeted else settings.total_epoch
+        self.budgeted = isinstance(schedule, engine.BudgetSchedule)
+        self.last_epoch = 10 ** 6 if self.budgeted else settings.total_epoch
         done_micro = done * per_epoch + (position.micro_batches if position else 0)
         left = settings.total_epoch * per_epoch - done_micro
-        if self.is_main and not budgeted and left * settings.batch_size // run.accum_steps > 10 ** 7 and \
-                run.env.device.type == "cpu":
-            self.warn_gpu_job(model, left)
-        self.bar = engine.progress_bar(None if budgeted else settings.total_epoch * per_epoch, done_micro,
-                                       self.is_main)
-        self.epoch_ended = None  # when the last epoch's training ended: a budget measures what the end costs
-
-    def warn_gpu_job(self, model, micro_batches_left):
-        """A GPU's schedule started on a CPU: say so, with the way out and a lower bound of its time, measured by one
-        forward pass of a micro-batch (a training step also goes backward), before the first (compiling) step."""
-        images = normalize(self.run.loader.images[:self.run.loader.batch_size])
-        with torch.no_grad(), devices.kept_random_state(images.device), engine.autocast(images.device,
-                                                                                         self.run.precision):
-            start = time.perf_counter()
-            model(images)
-        days = (time.perf_counter() - start) * micro_batches_left / 86400
-        print(f"{self.run.settings.total_epoch} epochs at batch {self.run.settings.batch_size} are meant for a GPU: "
-              f"here they would take at least {days:,.1f} days. On a CPU use --preset small, or --time_budget MINUTES")
-
-    def epochs(self, done):
-        return range(done + 1, self.last_epoch + 1)
+        if self.is_main and not self.budgeted and left * settings.batch_size // run.accum_steps > 10 ** 7 and \
+                run.env.device.type == "cpu":  # a GPU's schedule on a CPU: say so before the first (compiling) step
+            batch = normalize(run.loader.images[:run.loader.batch_size])
+            with torch.no_grad(), devices.kept_random_state(batch.device), engine.autocast(batch.device, run.precision):
+                start = time.perf_counter()
+                model(batch)  # a lower bound: one forward pass of a micro-batch (a training step also goes backward)
+            days = (time.perf_counter() - start) * left / 86400
+            print(f"{settings.total_epoch} epochs at batch {settings.batch_size} are meant for a GPU: here they would "
+                  f"take at least {days:,.1f} days. On a CPU use --preset small, or --time_budget MINUTES")
+        self.bar = tqdm(total=None if self.budgeted else settings.total_epoch * per_epoch, initial=done_micro,
+                        disable=not self.is_main, unit="step", dynamic_ncols=True, smoothing=0.05)
 
     def cut_short(self, result):
         """Whether the epoch ended early: a stop signal, or a budget spent before its first step."""
         self.stopping = self.stopping or result.stopped_at is not None
         return result.stopped_at is not None or result.loss is None
 
-    def epoch_end(self, result):
-        """After an epoch's training: the time its end (evaluation, logging, save) starts counting from."""
+    def epoch_end(self, result, epoch):
+        """After an epoch's training -> whether it was the last; the end (evaluation, save) is timed from here."""
         self.epoch_ended = time.monotonic()
-        budgeted = isinstance(self.schedule, engine.BudgetSchedule)
-        return result.budget_spent or budgeted and self.schedule.agreed_share() is None
+        return result.budget_spent or self.budgeted and self.schedule.agreed_share() is None or epoch == self.last_epoch
 
-    def before_next_epoch(self):
-        if isinstance(self.schedule, engine.BudgetSchedule) and self.epoch_ended is not None:
-            self.schedule.measured_end(time.monotonic() - self.epoch_ended)
-
-    def save_due(self, epoch, last=False):
-        """Whether to save after this epoch (rank 0). A stop signal is read once here, so the save and the exit
-        agree."""
+    def save_and_stop(self, last, path, state, epoch, **extra):
+        """Save ``state(epoch, **extra)`` when due (rank 0) -> whether the run ends here. A stop signal is read once
+        here, so the save and the exit agree; a budget keeps what this epoch's end took for the run's own end."""
         self.stopping = self.stop.requested
-        due = self.stopping or last or epoch == self.last_epoch or \
-            time.monotonic() - self.last_save >= SAVE_MINUTES * 60
-        if due:
+        if self.is_main and (self.stopping or last or time.monotonic() - self.last_save >= SAVE_MINUTES * 60):
             self.last_save = time.monotonic()
-        return due and self.is_main
+            self.save(path, state(epoch, **extra))
+        if self.budgeted and not (self.stopping or last):
+            self.schedule.measured_end(time.monotonic() - self.epoch_ended)
+        return self.stopping or last
 
     def save(self, path, state):
         if self.is_main:
@@ -332,15 +312,14 @@ class Bookkeeping:
             self.saved = path
 
     def finish(self, settings_to_show, message):
-        """Wait for the last write, record the settings and final metrics for TensorBoard's HParams view, close the
-        logs, say what the run produced, and leave no empty run folder (a first epoch stopped early logs nothing);
-        the exit code: 130 / 143 after a graceful stop, else 0."""
+        """Wait for the last write, log the HParams, close the logs, say what the run produced, leave no empty run
+        folder -> the exit code: 130 / 143 after a graceful stop, else 0."""
         if self.final:
             self.logger.log_hparams(settings_to_show, self.final[1], self.final[0])
         self.writer.wait()
         self.bar.close()
         self.logger.close()
-        if self.is_main and isinstance(self.schedule, engine.BudgetSchedule):
+        if self.is_main and self.budgeted:
             self.write_budget_record()
         empty = self.is_main and not self.logger.rows  # a first epoch stopped early logs nothing
         for lock in self.locks:

@@ -23,18 +23,14 @@ import utils
 from data import AUGMENTATIONS, GpuLoader, Split, random_erasing
 from model import ModelConfig, build_classifier, encoder_state_dict
 
-# The MAE / DeiT fine-tuning recipe at CIFAR scale (layer decay: with a pretrained encoder only). Cutmix, drop path and
-# random erasing have no flags of their own: off, unless the recipe sets them.
-RECIPE_ONLY = dict(cutmix=0.0, drop_path=0.0, reprob=0.0)
-EVAL_BATCH_SIZE = 1000
+# The MAE / DeiT fine-tuning recipe at CIFAR scale (layer decay: with a pretrained encoder only).
 RECIPES = {"strong": dict(augment="randaug", mixup=0.8, cutmix=1.0, label_smoothing=0.1, layer_decay=0.65,
                           drop_path=0.1, reprob=0.25, batch_size=512, max_device_batch_size=512)}
 RUN_NAME_KEYS = {"preset": "", "linear_probe": "probe", "recipe": "", "augment": "aug", "mixup": "mix",
                  "label_smoothing": "ls", "layer_decay": "ld", "model_ema": "ema", "labels_per_class": "l",
                  "total_epoch": "ep", "time_budget": "min", "batch_size": "bs", "base_learning_rate": "lr",
                  "patch_size": "p", "emb_dim": "e", "encoder_depth": "ed", "seed": "s"}
-# Changing these on resume would make it another run.
-FIXED_ON_RESUME = ("pretrained_model_path", "linear_probe", "model_ema", "labels_per_class")
+FIXED_ON_RESUME = ("pretrained_model_path", "linear_probe", "model_ema", "labels_per_class")  # else another run
 
 
 def build_model(args, typed_sizes, image_size, num_classes):
@@ -82,18 +78,15 @@ def build_optimizer(model, args, fused):
 def batch_regularizers(args, num_classes):
     """``prepare(images, labels) -> (images, targets)`` (random erasing, mixup / cutmix on the device: soft targets,
     with timm's Mixup folding in the label smoothing) and the matching loss."""
-    mixing = args.mixup > 0 or args.cutmix > 0
     mix = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.label_smoothing,
-                num_classes=num_classes) if mixing else None
+                num_classes=num_classes) if args.mixup > 0 or args.cutmix > 0 else None
 
     def prepare(images, labels):
         if args.reprob > 0:
             images = random_erasing(images, args.reprob)
         return mix(images, labels) if mix else (images, labels)
 
-    if mixing:
-        return prepare, SoftTargetCrossEntropy()
-    return prepare, torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    return prepare, SoftTargetCrossEntropy() if mix else torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
 
 
 def labelled_subset(train_set, per_class, seed):
@@ -113,16 +106,6 @@ def labelled_subset(train_set, per_class, seed):
     digest = hashlib.sha256(index.numpy().tobytes()).hexdigest()[:12]
     subset = Split(train_set.images[index], train_set.labels[index], train_set.classes)
     return subset, {"labels": len(index), "subset": digest}
-
-
-def resume(run, checkpoint, model, optimizer, ema):
-    """Restore a run from its last checkpoint -> (finished epochs, position inside the next, best so far)."""
-    done, position = ckpt.restore_training_state(checkpoint, "classifier", model, optimizer, run.resume_path)
-    if ema:
-        if checkpoint.get("ema") is None:
-            raise utils.UserError(f"cannot resume {run.resume_path} with --model_ema: it was trained without it")
-        ckpt.load_weights(ema.module, checkpoint["ema"], run.resume_path)
-    return done, position, checkpoint["best"]
 
 
 def time_the_evaluation(evaluated, test_loader, run, schedule):
@@ -163,7 +146,7 @@ def build_parser():
                    help="freeze the pretrained encoder; train only a BatchNorm + linear head")
     p.add_argument("--trust_checkpoint", action="store_true",
                    help="allow loading a pickled whole-module checkpoint (the reference's released weights)")
-    p.set_defaults(**RECIPE_ONLY)
+    p.set_defaults(cutmix=0.0, drop_path=0.0, reprob=0.0)  # no flags of their own: off, unless the recipe sets them
     return p
 
 
@@ -191,16 +174,20 @@ def main(argv=None):
     run, resumed = run_setup.start_run(args, [last_path, args.output_model_path], "classifier", FIXED_ON_RESUME)
     cfg, env, device, classes = run.settings, run.env, run.env.device, run.train_set.classes
     run.train_set, subset = labelled_subset(run.train_set, cfg.labels_per_class, cfg.seed)
-    test_loader = GpuLoader(run.test_set, EVAL_BATCH_SIZE, device, train=False, rank=env.rank,
-                            world_size=env.world_size)
+    test_loader = GpuLoader(run.test_set, 1000, device, train=False, rank=env.rank, world_size=env.world_size)
     model, config = build_model(cfg, typed_sizes, run.image_size, len(classes))
     if resumed:
         ckpt.check_resume_model(resumed, config, run.resume_path)
     model = model.to(device)
     optimizer = build_optimizer(model, cfg, fused=device.type == "cuda")
     ema = ModelEmaV3(model, decay=cfg.model_ema) if cfg.model_ema else None
-    done, position, best = resume(run, resumed, model, optimizer, ema) if resumed \
-        else (0, None, {"val_acc": -1.0, "epoch": 0})
+    done, position = ckpt.restore_training_state(resumed, "classifier", model, optimizer, run.resume_path) \
+        if resumed else (0, None)
+    if ema and resumed:
+        if resumed.get("ema") is None:
+            raise utils.UserError(f"cannot resume {run.resume_path} with --model_ema: it was trained without it")
+        ckpt.load_weights(ema.module, resumed["ema"], run.resume_path)
+    best = resumed["best"] if resumed else {"val_acc": -1.0, "epoch": 0}
     if resumed and not cfg.time_budget and done >= cfg.total_epoch:
         print(f"{run.resume_path} has finished all {done} of --total_epoch {cfg.total_epoch} epochs: nothing to do "
               f"(a larger --total_epoch continues it)")
@@ -227,7 +214,7 @@ def main(argv=None):
                                    run_dir=str(run.log_dir), ema=ema.module.state_dict() if ema else None,
                                    budget=schedule.record(), **extra)
 
-    for epoch in book.epochs(done):
+    for epoch in range(done + 1, book.last_epoch + 1):
         loader.set_epoch(epoch)
         lr = schedule.set_epoch(epoch)  # with layer decay: the head's, the largest
         model.train()
@@ -241,7 +228,7 @@ def main(argv=None):
         if book.cut_short(result):  # a stop, or a budget spent before the epoch's first step: save, then exit
             book.save(last_path, state(epoch - 1, position=result.stopped_at, ranks_rng=result.ranks_rng))
             break
-        last = book.epoch_end(result) or epoch == book.last_epoch
+        last = book.epoch_end(result, epoch)
         (correct,), scores = result.extras, {}
         for suffix, (evaluated_model, forward) in zip(("", "_ema"), evaluated):  # the EMA's too, if it has one
             scores[f"val_loss{suffix}"], scores[f"val_acc{suffix}"] = engine.evaluate(
@@ -258,11 +245,8 @@ def main(argv=None):
                                                "config": config.to_dict(), "args": vars(cfg), "val_acc": kept_acc,
                                                "classes": classes})
         book.final = (epoch, {"val_acc": scores["val_acc"], "best_val_acc": best["val_acc"]})
-        if book.save_due(epoch, last):
-            book.save(last_path, state(epoch, ranks_rng=result.ranks_rng))
-        if book.stopping or last:
+        if book.save_and_stop(last, last_path, state, epoch, ranks_rng=result.ranks_rng):
             break
-        book.before_next_epoch()
     return book.finish({**vars(cfg), **config.to_dict()}, book.final and not book.stopping and (
         f"test accuracy {book.final[1]['val_acc']:.4f} after epoch {book.final[0]}; best {best['val_acc']:.4f} "
         f"(epoch {best['epoch']}) saved to {args.output_model_path}, the latest epoch (to resume) to {last_path}; "

@@ -37,8 +37,7 @@ def build_parser():
     p.add_argument("--warmup", type=utils.NONNEGATIVE_INT, default=5, help="untimed steps first (and the compile)")
     p.add_argument("--output", type=utils.path_text, help="also write the rows as CSV")
     p.add_argument("--preset", choices=sorted(run_setup.PRESETS), help="the training scripts' preset model")
-    for name in ("image_size", "patch_size", "emb_dim", "encoder_depth", "encoder_heads", "decoder_depth",
-                 "decoder_heads", "decoder_emb_dim", "num_classes"):  # decoder_emb_dim: None, the encoder's
+    for name in ("image_size", *run_setup.SIZE_FLAGS, *run_setup.DECODER_FLAGS, "num_classes"):
         p.add_argument(f"--{name}", type=utils.POSITIVE_INT, default=getattr(ModelConfig, name))
     p.add_argument("--mask_strategy", choices=MASK_STRATEGIES, default=ModelConfig.mask_strategy)
     p.add_argument("--mask_ratio", type=utils.OPEN_UNIT, default=ModelConfig.mask_ratio)
@@ -56,8 +55,7 @@ def parse_args(argv=None):
     return args
 
 
-def measure(workload, batch_size, precision, mode, augment, args, config, device):
-    """(images per second, peak GiB on CUDA else None) of one row."""
+def measure(workload, batch_size, precision, mode, augment, args, config, device):  # (images/s, peak CUDA GiB or None)
     # A fresh compile per row: dynamo would recompile the next batch size as a dynamic shape, which training (one
     # fixed batch) never runs. Dropping the old graphs (and a failed row's tensors) frees memory before measuring.
     torch.compiler.reset()
@@ -87,8 +85,7 @@ def measure(workload, batch_size, precision, mode, augment, args, config, device
     return batch_size * args.steps / timer.seconds, memory
 
 
-def result_row(workload, batch_size, path, args, config, device):
-    """One row: its measurement, or OOM when the batch does not fit in memory (and the table goes on)."""
+def result_row(workload, batch_size, path, args, config, device):  # measured, or OOM if the batch does not fit memory
     try:
         speed, memory = measure(workload, batch_size, *path, args, config, device)
     except RuntimeError as error:  # a GPU's OutOfMemoryError, or the CPU allocator's refusal
@@ -99,8 +96,7 @@ def result_row(workload, batch_size, path, args, config, device):
                 images_per_s=speed, vs_fp32_eager=None, peak_memory_gib=memory, status="OOM" if speed is None else "ok")
 
 
-def paths_for(workload, args, device):
-    """(precision, compile, augment) of one workload's rows, the fp32 eager baseline first, each once."""
+def paths_for(workload, args, device):  # (precision, compile, augment) of its rows, fp32 eager first, each once
     chosen = [(engine.resolve_precision(p, device), "none" if engine.why_eager(device) else m)
               for p in args.precisions for m in args.compile_modes]
     augments = [a for a in args.augments if a != "none"] if workload == "finetune" else []

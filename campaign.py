@@ -13,7 +13,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from collections import namedtuple
 from pathlib import Path
 
 import torch
@@ -37,15 +37,9 @@ runs = lambda unit: [words[words.index("--run_name") + 1] for words in unit.comm
 # A script's words as run: the training runs read the images, the benchmark's are synthetic.
 argv = lambda words, data_dir: [*words, *(["--data_dir", data_dir] if data_dir and "--run_name" in words else [])]
 shell = lambda unit, data_dir=None: " && ".join(shlex.join(["python", *argv(w, data_dir)]) for w in unit.commands)
-
-
-@dataclass
-class Unit:
-    name: str  # the key of its rows
-    step: str  # the CSV its rows go to (STEPS)
-    minutes: float  # the whole command on one H100 or H200, start-up and compilation included
-    commands: list  # each a script and its flags, run in order; the first failure ends the unit
-    info: dict = field(default_factory=dict)  # its columns known before it runs
+# name: its rows' key; step: their CSV (STEPS); minutes: the whole command on one H100 or H200, start-up included;
+# commands: each a script and its flags, run in order until one fails; info: columns known before it runs (not changed)
+Unit = namedtuple("Unit", "name step minutes commands info", defaults=[{}])
 
 
 def train(script, name, flags):  # --resume auto --overwrite: continues from its checkpoint, else starts over
@@ -53,16 +47,14 @@ def train(script, name, flags):  # --resume auto --overwrite: continues from its
             "--model_path" if script == PRE else "--output_model_path", saved(name), "--resume", "auto", "--overwrite"]
 
 
-def arms(key, minutes, flags=""):
-    """(MAE, scratch) at equal compute, seed 0: MAE pretrains for half the minutes and fine-tunes for the rest."""
+def arms(key, minutes, flags=""):  # (MAE, scratch) at equal compute, seed 0: MAE pretrains for half the minutes
     tune = f"--recipe strong --seed 0 {flags} --time_budget"
     return ([train(PRE, f"{key}_mae", f"--seed 0 --time_budget {minutes / 2:g}"),
              train(CLS, f"{key}_ft", f"{tune} {minutes / 2:g} --pretrained_model_path {saved(key + '_mae')}")],
             [train(CLS, f"{key}_scratch", f"{tune} {minutes:g}")])
 
 
-def units():
-    """The campaign in the order a short GPU session needs it. Model sizes: the design card's ViT-T/2 defaults."""
+def units():  # the campaign in the order a short GPU session needs it; model sizes: the design card's ViT-T/2 defaults
     out = [Unit("budget_3.5min", "budget", 7.5, sum(arms("budget_3.5min", 3.5), []), {"budget_minutes": 3.5})]
     for n in (50, 500):  # the same pair, fine-tuned on n labelled images per class (pretraining sees them all)
         out.append(Unit(f"labels{n}_3.5min", "few_labels", 7.5, sum(arms(f"labels{n}_3.5min", 3.5,
@@ -106,8 +98,7 @@ def units():
 UNITS = units()
 
 
-def summary(name):
-    """A run's last logged epoch, its budget.json (if budgeted) and its median epoch after the first (compiling)."""
+def summary(name):  # a run's last epoch, budget.json (if budgeted) and median epoch after the first (compiling)
     folder = ROOT / WORK / "logs" / "cifar10" / name
     rows, budget = utils.read_csv(folder / "metrics.csv"), folder / "budget.json"
     median = lambda column: statistics.median([float(r[column]) for r in rows[1:] or rows if r[column]] or [0])
@@ -116,14 +107,12 @@ def summary(name):
             "compile_s": rows[0]["compile_seconds"]}
 
 
-def export(checkpoint_file, target):
-    """A checkpoint as released weights (bf16, refused at 16 MiB or more); their MiB."""
+def export(checkpoint_file, target):  # a checkpoint as released weights (bf16, refused at 16 MiB or more); their MiB
     state = torch.load(ROOT / checkpoint_file, map_location="cpu", weights_only=True)
     return round(checkpoint.export_weights(state, ROOT / target, 16 * 2 ** 20) / 2 ** 20, 2)
 
 
-def collect(unit):
-    """The unit's rows: the benchmark's CSV; a budget pair's a row per arm (as in budget.csv), else a row per run."""
+def collect(unit):  # its rows: the benchmark's CSV; a budget pair's a row per arm (as budget.csv), else a row per run
     if unit.step == "bench":
         return utils.read_csv(ROOT / WORK / "bench" / f"{unit.name}.csv")
     if unit.step not in ("budget", "few_labels"):
@@ -143,16 +132,14 @@ def collect(unit):
                  wall_minutes=round(sum(sum(x["wall_seconds"]) for x in r) / 60, 2)) for arm, r in by_arm.items() if r]
 
 
-def execute(argv):
-    """One script in a session of its own: Ctrl-C or SIGTERM reaches it once, from here, so it saves and exits."""
+def execute(argv):  # one script in its own session: Ctrl-C or SIGTERM reaches it once, from here, to save and exit
     child = subprocess.Popen(argv, cwd=ROOT, start_new_session=True)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda signum, _: child.send_signal(signum))
     return child.wait()
 
 
-def run(unit, data_dir):
-    """Run the unit's scripts (each continues or skips what it has done), then append its rows to its CSV."""
+def run(unit, data_dir):  # the unit's scripts (each continues or skips what it did), then its rows appended to its CSV
     start = time.monotonic()
     for words in unit.commands:
         if code := execute([sys.executable, *argv(words, data_dir)]):

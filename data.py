@@ -52,8 +52,7 @@ def load_dataset(name="cifar10", data_dir=None, download_root="data"):
     return train_split, test_split
 
 
-def peek(name="cifar10", data_dir=None):
-    """(image size, number of classes, number of training images), reading only an image folder's headers."""
+def peek(name="cifar10", data_dir=None):  # (image size, classes, training images), from an image folder's headers only
     if not data_dir:
         return 32, 100 if name == "cifar100" else 10, 50000
     train = list_image_folder(Path(data_dir) / "train")
@@ -67,8 +66,7 @@ def load_image_folder(folder):  # one split: folder/<class>/*
     return split
 
 
-def list_image_folder(folder):
-    """Classes sorted by name, their image files sorted by name; hidden names (.DS_Store) are never seen."""
+def list_image_folder(folder):  # classes and their image files, sorted by name; hidden names (.DS_Store) are never seen
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder} is not a folder; --data_dir needs train/<class>/ and test/<class>/ inside")
@@ -92,8 +90,7 @@ def list_image_folder(folder):
     return Listing(folder, classes, files, labels, skipped)
 
 
-def warn_skipped(root, skipped):
-    """One stderr line for everything skipped, however many files that is."""
+def warn_skipped(root, skipped):  # one stderr line for everything skipped, however many files that is
     if skipped:
         names = ", ".join(os.path.relpath(path, root) + "/" * path.endswith("/") for path in skipped[:3])
         print(f"warning: {root}: skipped {len(skipped)} {'item' if len(skipped) == 1 else 'items'} that are not "
@@ -101,16 +98,14 @@ def warn_skipped(root, skipped):
               f"{' '.join(IMAGE_SUFFIXES)}", file=sys.stderr)
 
 
-def read_images(listing, reference=None):
-    """``listing`` as one uint8 Split; ``reference``: (a file, its side) that every image must have."""
+def read_images(listing, reference=None):  # one uint8 Split; ``reference``: (a file, its side), every image's
     check_sizes(listing, reference)
     return Split(torch.stack([read_image(path) for path in listing.files]), torch.tensor(listing.labels),
                  listing.classes)
 
 
 def check_sizes(listing, reference=None):
-    """From the headers alone: every image square, of the reference's size (else the most common one, so that the
-    odd file is named), and the split small enough for memory. Returns the reference."""
+    """From the headers: square images of one size (the reference's, else the commonest: the odd file is named)."""
     known = [(path, size) for path in listing.files if (size := header_size(path)) is not None]
     if reference is None and known:
         common = Counter(size for _, size in known).most_common(1)[0][0]
@@ -138,8 +133,7 @@ def physical_memory():  # bytes of memory on this machine; 0 where the system do
     return 0
 
 
-def header_size(path):
-    """(width, height) from a PNG's first 24 bytes, else PIL's lazy open; None when PIL cannot tell."""
+def header_size(path):  # (width, height) from a PNG's first 24 bytes, else PIL's lazy open; None when PIL cannot tell
     with suppress(OSError):
         with open(path, "rb") as file:
             head = file.read(24)
@@ -174,8 +168,7 @@ def read_image(path):
     return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
-def pil_to_rgb(image):
-    """(H, W, 3) uint8 from any PIL mode: integer modes scaled by 1/257, the rest as ``convert("RGB")``."""
+def pil_to_rgb(image):  # (H, W, 3) uint8 from any PIL mode: integer modes scaled by 1/257, else ``convert("RGB")``
     if image.mode.startswith("I"):  # I;16* (16-bit PNG or TIFF) and I (32-bit: older Pillow reads 16-bit PNGs so)
         grey = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
         return np.repeat(((grey + 128) // 257).astype(np.uint8)[..., None], 3, axis=2)
@@ -198,17 +191,11 @@ def load_torchvision(name, root, train):
     return Split(images, torch.tensor(dataset.targets), list(dataset.classes))
 
 
-def normalize(images):
-    """uint8 [0, 255] -> float [-1, 1], the reference's Normalize(0.5, 0.5)."""
-    return images.float().div_(127.5).sub_(1.0)
+normalize = lambda images: images.float().div_(127.5).sub_(1.0)  # uint8 -> [-1, 1]: the reference's Normalize(0.5, 0.5)
+denormalize = lambda images: ((images.float() + 1) / 2).clamp(0, 1)
 
 
-def denormalize(images):
-    return ((images.float() + 1) / 2).clamp(0, 1)
-
-
-def random_crop_flip(images, pad=4):
-    """Per-sample random translation by up to ``pad`` pixels (zero padding) and horizontal flip: (B, C, H, W)."""
+def random_crop_flip(images, pad=4):  # per-sample shift by up to ``pad`` pixels (zero padding) and horizontal flip
     B, C, H, W = images.shape
     device = images.device
     dy, dx = (torch.randint(0, 2 * pad + 1, (B, 1, 1), device=device) for _ in "yx")
@@ -219,14 +206,12 @@ def random_crop_flip(images, pad=4):
     return F.pad(images, (pad, pad, pad, pad)).permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
 
 
-def random_flip(images):
-    """Per-sample horizontal flip with probability 1/2 (for short runs, where a crop costs more than it brings)."""
+def random_flip(images):  # per-sample flip with probability 1/2 (short runs: a crop costs more than it brings)
     flip = torch.rand(images.shape[0], 1, 1, 1, device=images.device) < 0.5
     return torch.where(flip, images.flip(-1), images)
 
 
-def rand_augment(images, groups=16, num_ops=2, magnitude=9):
-    """Crop and flip, then torchvision's RandAugment on uint8, one draw of operations per chunk of the batch."""
+def rand_augment(images, groups=16, num_ops=2, magnitude=9):  # crop, flip, then RandAugment: one draw of ops per chunk
     policy = RandAugment(num_ops=num_ops, magnitude=magnitude)
     return torch.cat([policy(chunk) for chunk in random_crop_flip(images).chunk(groups)])
 
@@ -241,8 +226,7 @@ def random_erasing(images, probability=0.25, area=(0.02, 1 / 3), aspect=(0.3, 3.
 
 
 def random_rectangles(area, log_aspect, height, width):
-    """(..., H, W) bool: per entry of ``area``, a rectangle of about that many pixels and aspect exp(``log_aspect``)
-    (clipped to the image) at a uniformly random place; timm's RandomErasing and BEiT's masking draw them so."""
+    """(..., H, W) bool: rectangles of ~``area`` pixels, aspect exp(``log_aspect``), clipped, at random places."""
     h = (area * log_aspect.exp()).sqrt().round().clamp(1, height).long()
     w = (area / log_aspect.exp()).sqrt().round().clamp(1, width).long()
     top, left = ((torch.rand(area.shape, device=area.device) * (side - size + 1)).long() for side, size in
@@ -279,8 +263,7 @@ class GpuLoader:
         n = len(self.labels) * self.repeats // self.world_size if self.train else len(self.indices())
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
-    def starting_at(self, first_batch=0):
-        """The epoch's batches from ``first_batch`` on: a run resumed mid-epoch continues the same order."""
+    def starting_at(self, first_batch=0):  # from ``first_batch`` on: a run resumed mid-epoch keeps the order
         order = self.indices()
         for start in range(first_batch * self.batch_size, len(self) * self.batch_size, self.batch_size):
             index = order[start:start + self.batch_size]

@@ -21,9 +21,8 @@ def reconstruction_grid(model, images, seed=0):
     model.eval()
     with kept_random_state(images.device):  # fp32: a figure is cheap, and exact
         torch.manual_seed(seed)
-        predicted, mask = model(images)
+        predicted, mask = (x.float() for x in model(images))
     model.train(was_training)
-    predicted, mask = predicted.float(), mask.float()
     rows = torch.cat([images * (1 - mask), predicted * mask + images * (1 - mask), images])
     return make_grid(denormalize(rows), nrow=len(images), padding=1)
 

@@ -15,8 +15,7 @@ MASK_STRATEGIES = ("random", "block", "grid", "blockwise")
 
 
 @dataclass
-class ModelConfig:
-    """The architecture, saved in every checkpoint; the defaults are the reference's ViT-T/2 on 32 x 32."""
+class ModelConfig:  # the architecture, saved in every checkpoint; the defaults are the reference's ViT-T/2 on 32 x 32
     image_size: int = 32
     patch_size: int = 2
     emb_dim: int = 192
@@ -31,7 +30,6 @@ class ModelConfig:
     probe_head: bool = False  # BatchNorm + linear (the linear probe) instead of a linear head
 
     ENCODER_FIELDS = ("image_size", "patch_size", "emb_dim", "encoder_depth", "encoder_heads")
-
     to_dict = asdict
 
     @classmethod
@@ -50,13 +48,11 @@ def build_classifier(c: ModelConfig, drop_path_rate=0.0):
                                       drop_path_rate=drop_path_rate), c.num_classes, probe_head=c.probe_head)
 
 
-def take_indexes(sequences, indexes, dim=0):
-    """sequences (T, B, C), indexes (T', B) -> (T', B, C); with dim=1 the same batch-first."""
+def take_indexes(sequences, indexes, dim=0):  # (T, B, C), (T', B) -> (T', B, C); with dim=1 the same batch-first
     return torch.gather(sequences, dim, indexes.unsqueeze(-1).expand(-1, -1, sequences.shape[-1]))
 
 
-def near_square_shape(keep, rows, cols):
-    """The (r, c) with r * c == keep, r <= rows, c <= cols, closest to a square; None if there is none."""
+def near_square_shape(keep, rows, cols):  # (r, c) nearest a square, r * c == keep, r <= rows, c <= cols; or None
     shapes = [(d, keep // d) for r in range(math.isqrt(keep), 0, -1) if keep % r == 0 for d in (r, keep // r)]
     return next(((r, c) for r, c in shapes if r <= rows and c <= cols), None)
 
@@ -76,8 +72,7 @@ class PatchShuffle(nn.Module):
     def num_visible(self, num_patches):
         return int(num_patches * (1 - self.ratio))
 
-    def check(self, num_patches):
-        """A ValueError if this strategy cannot mask ``num_patches`` at this ratio; else the block/grid shape."""
+    def check(self, num_patches):  # a ValueError if this cannot mask ``num_patches``; else the block/grid shape
         side, keep = math.isqrt(num_patches), self.num_visible(num_patches)
         if keep < 1:
             raise ValueError(f"mask ratio {self.ratio} leaves no visible patch out of {num_patches}")
@@ -89,15 +84,25 @@ class PatchShuffle(nn.Module):
                              f"{self.ratio}): {keep} has no factorisation r x c with r, c <= {side}; try another ratio")
         return shape
 
-    def visible_mask(self, batch_size, num_patches, device):
-        """(B, T) bool, True where a patch stays visible."""
+    def visible_mask(self, batch_size, num_patches, device):  # (B, T) bool, True where a patch stays visible
         shape = self.check(num_patches)
         if self.strategy == "random":
             rank = torch.rand(batch_size, num_patches, device=device).argsort(dim=1).argsort(dim=1)
             return rank < self.num_visible(num_patches)
+        side = math.isqrt(num_patches)
         if self.strategy == "blockwise":
-            return self._blockwise_visible(batch_size, num_patches, device)
-        side, (r, c) = math.isqrt(num_patches), shape
+            # BEiT's: a patch ranks by the first of K = 16 random rectangles (aspect 0.3 to 1 / 0.3) that covers it
+            # (random tie-break); the lowest ranks are masked (the last rectangle trimmed, random patches top up).
+            masked, rectangles = num_patches - self.num_visible(num_patches), 16
+            min_area = max(1, min(masked, round(num_patches * 16 / 196)))  # BEiT: 16 patches of a 14 x 14 grid
+            area = torch.empty(batch_size, rectangles, device=device).uniform_(min_area, masked)
+            log_aspect = torch.empty(batch_size, rectangles, device=device).uniform_(math.log(0.3), -math.log(0.3))
+            inside = random_rectangles(area, log_aspect, side, side).flatten(2)  # (B, K, T)
+            order = torch.arange(rectangles, device=device).view(1, -1, 1)
+            first_cover = torch.where(inside, order, rectangles).amin(dim=1).float()  # (B, T); K: never covered
+            rank = (first_cover + torch.rand(batch_size, num_patches, device=device)).argsort(dim=1).argsort(dim=1)
+            return rank >= masked
+        r, c = shape
         # block: contiguous rows and columns; grid: the widest stride that still fits r rows and c columns
         row_step, col_step = (1, 1) if self.strategy == "block" else (side // r, side // c)
         top = torch.randint(0, side - (r - 1) * row_step, (batch_size, 1), device=device)
@@ -107,34 +112,17 @@ class PatchShuffle(nn.Module):
         visible_ids = (rows[:, :, None] * side + cols[:, None, :]).flatten(1)  # (B, r * c)
         return torch.zeros(batch_size, num_patches, dtype=torch.bool, device=device).scatter_(1, visible_ids, True)
 
-    def _blockwise_visible(self, batch_size, num_patches, device, rectangles=16, min_aspect=0.3):
-        # BEiT's: a patch ranks by the first of K random rectangles that covers it (random tie-break); the ``masked``
-        # lowest ranks are masked (the last rectangle trimmed, random patches top up a shortfall).
-        side, masked = math.isqrt(num_patches), num_patches - self.num_visible(num_patches)
-        min_area = max(1, min(masked, round(num_patches * 16 / 196)))  # BEiT: 16 patches of a 14 x 14 grid
-        shape = (batch_size, rectangles)
-        area = torch.empty(shape, device=device).uniform_(min_area, masked)
-        log_aspect = torch.empty(shape, device=device).uniform_(math.log(min_aspect), -math.log(min_aspect))
-        inside = random_rectangles(area, log_aspect, side, side).flatten(2)  # (B, K, T)
-        order = torch.arange(rectangles, device=device).view(1, -1, 1)
-        first_cover = torch.where(inside, order, rectangles).amin(dim=1).float()  # (B, T); K: never covered
-        rank = (first_cover + torch.rand(batch_size, num_patches, device=device)).argsort(dim=1).argsort(dim=1)
-        return rank >= masked
-
-    def indexes(self, batch_size, num_patches, device):
-        """forward_indexes, backward_indexes (B, T): visible patches first (in raster order), then the masked."""
+    def indexes(self, batch_size, num_patches, device):  # forward, backward (B, T): visible patches first, raster order
         forward_indexes = (~self.visible_mask(batch_size, num_patches, device)).byte().argsort(dim=1, stable=True)
         return forward_indexes, forward_indexes.argsort(dim=1)
 
-    def forward(self, patches):
-        """patches (T, B, C) -> visible (keep, B, C), forward_indexes (T, B), backward_indexes (T, B)."""
+    def forward(self, patches):  # (T, B, C) -> visible (keep, B, C), forward_indexes, backward_indexes (T, B)
         T, B, _ = patches.shape
         forward_indexes, backward_indexes = (i.T for i in self.indexes(B, T, patches.device))
         return take_indexes(patches, forward_indexes[: self.num_visible(T)]), forward_indexes, backward_indexes
 
 
-def transformer_blocks(dim, depth, heads, drop_path_rate=0.0):
-    """timm Blocks (no qkv bias, as the reference); drop path grows linearly with depth."""
+def transformer_blocks(dim, depth, heads, drop_path_rate=0.0):  # timm Blocks without qkv bias (the reference's)
     if dim % heads:
         raise ValueError(f"embedding width {dim} is not divisible by {heads} attention heads")
     rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
@@ -147,9 +135,7 @@ def count_patches(image_size, patch_size):
     return (image_size // patch_size) ** 2
 
 
-class ViTBackbone(nn.Module):
-    """Shared by MAE_Encoder and ViT_Classifier (they own the embeddings, transformer and layer_norm)."""
-
+class ViTBackbone(nn.Module):  # MAE_Encoder's and ViT_Classifier's (they own its modules: embeddings, blocks, norm)
     def embed(self, img):  # (B, 3, H, W) -> (B, T, C); pos_embedding (T, 1, C) viewed as (1, T, C)
         pos = self.pos_embedding
         return self.patchify(img).flatten(2).transpose(1, 2) + pos.view(1, *pos.shape[::2])
@@ -177,8 +163,7 @@ class MAE_Encoder(ViTBackbone):
         trunc_normal_(self.cls_token, std=0.02)
         trunc_normal_(self.pos_embedding, std=0.02)
 
-    def forward(self, img):
-        """img -> features (1 + keep, B, C), backward_indexes (T, B), as the reference returns them."""
+    def forward(self, img):  # img -> features (1 + keep, B, C), backward_indexes (T, B), as the reference returns them
         tokens = self.embed(img)  # (B, T, C)
         forward_indexes, backward_indexes = self.shuffle.indexes(*tokens.shape[:2], img.device)
         features = self.encode(take_indexes(tokens, forward_indexes[:, : self.shuffle.num_visible(tokens.shape[1])], 1))
@@ -199,8 +184,7 @@ class MAE_Decoder(nn.Module):
         trunc_normal_(self.mask_token, std=0.02)
         trunc_normal_(self.pos_embedding, std=0.02)
 
-    def forward(self, features, backward_indexes):
-        """features (1 + keep, B, C_enc), backward_indexes (T, B) -> image (B, 3, H, W), mask (B, 3, H, W)."""
+    def forward(self, features, backward_indexes):  # (1 + keep, B, C_enc), (T, B) -> image, mask (B, 3, H, W)
         features = self.embed(features.transpose(0, 1))  # (B, 1 + keep, C)
         backward_indexes = backward_indexes.T  # (B, T)
         (B, T), keep = backward_indexes.shape, features.shape[1] - 1
@@ -225,13 +209,11 @@ class MAE_ViT(nn.Module):
         self.decoder = MAE_Decoder(image_size, patch_size, decoder_emb_dim or emb_dim, decoder_layer, decoder_head,
                                    encoder_emb_dim=emb_dim)
 
-    def forward(self, img):
-        """img (B, 3, H, W) -> predicted_img, mask (B, 3, H, W) with 1 on masked pixels."""
+    def forward(self, img):  # img (B, 3, H, W) -> predicted_img, mask (B, 3, H, W) with 1 on masked pixels
         return self.decoder(*self.encoder(img))
 
 
-def mae_loss(predicted_img, img, mask, patch_size, norm_pix_loss=False):
-    """Mean squared error over the masked patches; ``norm_pix_loss`` normalises each target patch (the paper)."""
+def mae_loss(predicted_img, img, mask, patch_size, norm_pix_loss=False):  # masked patches' MSE (norm_pix: the paper's)
     to_patches = lambda x: rearrange(x, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=patch_size, p2=patch_size)
     pred, target, patch_mask = to_patches(predicted_img), to_patches(img), to_patches(mask)[..., 0]
     if norm_pix_loss:
@@ -242,15 +224,13 @@ def mae_loss(predicted_img, img, mask, patch_size, norm_pix_loss=False):
     return (per_patch * patch_mask).sum() / patch_mask.sum()
 
 
-def encoder_state_dict(state_dict):
-    """The encoder's weights (MAE_Encoder keys) from an MAE_ViT or a ViT_Classifier state dict."""
+def encoder_state_dict(state_dict):  # MAE_Encoder's weights from an MAE_ViT or a ViT_Classifier state dict
     if any(k.startswith("encoder.") for k in state_dict):
         return {k[len("encoder."):]: v for k, v in state_dict.items() if k.startswith("encoder.")}
     return {k: v for k, v in state_dict.items() if not k.startswith("head.")}
 
 
-class ViT_Classifier(ViTBackbone):
-    """The unmasked encoder and a linear head on the cls token (after a BatchNorm: ``probe_head``, the linear probe)."""
+class ViT_Classifier(ViTBackbone):  # unmasked encoder, a linear head on the cls token (``probe_head``: BatchNorm first)
 
     def __init__(self, encoder: MAE_Encoder, num_classes=10, probe_head=False):
         super().__init__()
@@ -271,8 +251,7 @@ class ViT_Classifier(ViTBackbone):
                 "blocks": [(r"^transformer\.(\d+)", None), (r"^layer_norm", (99999,))]}
 
 
-def to_timm_state_dict(state_dict):
-    """Encoder (and linear head) weights for timm's VisionTransformer(no_embed_class=True, qkv_bias=False)."""
+def to_timm_state_dict(state_dict):  # for timm's VisionTransformer(no_embed_class=True, qkv_bias=False), head kept
     renames = {"patchify": "patch_embed.proj", "transformer": "blocks", "layer_norm": "norm",
                "pos_embedding": "pos_embed"}
     converted = {}

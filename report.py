@@ -20,14 +20,12 @@ ARMS = {"mae": "MAE: pretraining + fine-tuning", "scratch": "from scratch"}
 
 
 # A cell makes a column's text from a group of rows (one row where a table does not group).
-def cell(column, form="{}", scale=1):
-    """The first row's ``column``: a number (times ``scale``) where ``form`` formats one; '-' when blank."""
+def cell(column, form="{}", scale=1):  # the first row's ``column`` (times ``scale`` if a number); '-' if blank
     text = lambda v: "-" if v in (None, "") else form.format(float(v) * scale if re.search("[fg]}", form) else v)
     return lambda rows: text(rows[0].get(column))
 
 
-def mean_sd(column, scale=1, form="{:.2f}", unit=" %"):
-    """'mean ± sample std' over the rows ('mean' for one row, '–' for none)."""
+def mean_sd(column, scale=1, form="{:.2f}", unit=" %"):  # 'mean ± sample std' ('mean' for one row, '–' for none)
     def text(rows):
         v = [float(r[column]) * scale for r in rows if r.get(column)]
         return "–" if not v else form.format(mean(v)) + (" ± " + form.format(stdev(v)) if v[1:] else "") + unit
@@ -48,8 +46,7 @@ minutes = lambda rows: ", ".join(f"{sum(float(r['seconds']) for r in rows if r['
                                  for s in dict.fromkeys(r["seed"] for r in rows))  # each seed's epoch seconds
 
 
-def versus(*same):
-    """Adds ``_vs``: a row's images per second over those of the fp32 eager row with the same ``same`` columns."""
+def versus(*same):  # adds ``_vs``: images per second over the fp32 eager row's with the same ``same`` columns
     key, speed = lambda r: tuple(r[c] for c in same), lambda r: float(r["images_per_s"])
     eager = lambda r: (r["precision"], r["compile"], r["augment"]) == ("fp32", "none", "none")
     def prepare(rows):
@@ -108,8 +105,7 @@ TABLES = {
 }
 
 
-def table_rows(name, results, page):
-    """The rows table ``name`` shows, each with ``_link``: its CSV as a link from ``page``."""
+def table_rows(name, results, page):  # the rows table ``name`` shows, with ``_link``: their CSV linked from ``page``
     spec, rows, results = TABLES[name], [], Path(results)
     for path in sorted({p for pattern in spec["csv"] for p in results.glob(pattern)}):
         shown, target = path.relative_to(results).as_posix(), Path(os.path.relpath(path, page.parent)).as_posix()
@@ -117,14 +113,13 @@ def table_rows(name, results, page):
     return [r for r in spec.get("prepare", list)(rows) if spec.get("where", bool)(r)]
 
 
-def render_table(name, results=HERE / "results", page=HERE / "README.md"):
-    """Table ``name`` of TABLES as Markdown, from the CSVs under ``results``, its links relative to ``page``."""
+def render_table(name, results, page):  # TABLES[name] as Markdown, from ``results``, its links relative to ``page``
     if name not in TABLES:
         raise ValueError(f"{page}: report.py has no table {name!r} (it has {', '.join(TABLES)})")
     spec, groups = TABLES[name], {}
     heads, cells = zip(*((c.replace("_", " "), cell(c)) if isinstance(c, str) else c for c in spec["columns"]))
     try:
-        for i, r in enumerate(table_rows(name, results, Path(page))):
+        for i, r in enumerate(table_rows(name, results, page)):
             groups.setdefault(spec["by"](r) if "by" in spec else i, []).append(r)
         return utils.markdown(heads, [[c(groups[k]) for c in cells] for k in sorted(groups)])
     except KeyError as error:  # a CSV without a column the table reads
@@ -141,9 +136,7 @@ def fill_tables(page, results=HERE / "results", write=True):
     return new == old
 
 
-def draw_glance(results, path):
-    """The glance table's runs with summarize.py's figure: each run a dot, mean ± std at each budget, a line per arm
-    and machine (the arms a little apart)."""
+def draw_glance(results, path):  # the glance table's runs in summarize.py's figure, the arms a little apart
     import summarize  # here: filling tables needs neither numpy nor matplotlib
 
     rows, series = table_rows("glance", results, path), {}

@@ -1,5 +1,4 @@
-"""Tables and figures of ablation studies (sweep.py's run folders): each setting's results as mean ± sample std over
-its seeds.
+"""Tables and figures of ablation studies (sweep.py's run folders): each setting's mean ± sample std over its seeds.
 
     python summarize.py logs/cifar10/sweep_depth                                  # writes into that folder
     python summarize.py logs/cifar10/sweep_a logs/cifar10/sweep_b --output_dir results/ablations
@@ -11,7 +10,6 @@ as such, never averaged, and its run named. Unfinished runs are named and left o
 """
 import json
 import math
-from functools import partial
 from pathlib import Path
 from statistics import mean, stdev
 
@@ -43,8 +41,7 @@ length = lambda run_dir: (read_json(run_dir / "settings.json").get("total_epochs
                           or read_json(run_dir / "budget.json").get("total_epoch"))
 
 
-def read_run(path):
-    """(the run, None), or (None, why it is left out: unfinished or unreadable), from a run's settings.json."""
+def read_run(path):  # (the run, None) or (None, why it is left out: unfinished, unreadable), from its settings.json
     run_dir = path.parent
     try:
         rows, total, budget = read_rows(run_dir), length(run_dir), read_json(run_dir / "budget.json")
@@ -64,8 +61,7 @@ def read_run(path):
                 non_finite=" ".join(f"{k}={v}" for k, v in results.items() if not math.isfinite(v))), None
 
 
-def show(value):
-    """A setting as text: None (the script's or preset's default) 'default', a list its words, a dict k=v."""
+def show(value):  # a setting as text: None (the script's or preset's default) 'default', a list its words, a dict k=v
     if isinstance(value, dict):
         return " ".join(f"{k}={v}" for k, v in value.items() if v is not None) or "default"
     return " ".join(value) or "none" if isinstance(value, list) else "default" if value is None else str(value)
@@ -78,15 +74,13 @@ values = lambda row, stages, name, kind="results": [r[kind][name] * (1 if name =
                                                     if r["stage"] in stages and name in r[kind]]
 
 
-def spread(v, digits=2):
-    """'mean ± sample std' ('-' for one value); non-finite values are shown, never averaged: 'nan in 1 of 2'."""
+def spread(v, digits=2):  # 'mean ± sample std' ('-' for one); non-finite shown, never averaged: 'nan in 1 of 2'
     if bad := [x for x in v if not math.isfinite(x)]:
         return f"{'/'.join(sorted({str(x) for x in bad}))} in {len(bad)} of {len(v)}"
     return f"{mean(v):.{digits}f} ± " + (f"{stdev(v):.{digits}f}" if len(v) > 1 else "-")
 
 
-def table(rows, heads, cells, columns):
-    """``heads`` (``cells(row)`` fills them), n seeds, the ``columns`` as mean ± std, time per seed."""
+def table(rows, heads, cells, columns):  # heads (cells(row) fills them), n seeds, columns' mean ± std, time per seed
     lines = []
     for row in rows:
         seeds = sorted({r["seed"] for r in row["runs"]})
@@ -100,7 +94,7 @@ def table(rows, heads, cells, columns):
 
 
 def save(figure, path, title):  # the figure, and the report's link to it
-    utils.atomic_write(path, partial(figure.savefig, dpi=120), "figure")
+    utils.atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=120), "figure")
     return [f"![{title}]({path.name})", ""]
 
 
@@ -150,8 +144,7 @@ def dots_figure(series, path, title, ticks, xlabel="", log=False):
     return save(figure, path, title)
 
 
-def against(rows, axis, varying, output_dir):
-    """The final test accuracy of both arms against ``axis`` (a table and a figure), where fine-tuned runs have it."""
+def against(rows, axis, varying, output_dir):  # both arms' final test accuracy against ``axis``: a table and a figure
     others, (title, figure) = [a for a in varying if a != axis], AGAINST[axis]
     rows, series = sorted((r for r in rows if r["key"].get(axis) is not None), key=lambda r: r["key"][axis]), {}
     for row in rows:
@@ -163,8 +156,7 @@ def against(rows, axis, varying, output_dir):
         log=axis == "labels_per_class")]
 
 
-def budget_rows(rows):
-    """budget.csv: a row per arm, budget and seed; the MAE arm's wall time is its pretraining's and fine-tuning's."""
+def budget_rows(rows):  # budget.csv: a row per arm, budget, seed; MAE's wall time: pretraining's + fine-tuning's
     out = []
     for row in rows:
         for run in (r for r in row["runs"] if r["stage"] in TUNED and r["key"].get("time_budget")):
@@ -180,8 +172,7 @@ def budget_rows(rows):
     return sorted(out, key=lambda r: (r["budget_minutes"], r["labels_per_class"] or 0, r["arm"], r["seed"]))
 
 
-def summarize(runs, output_dir):
-    """The markdown report; writes the figures (and budget.csv) into ``output_dir`` and links them from it."""
+def summarize(runs, output_dir):  # the markdown report; its figures (and budget.csv) go into ``output_dir``
     # A row (setting) is a fine-tuning or scratch run's settings; a pretraining or probe run joins each pretrained
     # row that agrees on the settings both have, else makes one.
     rows = {}

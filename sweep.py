@@ -83,9 +83,7 @@ def parse_args(argv=None):
     return a
 
 
-def plan(a):
-    """Every run, seeds outermost (after the first seed's pass every setting has a result): its name, command,
-    checkpoint (what --resume auto continues from), log_dir, settings (for summarize.py), total_epochs, needs."""
+def plan(a):  # every run, seeds outermost: after the first seed's pass every setting has a result
     runs, size, once = [], {k: getattr(a, k) for k in MODEL_SIZE}, dict.fromkeys  # once: each value once, in order
     shared = dict(dataset=a.dataset, preset=a.preset, model_size=size)
 
@@ -139,8 +137,7 @@ def plan(a):
     return runs
 
 
-def check_study(a):
-    """A sweep folder holds one study: another one there is refused, in one line that says what differs."""
+def check_study(a):  # a sweep folder holds one study: another one there is refused, in one line that says what differs
     then, now = summarize.read_json(a.folder / "study.json"), study(a)
     if changed := [f"{k}: {then.get(k)!r} then, {now.get(k)!r} now" for k in sorted(then | now)
                    if then and then.get(k) != now.get(k)]:
@@ -151,8 +148,7 @@ def check_study(a):
                               f"unknown; give this one another --name")
 
 
-def run_state(run):
-    """(state, detail): "skipped" (checkpoint and all its epochs there), "resuming", "new", or "FAILED"."""
+def run_state(run):  # (state, detail): "skipped" (checkpoint and all its epochs there), "resuming", "new", or "FAILED"
     done, total = len(summarize.read_rows(run.log_dir)), summarize.length(run.log_dir) or run.total_epochs
     if run.checkpoint.is_file():
         return ("skipped", f"finished: {done}/{total} epochs") if total and done >= total else \
@@ -170,8 +166,7 @@ def write_settings(run, command, total_epochs=None):
          "checkpoint": str(run.checkpoint), "command": shlex.join(command)}, indent=1) + "\n")
 
 
-def execute(command):
-    """The exit code of ``command``. On Ctrl-C, wait for it (it got the signal too) to save, then stop the sweep."""
+def execute(command):  # its exit code; on Ctrl-C, wait for it (it got the signal too) to save, then stop the sweep
     child = subprocess.Popen(command)
     try:
         return child.wait()

@@ -13,8 +13,7 @@ from data import load_dataset, normalize
 from figures import drawable_maskings, prediction_figure, strategies_figure
 
 
-def load_model(path, kind, option, image_size, classes, trust):
-    """The model a checkpoint holds, checked against the data it is about to be shown."""
+def load_model(path, kind, option, image_size, classes, trust):  # its model, checked against the data it will see
     checkpoint = ckpt.load_checkpoint(path, trust, kind, option)
     if kind == "classifier":
         ckpt.check_classes(checkpoint, classes, path)
@@ -27,8 +26,7 @@ def load_model(path, kind, option, image_size, classes, trust):
     return ckpt.build_model(checkpoint, path)
 
 
-def parse_args(argv=None):
-    """Every path checked before anything is loaded: inputs exist, figures go to new image files."""
+def parse_args(argv=None):  # every path checked before anything is loaded: inputs exist, figures go to new image files
     p = utils.ArgumentParser(description=__doc__)
     p.add_argument("--model_path", type=utils.path_text, help="a classifier checkpoint (from train_classifier.py)")
     p.add_argument("--mae_model_path", type=utils.path_text, help="an MAE checkpoint: also draw the reconstructions")

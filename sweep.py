@@ -148,14 +148,13 @@ def check_study(a):  # a sweep folder holds one study: another one there is refu
                               f"unknown; give this one another --name")
 
 
-def run_state(run):  # (state, detail): "skipped" (checkpoint and all its epochs there), "resuming", "new", or "FAILED"
+def run_state(run):  # (state, detail): "skipped" (checkpoint and all its epochs there), "resuming", "new", "restarting"
     done, total = len(summarize.read_rows(run.log_dir)), summarize.length(run.log_dir) or run.total_epochs
     if run.checkpoint.is_file():
         return ("skipped", f"finished: {done}/{total} epochs") if total and done >= total else \
             ("resuming", f"{done}/{total or '?'} epochs done")
-    if done:
-        return "FAILED", (f"{run.log_dir} has {done} epochs logged but no checkpoint {run.checkpoint} to continue "
-                          f"from; delete that folder to run it again")
+    if done:  # killed before its first save (or its checkpoint deleted): nothing can continue it, so it starts again
+        return "restarting", f"{done} epochs logged but no checkpoint {run.checkpoint} to continue from"
     return "new", ""
 
 
@@ -190,7 +189,7 @@ def main(argv=None):
     runs, finished, failures, before = plan(a), set(), [], 0
     check_study(a)
     say(f"sweep {a.folder}: {len(runs)} runs")
-    if not a.dry_run and not a.data_dir and any(run_state(r)[0] in ("new", "resuming") for r in runs):
+    if not a.dry_run and not a.data_dir and any(run_state(r)[0] != "skipped" for r in runs):
         data.load_dataset(a.dataset)  # download it once now: without a network, stop here, not in every run
     lock = utils.RunLock(a.folder, SWEEP_LOCK, f"{a.folder} is being run by another sweep.py with this --name; wait "
                          "for it to end, or stop it")
@@ -200,14 +199,14 @@ def main(argv=None):
             utils.write_text(a.folder / "study.json", json.dumps(study(a), indent=1) + "\n")
         for number, job in enumerate(runs, 1):
             (state, detail), prefix = run_state(job), f"[{number}/{len(runs)}] {job.name}:"
-            if state in ("new", "resuming") and job.needs and job.needs.name not in finished:
+            if state != "skipped" and job.needs and job.needs.name not in finished:
                 state, detail = "not run", f"{job.needs.name} did not finish"
-            command = job.command + ["--resume", "auto"] * (state == "resuming")
+            command = job.command + {"resuming": ["--resume", "auto"], "restarting": ["--overwrite"]}.get(state, [])
             say(f"{prefix} {state}" + f" ({detail})" * bool(detail) + (
-                f"\n    {shlex.join(command)}" if a.dry_run and state in ("new", "resuming") else ""))
+                f"\n    {shlex.join(command)}" if a.dry_run and state not in ("skipped", "not run") else ""))
             before += state == "skipped"
-            if state in ("FAILED", "not run"):
-                failures.append((job.name, detail if state == "FAILED" else f"not run: {detail}"))
+            if state == "not run":
+                failures.append((job.name, f"not run: {detail}"))
             elif state == "skipped" or a.dry_run or not (why := train(job, command)):  # dry: as if it would finish
                 finished.add(job.name)
             else:

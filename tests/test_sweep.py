@@ -199,20 +199,21 @@ def test_a_restart_continues_from_what_is_on_disk(tmp_path, capfd):
     fake_run(runs["mae_dd1_ep2_s0"], 2)                      # finished
     fake_run(runs["ft_dd1_ep2_s0"], 1)                       # interrupted after epoch 1
     fake_run(runs["mae_dd2_ep2_s0"], 0, checkpoint=False)    # died in its first epoch
-    fake_run(runs["mae_dd1_ep2_s1"], 1, checkpoint=False)    # logged, but its checkpoint is gone
+    fake_run(runs["mae_dd1_ep2_s1"], 1, checkpoint=False)    # killed before its first save
     early = runs["ft_dd2_ep2_s1"]                            # --patience ended it after epoch 1: it exited 0
     fake_run(early, 1)
     sweep.write_settings(early, early.command, total_epochs=1)
 
-    assert sweep.main(argv) == 1  # a dry run also says when something needs the user
+    assert sweep.main(argv) == 0
     out = capfd.readouterr().out.splitlines()
     lines = {line.split(":")[0].split("] ")[1]: line for line in out if "] " in line}
     assert "skipped (finished: 2/2 epochs)" in lines["mae_dd1_ep2_s0"]
     assert "resuming (1/2 epochs done)" in lines["ft_dd1_ep2_s0"]
     assert out[out.index(lines["ft_dd1_ep2_s0"]) + 1].endswith("--resume auto")
     assert "new" in lines["mae_dd2_ep2_s0"]
-    assert "FAILED" in lines["mae_dd1_ep2_s1"] and "no checkpoint" in lines["mae_dd1_ep2_s1"]
-    assert "not run (mae_dd1_ep2_s1 did not finish)" in lines["ft_dd1_ep2_s1"]
+    assert "restarting (1 epochs logged but no checkpoint" in lines["mae_dd1_ep2_s1"]  # nothing can continue it
+    assert out[out.index(lines["mae_dd1_ep2_s1"]) + 1].endswith("--overwrite")
+    assert "new" in lines["ft_dd1_ep2_s1"]
     assert "skipped (finished: 1/1 epochs)" in lines["ft_dd2_ep2_s1"]
     assert "new" in lines["scratch_s1"] and not runs["scratch_s1"].log_dir.exists()  # a dry run writes nothing
 
@@ -330,10 +331,16 @@ def test_a_real_sweep_restarts_where_it_stopped_and_summarizes(tiny_image_folder
     assert len(first_epoch) == 1
     broken.checkpoint.parent.mkdir(parents=True, exist_ok=True)
     broken.checkpoint.write_bytes(b"not a checkpoint")
+    killed = runs["scratch_s0"]  # killed before its first save of the epoch to resume: its best weights are there
+    command = list(killed.command)
+    command[command.index("--total_epoch") + 1] = "1"
+    assert in_process(command) == 0
+    killed.checkpoint.unlink()
 
     assert sweep.main(argv) == 1  # a failed run fails the sweep, but the others still ran
     out = capfd.readouterr().out
     assert f"{interrupted.name}: resuming (1/2 epochs done)" in out
+    assert f"{killed.name}: restarting (1 epochs logged but no checkpoint" in out  # started again, over its files
     assert f"{broken.name}: FAILED (exit code 2" in out and "ft_dd1_ep2_s1: not run" in out
     assert f"failed: {broken.name}" in out and "8 of 10 runs finished (0 of them already before this call)" in out
     resumed = read_csv(interrupted.log_dir / "metrics.csv")

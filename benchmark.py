@@ -10,6 +10,7 @@ import gc
 
 import torch
 
+import bookkeeping
 import devices
 import engine
 import run_setup
@@ -29,7 +30,7 @@ def build_parser():
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, mps, cuda or cuda:N")
     p.add_argument("--workloads", nargs="+", choices=BUILD, default=list(BUILD))
     p.add_argument("--batch_sizes", nargs="+", type=utils.POSITIVE_INT, help="default: 256 to 4096 on CUDA, else 8 16")
-    p.add_argument("--precisions", nargs="+", choices=engine.PRECISIONS, default=["auto"])
+    p.add_argument("--precisions", nargs="+", choices=devices.PRECISIONS, default=["auto"])
     p.add_argument("--compile_modes", nargs="+", choices=("default", "none"), default=["default"])
     p.add_argument("--augments", nargs="+", choices=sorted(AUGMENTATIONS), default=["none"], help="fine-tuning's")
     p.add_argument("--no_baseline", action="store_true", help="skip the fp32 eager rows (and so the ratio)")
@@ -65,7 +66,7 @@ def measure(workload, batch_size, precision, mode, augment, args, config, device
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     if workload == "pretrain":  # the training scripts' own steps (no batch regularisers), compiled as they do it
         step = engine.make_pretrain_step(model, device, precision, config.patch_size)
-        step = engine.maybe_compile(step, device, mode != "none")
+        step = devices.maybe_compile(step, device, mode != "none")
     else:
         step = engine.make_classifier_step(model, device, precision, torch.nn.CrossEntropyLoss(), None, mode != "none")
     images = torch.randint(0, 256, (batch_size, 3, config.image_size, config.image_size), dtype=torch.uint8,
@@ -73,13 +74,13 @@ def measure(workload, batch_size, precision, mode, augment, args, config, device
     augment, labels = AUGMENTATIONS[augment], torch.randint(0, config.num_classes, (batch_size,), device=device)
     if augment:  # each step augments the uint8 batch as the loader does, so that the cost lands in the row
         step = lambda images, labels, train=step: train(normalize(augment(images)), labels)
-    batch, scaler = (images if augment else normalize(images), labels), engine.grad_scaler(device, precision)
+    batch, scaler = (images if augment else normalize(images), labels), devices.grad_scaler(device, precision)
     run = lambda steps: engine.train_epoch(step, [batch] * steps, optimizer, 1, model, scaler=scaler)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if args.warmup:
         run(args.warmup)
-    with engine.EpochTimer(device) as timer:  # one device sync, at the end
+    with bookkeeping.EpochTimer(device) as timer:  # one device sync, at the end
         run(args.steps)
     memory = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
     return batch_size * args.steps / timer.seconds, memory
@@ -97,7 +98,7 @@ def result_row(workload, batch_size, path, args, config, device):  # measured, o
 
 
 def paths_for(workload, args, device):  # (precision, compile, augment) of its rows, fp32 eager first, each once
-    chosen = [(engine.resolve_precision(p, device), "none" if engine.why_eager(device) else m)
+    chosen = [(devices.resolve_precision(p, device), "none" if devices.why_eager(device) else m)
               for p in args.precisions for m in args.compile_modes]
     augments = [a for a in args.augments if a != "none"] if workload == "finetune" else []
     return list(dict.fromkeys([(p, m, "none") for p, m in [("fp32", "none")] * (not args.no_baseline) + chosen] +

@@ -1,9 +1,12 @@
-"""Devices, seeding and torchrun: where a run computes, and on what (for the tables that cite it)."""
+"""Devices, precision, compile, seeding and torchrun: where and how a run computes, and on what (for the tables
+that cite it)."""
 import contextlib
+import logging
 import os
 import random
+import shutil
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,3 +139,58 @@ def check_device(parser, requested):
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         parser.error(f"argument --device: {requested} does not exist; this machine has "
                      f"{torch.cuda.device_count()} GPU(s)")
+
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_has_native_bf16():
+    """AVX512-BF16 or AMX: elsewhere bf16 is emulated on the CPU and slower than fp32 (not Linux: fp32)."""
+    with contextlib.suppress(OSError):
+        return bool({"avx512_bf16", "amx_bf16"} & set(Path("/proc/cpuinfo").read_text().split()))
+    return False
+
+
+def resolve_precision(requested, device):
+    """``--precision auto``: bf16 where the device has it natively, fp16 on older GPUs, else fp32 (MPS, most CPUs)."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"  # MPS: fp32 on every torch 2.x
+
+
+def autocast(device, precision):
+    return nullcontext() if precision == "fp32" else torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
+def grad_scaler(device, precision):
+    """fp16 gradients underflow without loss scaling; bf16 and fp32 need none."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+def why_eager(device):
+    """Why torch.compile is not used here (None where it is)."""
+    if device.type == "mps":
+        return "torch.compile on MPS is experimental in torch 2.x"
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        return "no C++ compiler found"
+    return None
+
+
+def maybe_compile(fn, device, enabled=True):
+    if not enabled or why_eager(device):
+        return fn
+    if device.type != "cuda":  # a CUDA build compiling for the CPU logs "No CUDA runtime is found": true, harmless
+        logging.getLogger("torch.utils.cpp_extension").addFilter(
+            lambda record: not str(record.msg).startswith("No CUDA runtime is found"))
+    return torch.compile(fn)
+
+
+def describe_speed_path(device, precision, compiled, requested_precision=None):
+    """One log line: what the step will run as."""
+    compile_note = ("eager" if not compiled else f"eager ({why_eager(device)})" if why_eager(device)
+                    else "torch.compile")
+    chosen = " (chosen by --precision auto)" if requested_precision == "auto" else ""
+    return f"device {device}, precision {precision}{chosen}, {compile_note}, {torch.get_num_threads()} CPU threads"

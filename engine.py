@@ -1,83 +1,17 @@
-"""The training engine both scripts share: precision, compile, steps, epochs, evaluation, lr, timing, graceful stop."""
-import contextlib
+"""The training engine both scripts share: a micro-batch's step, an epoch, an evaluation, the learning rate."""
 import io
-import logging
 import math
-import shutil
-import signal
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from devices import all_reduce_sum, synchronize
+from devices import all_reduce_sum, autocast, maybe_compile
 from model import mae_loss
 from utils import UserError
-
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-# ------------------------------------------------------------------------------------ precision and compile
-
-
-def cpu_has_native_bf16():
-    """AVX512-BF16 or AMX: elsewhere bf16 is emulated on the CPU and slower than fp32 (not Linux: fp32)."""
-    with contextlib.suppress(OSError):
-        return bool({"avx512_bf16", "amx_bf16"} & set(Path("/proc/cpuinfo").read_text().split()))
-    return False
-
-
-def resolve_precision(requested, device):
-    """``--precision auto``: bf16 where the device has it natively, fp16 on older GPUs, else fp32 (MPS, most CPUs)."""
-    if requested != "auto":
-        return requested
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"  # MPS: fp32 on every torch 2.x
-
-
-def autocast(device, precision):
-    return nullcontext() if precision == "fp32" else torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
-
-
-def grad_scaler(device, precision):
-    """fp16 gradients underflow without loss scaling; bf16 and fp32 need none."""
-    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
-
-
-def why_eager(device):
-    """Why torch.compile is not used here (None where it is)."""
-    if device.type == "mps":
-        return "torch.compile on MPS is experimental in torch 2.x"
-    if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
-        return "no C++ compiler found"
-    return None
-
-
-def maybe_compile(fn, device, enabled=True):
-    if not enabled or why_eager(device):
-        return fn
-    if device.type != "cuda":  # a CUDA build compiling for the CPU logs "No CUDA runtime is found": true, harmless
-        logging.getLogger("torch.utils.cpp_extension").addFilter(
-            lambda record: not str(record.msg).startswith("No CUDA runtime is found"))
-    return torch.compile(fn)
-
-
-def describe_speed_path(device, precision, compiled, requested_precision=None):
-    """One log line: what the step will run as."""
-    compile_note = ("eager" if not compiled else f"eager ({why_eager(device)})" if why_eager(device)
-                    else "torch.compile")
-    chosen = " (chosen by --precision auto)" if requested_precision == "auto" else ""
-    return f"device {device}, precision {precision}{chosen}, {compile_note}, {torch.get_num_threads()} CPU threads"
-
-
-# ------------------------------------------------------------------------------------------------- steps
 
 
 def make_pretrain_step(model, device, precision, patch_size, norm_pix_loss=False):
@@ -100,9 +34,6 @@ def make_classifier_step(model, device, precision, criterion, prepare=None, comp
 
     forward_loss = maybe_compile(forward_loss, device, compile)
     return lambda images, labels: forward_loss(*(prepare(images, labels) if prepare else (images, labels)), labels)
-
-
-# ------------------------------------------------------------------------------------------ epoch, evaluation
 
 
 @dataclass
@@ -213,9 +144,6 @@ def evaluate(model, loader, device, precision, forward=None):
     return loss_sum / count, correct / count
 
 
-# ------------------------------------------------------------------------------------ the learning rate
-
-
 def warmup_cosine(warmup, total):
     """The reference's schedule, of the epoch (or a budget's share): a linear warm-up, then a half cosine to zero."""
     return lambda t: min((t + 1) / (warmup + 1e-8), 0.5 * (math.cos(t / total * math.pi) + 1))
@@ -303,75 +231,3 @@ class BudgetSchedule(EpochSchedule):
 
     def record(self):
         return {"shares": self.shares, "spent_seconds": round(self.spent(), 2)}
-
-
-# ------------------------------------------------------------------------------------------ timing and stop
-
-
-class EpochTimer:
-    """Wall time of a block, the device synchronised; ``after_step`` times the first step (the compilation) apart."""
-
-    def __init__(self, device):
-        self.device, self.first_step_seconds = device, None
-
-    def __enter__(self):
-        synchronize(self.device)
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        synchronize(self.device)
-        self.seconds = time.perf_counter() - self.start
-
-    def after_step(self, then=None):
-        def hook():
-            if self.first_step_seconds is None:
-                synchronize(self.device)
-                self.first_step_seconds = time.perf_counter() - self.start
-            if then is not None:
-                then()
-
-        return hook
-
-    def steady_rate(self, images_seen, images_per_step):
-        """Images per second without the first optimizer step, when it was timed."""
-        if self.first_step_seconds is None or images_seen <= images_per_step:
-            return images_seen / self.seconds
-        return (images_seen - images_per_step) / max(self.seconds - self.first_step_seconds, 1e-9)
-
-
-class StopFlag:
-    """SIGINT / SIGTERM: stop after this micro-batch, save, exit 130 / 143 (so ``pretrain && finetune`` stops too). A
-    second signal quits at once, unless a checkpoint is being written (``saving()``): that write ends whole first.
-    Under torchrun the processes agree every ``agree_every`` micro-batches, so they all stop at the same step."""
-
-    def __init__(self, device=None, agree_every=10):
-        self.requested, self.exit_code, self.saving = False, 0, lambda: False
-        self.device, self.agree_every, self.polls = device, agree_every, 0
-
-    def install(self):
-        signal.signal(signal.SIGINT, self._handle)
-        signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def poll(self):
-        if not dist.is_initialized() or dist.get_world_size() == 1:
-            return self.requested
-        self.polls += 1
-        if self.polls % self.agree_every:
-            return False
-        flag = torch.tensor([float(self.requested)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and not self.requested:  # another process was signalled: exit as it will
-            self.requested, self.exit_code = True, 143
-        return bool(flag.item())
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            if self.saving():
-                print("\na checkpoint is being written; it will end whole, then the run exits", file=sys.stderr)
-                return
-            raise KeyboardInterrupt
-        self.requested, self.exit_code = True, 128 + signum
-        print(f"\n{signal.Signals(signum).name}: stopping after this micro-batch, saving, then exiting "
-              f"(send it again to quit now)", file=sys.stderr)

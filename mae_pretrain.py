@@ -11,6 +11,7 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+import bookkeeping
 import checkpoint as ckpt
 import devices
 import engine
@@ -96,12 +97,12 @@ def main(argv=None):
         return devices.cleanup_distributed()
     train_model = DistributedDataParallel(model) if env.world_size > 1 else model
     eager_step = engine.make_pretrain_step(train_model, device, run.precision, config.patch_size, cfg.norm_pix_loss)
-    step = engine.maybe_compile(eager_step, device, not cfg.no_compile)
+    step = devices.maybe_compile(eager_step, device, not cfg.no_compile)
     loader = run_setup.make_loader(run, cfg)
-    scaler = engine.grad_scaler(device, run.precision)
+    scaler = devices.grad_scaler(device, run.precision)
     fixed_images = normalize(run.test_set.images[:16].to(device))  # the reference's 16 validation images
     schedule = run_setup.schedule_for(run, cfg, optimizer, resumed)
-    book = run_setup.Bookkeeping(run, FIELDS, done, position, schedule, model)
+    book = bookkeeping.Bookkeeping(run, FIELDS, done, position, schedule, model)
     if env.is_main and cfg.knn_every and isinstance(schedule, engine.BudgetSchedule):
         measure_the_end(model, run, cfg, schedule)
 
@@ -114,7 +115,7 @@ def main(argv=None):
         lr = schedule.set_epoch(epoch)
         model.train()
         first = epoch == done + 1  # this process's first epoch holds the compilation: timed apart
-        with engine.EpochTimer(device) as timer:
+        with bookkeeping.EpochTimer(device) as timer:
             result = engine.train_epoch(step, loader, optimizer, run.accum_steps, train_model, progress=book.bar,
                                         after_step=timer.after_step() if first else None, scaler=scaler,
                                         start=position if first else None, stop=book.stop.poll,

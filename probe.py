@@ -4,7 +4,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import normalize
-from engine import autocast
+from devices import autocast
 
 
 @torch.no_grad()

@@ -1,7 +1,6 @@
 """How a training run starts, the same for both scripts: the flags they share and the presets, parsing, then seed,
-device, data, the run folder, resume's settings, and what the loop keeps beside the model (Bookkeeping)."""
+device, data, the run folder, resume's settings and the learning rate's schedule."""
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -10,13 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 import checkpoint as ckpt
 import devices
 import engine
 import utils
-from data import AUGMENTATIONS, GpuLoader, load_dataset, normalize, peek
+from data import AUGMENTATIONS, GpuLoader, load_dataset, peek
 from model import ModelConfig
 
 # The CPU-scale model and schedules, for a laptop or any CPU (results/ says what they reach): its sizes are shared
@@ -32,7 +30,6 @@ SIZE_FLAGS = ("patch_size", "emb_dim", "encoder_depth", "encoder_heads")
 DECODER_FLAGS = ("decoder_depth", "decoder_heads", "decoder_emb_dim")
 MIN_BUDGET_MINUTES = 0.2  # below this, the set-up alone (imports, data, compilation) spends it
 WEIGHT_DECAY = 0.05  # AdamW's, as in the reference and the paper, pretraining and fine-tuning alike
-SAVE_MINUTES = 10  # a run saves at every epoch's end once this long has passed since its last save (and at its end)
 
 
 def add_arguments(p, script, batch_size, micro_batch, lr, total_epoch, warmup_epoch):
@@ -56,7 +53,7 @@ def add_arguments(p, script, batch_size, micro_batch, lr, total_epoch, warmup_ep
     p.add_argument("--dataset", choices=["cifar10", "cifar100"], default="cifar10")
     p.add_argument("--data_dir", type=utils.path_text, help="image folder with train/<class>/ and test/<class>/")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, mps, cuda or cuda:N")
-    p.add_argument("--precision", choices=engine.PRECISIONS, default="auto",
+    p.add_argument("--precision", choices=devices.PRECISIONS, default="auto",
                    help="auto: bf16 where native, fp16 with loss scaling on GPUs without bf16, else fp32")
     p.add_argument("--no_compile", action="store_true", help="skip torch.compile")
     p.add_argument("--log_dir", type=utils.path_text, default="logs")
@@ -160,9 +157,6 @@ def check_model(build, config, decoder=False):
         build(config)  # what is left (a mask ratio the strategy cannot make) fails here, before any file
 
 
-# ------------------------------------------------------------------------------------------- starting a run
-
-
 @dataclass
 class Run:
     """What the code decided for this run, beside ``args`` (what the user asked for)."""
@@ -197,9 +191,9 @@ def start_run(args, checkpoint_paths, kind, fixed=()):
     train_set, test_set = load_dataset(args.dataset, args.data_dir)
     if resumed:
         ckpt.check_classes(resumed, train_set.classes, resume_path)
-    precision = engine.resolve_precision(args.precision, env.device)
+    precision = devices.resolve_precision(args.precision, env.device)
     if env.is_main:
-        print(engine.describe_speed_path(env.device, precision, not args.no_compile, args.precision))
+        print(devices.describe_speed_path(env.device, precision, not args.no_compile, args.precision))
     return Run(env, precision, log_dir, resume_path, train_set, test_set, settings=settings,
                image_size=train_set.images.shape[-1], checkpoint_paths=list(checkpoint_paths)), resumed
 
@@ -250,103 +244,3 @@ def schedule_for(run, settings, optimizer, resumed):
     return engine.BudgetSchedule(optimizer, minutes, settings.warmup_epoch / settings.total_epoch, devices.CLOCK_START,
                                  shares=record.get("shares", ()), spent_before=record.get("spent_seconds", 0.0),
                                  replay=replay and replay["shares"])
-
-
-# ------------------------------------------------------------------------------------------- beside the loop
-
-
-class Bookkeeping:
-    """What a training loop keeps beside the model: the locked run folder, logs, saves, graceful stop, budget record."""
-
-    def __init__(self, run, fields, done, position, schedule, model):
-        settings, self.run, self.schedule = run.settings, run, schedule
-        self.is_main, self.stopping, self.final, self.saved = run.env.is_main, False, None, None
-        self.locks = [utils.RunLock(run.log_dir).acquire(), *(utils.RunLock.for_file(p).acquire()
-                                                               for p in run.checkpoint_paths)] if self.is_main else []
-        self.logger = utils.RunLogger(run.log_dir, fields, done + 1, self.is_main)
-        self.writer = ckpt.CheckpointWriter()
-        self.last_save = time.monotonic()
-        self.stop = engine.StopFlag(run.env.device).install()
-        self.stop.saving = self.writer.busy
-        per_epoch = len(run.loader) // run.accum_steps * run.accum_steps
-        self.budgeted = isinstance(schedule, engine.BudgetSchedule)
-        self.last_epoch = 10 ** 6 if self.budgeted else settings.total_epoch
-        done_micro = done * per_epoch + (position.micro_batches if position else 0)
-        left = settings.total_epoch * per_epoch - done_micro
-        if self.is_main and not self.budgeted and left * settings.batch_size // run.accum_steps > 10 ** 7 and \
-                run.env.device.type == "cpu":  # a GPU's schedule on a CPU: say so before the first (compiling) step
-            batch = normalize(run.loader.images[:run.loader.batch_size])
-            with torch.no_grad(), devices.kept_random_state(batch.device), engine.autocast(batch.device, run.precision):
-                start = time.perf_counter()
-                model(batch)  # a lower bound: one forward pass of a micro-batch (a training step also goes backward)
-            days = (time.perf_counter() - start) * left / 86400
-            print(f"{settings.total_epoch} epochs at batch {settings.batch_size} are meant for a GPU: here they would "
-                  f"take at least {days:,.1f} days. On a CPU use --preset small, or --time_budget MINUTES")
-        self.bar = tqdm(total=None if self.budgeted else settings.total_epoch * per_epoch, initial=done_micro,
-                        disable=not self.is_main, unit="step", dynamic_ncols=True, smoothing=0.05)
-
-    def cut_short(self, result):
-        """Whether the epoch ended early: a stop signal, or a budget spent before its first step."""
-        self.stopping = self.stopping or result.stopped_at is not None
-        return result.stopped_at is not None or result.loss is None
-
-    def epoch_end(self, result, epoch):
-        """After an epoch's training -> whether it was the last; the end (evaluation, save) is timed from here."""
-        self.epoch_ended = time.monotonic()
-        return result.budget_spent or self.budgeted and self.schedule.agreed_share() is None or epoch == self.last_epoch
-
-    def save_and_stop(self, last, path, state, epoch, **extra):
-        """Save ``state(epoch, **extra)`` when due (rank 0) -> whether the run ends here. A stop signal is read once
-        here, so the save and the exit agree; a budget keeps what this epoch's end took for the run's own end."""
-        self.stopping = self.stop.requested
-        if self.is_main and (self.stopping or last or time.monotonic() - self.last_save >= SAVE_MINUTES * 60):
-            self.last_save = time.monotonic()
-            self.save(path, state(epoch, **extra))
-        if self.budgeted and not (self.stopping or last):
-            self.schedule.measured_end(time.monotonic() - self.epoch_ended)
-        return self.stopping or last
-
-    def save(self, path, state):
-        if self.is_main:
-            self.writer.save(path, state)
-            self.saved = path
-
-    def finish(self, settings_to_show, message):
-        """Wait for the last write, log the HParams, close the logs, say what the run produced, leave no empty run
-        folder -> the exit code: 130 / 143 after a graceful stop, else 0."""
-        if self.final:
-            self.logger.log_hparams(settings_to_show, self.final[1], self.final[0])
-        self.writer.wait()
-        self.bar.close()
-        self.logger.close()
-        if self.is_main and self.budgeted:
-            self.write_budget_record()
-        empty = self.is_main and not self.logger.rows  # a first epoch stopped early logs nothing
-        for lock in self.locks:
-            lock.release(remove=empty and lock is self.locks[0])
-        if empty:
-            with contextlib.suppress(OSError):  # not empty after all: a budget record, or another's files
-                self.run.log_dir.rmdir()
-        if self.is_main and self.stopping and self.saved:
-            message = f"stopped; {self.saved} holds where the run stands: the same command with --resume auto " \
-                      f"continues it"
-        if self.is_main and message:
-            print(message)
-        devices.cleanup_distributed()
-        return self.stop.exit_code if self.stopping else 0
-
-    def write_budget_record(self):
-        """budget.json: what a --time_budget run trained, its wall time, and the flags that train it again."""
-        path = self.run.log_dir / "budget.json"
-        record = json.loads(path.read_text()) if path.is_file() else {}
-        per_epoch = len(self.run.loader) // self.run.accum_steps
-        steps = len(self.schedule.shares)
-        # A run killed before it could write its record still counted its time up to its last save (spent_before).
-        earlier = [round(self.schedule.spent_before, 2)] if self.schedule.spent_before else []
-        wall = [*record.get("wall_seconds", earlier), round(time.monotonic() - devices.CLOCK_START, 2)]
-        record.update(time_budget_minutes=self.schedule.seconds / 60, steps=steps, shares=self.schedule.shares,
-                      wall_seconds=wall, machine=devices.machine_description(self.run.env.device),
-                      date=time.strftime("%Y-%m-%d"), reproduce=f"--time_budget {path} (with this run's other flags)")
-        if not self.stopping:
-            record.update(total_epoch=-(-steps // per_epoch), epochs=round(steps / per_epoch, 3))
-        utils.write_text(path, json.dumps(record) + "\n", "budget record")

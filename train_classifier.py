@@ -15,6 +15,7 @@ from timm.optim import param_groups_layer_decay
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 
+import bookkeeping
 import checkpoint as ckpt
 import devices
 import engine
@@ -198,14 +199,14 @@ def main(argv=None):
     loader = run_setup.make_loader(run, cfg)
     if subset:  # a small subset: an epoch (and its evaluation) every 10,000 images, not every few steps
         loader.repeats = -(-10_000 // len(run.train_set.labels))
-    scaler = engine.grad_scaler(device, run.precision)
-    evaluated = [(m, engine.maybe_compile(m, device, not cfg.no_compile))
+    scaler = devices.grad_scaler(device, run.precision)
+    evaluated = [(m, devices.maybe_compile(m, device, not cfg.no_compile))
                  for m in (model, *([ema.module] if ema else []))]
     kept = ema.module if ema else model  # what the best checkpoint holds, chosen by its own accuracy
     fields = ["train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s", "compile_seconds",
               *(["val_loss_ema", "val_acc_ema"] if ema else []), *subset]  # metrics.csv
     schedule = run_setup.schedule_for(run, cfg, optimizer, resumed)
-    book = run_setup.Bookkeeping(run, fields, done, position, schedule, model)
+    book = bookkeeping.Bookkeeping(run, fields, done, position, schedule, model)
     if isinstance(schedule, engine.BudgetSchedule):
         time_the_evaluation(evaluated, test_loader, run, schedule)
 
@@ -219,7 +220,7 @@ def main(argv=None):
         lr = schedule.set_epoch(epoch)  # with layer decay: the head's, the largest
         model.train()
         first = epoch == done + 1  # this process's first epoch holds the compilation: timed apart
-        with engine.EpochTimer(device) as timer:
+        with bookkeeping.EpochTimer(device) as timer:
             update_ema = (lambda: ema.update(model)) if ema else None
             result = engine.train_epoch(step, loader, optimizer, run.accum_steps, train_model, progress=book.bar,
                                         after_step=timer.after_step(update_ema) if first else update_ema,

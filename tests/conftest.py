@@ -221,19 +221,19 @@ def read_hparams(run_dir):
 def stop_after_epoch(monkeypatch):
     """``with stop_after_epoch(n) as flags: main(argv)`` runs as if SIGTERM arrived during epoch ``n``.
 
-    ``main``'s engine.StopFlag is recorded, and once epoch ``n`` is logged its ``requested`` is set, which is what
+    ``main``'s bookkeeping.StopFlag is recorded, and once epoch ``n`` is logged its ``requested`` is set, which is what
     the signal handler does: the run finishes that epoch, saves and returns. (A real SIGTERM to a real process is
     tested in test_mae_pretrain.py.) ``flags`` lists the StopFlags that were installed.
     """
     from contextlib import contextmanager
 
-    import engine
+    import bookkeeping
     import utils
 
     @contextmanager
     def stop_after(last_epoch):
         flags = []
-        install, log = engine.StopFlag.install, utils.RunLogger.log
+        install, log = bookkeeping.StopFlag.install, utils.RunLogger.log
 
         def recording_install(self):
             flags.append(self)
@@ -246,7 +246,7 @@ def stop_after_epoch(monkeypatch):
                     flag.requested = True
 
         with monkeypatch.context() as m:
-            m.setattr(engine.StopFlag, "install", recording_install)
+            m.setattr(bookkeeping.StopFlag, "install", recording_install)
             m.setattr(utils.RunLogger, "log", log_then_stop)
             yield flags
 

@@ -5,8 +5,8 @@ import argparse
 import pytest
 import torch
 
+import bookkeeping
 import devices
-import engine
 from utils import UserError
 
 MPS = torch.device("mps")
@@ -62,33 +62,33 @@ def test_check_device_accepts_mps_only_where_it_is_available(machine, capsys):
 
 
 def test_mps_runs_fp32_and_eager_unless_asked(monkeypatch):
-    monkeypatch.setattr(engine.shutil, "which", lambda name: "/usr/bin/" + name)  # a C++ compiler is there
-    assert engine.resolve_precision("auto", MPS) == "fp32"
-    assert engine.resolve_precision("fp16", MPS) == "fp16" and engine.resolve_precision("bf16", MPS) == "bf16"
+    monkeypatch.setattr(devices.shutil, "which", lambda name: "/usr/bin/" + name)  # a C++ compiler is there
+    assert devices.resolve_precision("auto", MPS) == "fp32"
+    assert devices.resolve_precision("fp16", MPS) == "fp16" and devices.resolve_precision("bf16", MPS) == "bf16"
     step = lambda x: x
-    assert engine.maybe_compile(step, MPS) is step
-    assert not engine.why_eager(torch.device("cpu")) and engine.why_eager(MPS)
-    line = engine.describe_speed_path(MPS, "fp32", True, "auto")
+    assert devices.maybe_compile(step, MPS) is step
+    assert not devices.why_eager(torch.device("cpu")) and devices.why_eager(MPS)
+    line = devices.describe_speed_path(MPS, "fp32", True, "auto")
     assert line.startswith("device mps, precision fp32 (chosen by --precision auto), eager (torch.compile on MPS "
                            "is experimental")
-    assert "chosen by" not in engine.describe_speed_path(MPS, "fp16", False, "fp16")
+    assert "chosen by" not in devices.describe_speed_path(MPS, "fp16", False, "fp16")
 
 
 def test_the_cpu_and_cuda_paths_are_unchanged(monkeypatch):
-    monkeypatch.setattr(engine.shutil, "which", lambda name: None)  # no C++ compiler
+    monkeypatch.setattr(devices.shutil, "which", lambda name: None)  # no C++ compiler
     cpu = torch.device("cpu")
-    assert not engine.why_eager(torch.device("cuda")) and engine.why_eager(cpu)
-    assert "eager (no C++ compiler found)" in engine.describe_speed_path(cpu, "fp32", True)
-    assert engine.describe_speed_path(cpu, "fp32", False).startswith("device cpu, precision fp32, eager, ")
+    assert not devices.why_eager(torch.device("cuda")) and devices.why_eager(cpu)
+    assert "eager (no C++ compiler found)" in devices.describe_speed_path(cpu, "fp32", True)
+    assert devices.describe_speed_path(cpu, "fp32", False).startswith("device cpu, precision fp32, eager, ")
 
 
 def test_the_epoch_timer_waits_for_mps_work(monkeypatch):
     waits = []
     monkeypatch.setattr(torch.mps, "synchronize", lambda: waits.append("mps"))
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waits.append("cuda"))
-    with engine.EpochTimer(MPS):
+    with bookkeeping.EpochTimer(MPS):
         pass
-    with engine.EpochTimer(torch.device("cpu")):
+    with bookkeeping.EpochTimer(torch.device("cpu")):
         pass
     assert waits == ["mps", "mps"]
 

@@ -4,6 +4,8 @@ import math
 import pytest
 import torch
 
+import bookkeeping
+import devices
 import engine
 from utils import UserError
 
@@ -170,8 +172,8 @@ def test_forced_fp16_path_scales_the_loss_and_lowers_it():
     cpu = torch.device("cpu")
     model = tiny_classifier_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    scaler = engine.grad_scaler(cpu, "fp16")
-    assert scaler is not None and engine.grad_scaler(cpu, "bf16") is None
+    scaler = devices.grad_scaler(cpu, "fp16")
+    assert scaler is not None and devices.grad_scaler(cpu, "bf16") is None
     step = engine.make_classifier_step(model, cpu, "fp16", torch.nn.CrossEntropyLoss())
     torch.manual_seed(1)
     batch = [(torch.randn(8, 3, 16, 16), torch.arange(8) % 5)]
@@ -185,23 +187,23 @@ def test_forced_fp16_path_scales_the_loss_and_lowers_it():
 @pytest.mark.parametrize("device, requested, expected", [("cpu", "auto", "fp32"), ("cpu", "bf16", "bf16"),
                                                          ("cpu", "fp16", "fp16"), ("cpu", "fp32", "fp32")])
 def test_precision_choice(monkeypatch, device, requested, expected):
-    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)
-    assert engine.resolve_precision(requested, torch.device(device)) == expected
-    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: True)
-    assert engine.resolve_precision("auto", torch.device("cpu")) == "bf16"
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
+    assert devices.resolve_precision(requested, torch.device(device)) == expected
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
+    assert devices.resolve_precision("auto", torch.device("cpu")) == "bf16"
 
 
 def test_gpus_without_bf16_get_fp16(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert engine.resolve_precision("auto", torch.device("cuda")) == "fp16"
+    assert devices.resolve_precision("auto", torch.device("cuda")) == "fp16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert engine.resolve_precision("auto", torch.device("cuda")) == "bf16"
+    assert devices.resolve_precision("auto", torch.device("cuda")) == "bf16"
 
 
 def test_first_step_is_timed_apart_for_the_steady_rate(monkeypatch):
     clock = iter([0.0, 5.0, 7.0])  # start, after the first step (compilation), end
-    monkeypatch.setattr(engine.time, "perf_counter", lambda: next(clock))
-    with engine.EpochTimer(torch.device("cpu")) as timer:
+    monkeypatch.setattr(bookkeeping.time, "perf_counter", lambda: next(clock))
+    with bookkeeping.EpochTimer(torch.device("cpu")) as timer:
         timer.after_step()()
         timer.after_step()  # a hook that is never called changes nothing
     assert (timer.first_step_seconds, timer.seconds) == (5.0, 7.0)

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 import data
-import engine
+import devices
 import mae_pretrain
 import summarize
 import sweep
@@ -328,7 +328,7 @@ def test_a_cpu_compile_drops_the_no_cuda_runtime_note_and_nothing_else(monkeypat
     logger = logging.getLogger("torch.utils.cpp_extension")
     logger.addHandler(handler)
     try:
-        engine.maybe_compile(lambda x: x, torch.device("cpu"))
+        devices.maybe_compile(lambda x: x, torch.device("cpu"))
         monkeypatch.setenv("CUDA_HOME", str(tmp_path))  # CUDA's files without a GPU: what makes torch say it
         cpp_extension._find_cuda_home()
         logger.warning("another warning")

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-import engine
+import bookkeeping
 import mae_pretrain
 import train_classifier
 from conftest import REPO, SUBPROCESS_ENV, load_state, read_metrics, run_dirs
@@ -23,7 +23,7 @@ def stop_at_step(monkeypatch):
     process (one after every micro-batch but an epoch's last), as when the signal handler has run."""
     def arm(step):
         polls = []
-        poll = engine.StopFlag.poll
+        poll = bookkeeping.StopFlag.poll
 
         def counting_poll(self):
             polls.append(1)
@@ -31,7 +31,7 @@ def stop_at_step(monkeypatch):
                 self.requested, self.exit_code = True, 143
             return poll(self)
 
-        monkeypatch.setattr(engine.StopFlag, "poll", counting_poll)
+        monkeypatch.setattr(bookkeeping.StopFlag, "poll", counting_poll)
         return polls
 
     return arm

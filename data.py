@@ -196,8 +196,7 @@ denormalize = lambda images: ((images.float() + 1) / 2).clamp(0, 1)
 
 
 def random_crop_flip(images, pad=4):  # per-sample shift by up to ``pad`` pixels (zero padding) and horizontal flip
-    B, C, H, W = images.shape
-    device = images.device
+    (B, _, H, W), device = images.shape, images.device
     dy, dx = (torch.randint(0, 2 * pad + 1, (B, 1, 1), device=device) for _ in "yx")
     flip = torch.rand(B, 1, 1, device=device) < 0.5
     y, x = torch.arange(H, device=device).view(1, H, 1), torch.arange(W, device=device).view(1, 1, W)

@@ -134,9 +134,8 @@ def physical_memory():  # bytes of memory on this machine; 0 where the system do
 
 
 def header_size(path):  # (width, height) from a PNG's first 24 bytes, else PIL's lazy open; None when PIL cannot tell
-    with suppress(OSError):
-        with open(path, "rb") as file:
-            head = file.read(24)
+    with suppress(OSError), open(path, "rb") as file:
+        head = file.read(24)
         if head.startswith(PNG) and head[12:16] == b"IHDR":
             return struct.unpack(">II", head[16:24])
     try:

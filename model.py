@@ -181,8 +181,7 @@ class MAE_Decoder(nn.Module):
         trunc_normal_(self.pos_embedding, std=0.02)
 
     def forward(self, features, backward_indexes):  # (1 + keep, B, C_enc), (T, B) -> image, mask (B, 3, H, W)
-        features = self.embed(features.transpose(0, 1))  # (B, 1 + keep, C)
-        backward_indexes = backward_indexes.T  # (B, T)
+        features, backward_indexes = self.embed(features.transpose(0, 1)), backward_indexes.T  # batch-first
         (B, T), keep = backward_indexes.shape, features.shape[1] - 1
         shuffled = torch.cat([features[:, 1:], self.mask_token.expand(B, T - keep, -1)], dim=1)  # visible first
         unshuffled = take_indexes(shuffled, backward_indexes, 1)

@@ -134,9 +134,8 @@ def physical_memory():  # bytes of memory on this machine; 0 where the system do
 
 
 def header_size(path):  # (width, height) from a PNG's first 24 bytes, else PIL's lazy open; None when PIL cannot tell
-    with suppress(OSError):
-        with open(path, "rb") as file:
-            head = file.read(24)
+    with suppress(OSError), open(path, "rb") as file:
+        head = file.read(24)
         if head.startswith(PNG) and head[12:16] == b"IHDR":
             return struct.unpack(">II", head[16:24])
     try:
@@ -196,8 +195,7 @@ denormalize = lambda images: ((images.float() + 1) / 2).clamp(0, 1)
 
 
 def random_crop_flip(images, pad=4):  # per-sample shift by up to ``pad`` pixels (zero padding) and horizontal flip
-    B, C, H, W = images.shape
-    device = images.device
+    (B, _, H, W), device = images.shape, images.device
     dy, dx = (torch.randint(0, 2 * pad + 1, (B, 1, 1), device=device) for _ in "yx")
     flip = torch.rand(B, 1, 1, device=device) < 0.5
     y, x = torch.arange(H, device=device).view(1, H, 1), torch.arange(W, device=device).view(1, 1, W)

@@ -58,21 +58,19 @@ def drawable_maskings(model, strategies=MASK_STRATEGIES, ratios=(0.75,)):
 @torch.no_grad()
 def strategies_figure(model, images, strategies=MASK_STRATEGIES, ratios=(0.75,), seed=0):
     """A masked and a reconstructed row per drawable (strategy, ratio), labelled on the left; the originals last."""
-    shuffle, rows, labels = model.encoder.shuffle, [], []
+    shuffle, rows, pairs = model.encoder.shuffle, [], drawable_maskings(model, strategies, ratios)
     try:
-        for strategy, ratio in drawable_maskings(model, strategies, ratios):
+        for strategy, ratio in pairs:
             model.encoder.shuffle = PatchShuffle(ratio, strategy)
             grid = reconstruction_grid(model, images, seed)
             rows.append(grid[:, : grid.shape[1] * 2 // 3])  # masked and reconstructed rows
-            labels.append(f"{strategy}\nratio {ratio:g}\n(masked,\nrecon.)")
         rows.append(grid[:, grid.shape[1] * 2 // 3:])
-        labels.append("original")
     finally:
         model.encoder.shuffle = shuffle
+    labels = [f"{strategy}\nratio {ratio:g}\n(masked,\nrecon.)" for strategy, ratio in pairs] + ["original"]
     heights = [r.shape[1] * SCALE // 2 for r in rows]
-    grid_image = to_pil_image(torch.cat(rows, dim=1)).resize((rows[0].shape[2] * SCALE // 2, sum(heights)),
-                                                             Image.NEAREST)
-    figure = ImageOps.expand(grid_image, (72, 0, 0, 0), "white")  # a white column on the left for the row labels
+    image = to_pil_image(torch.cat(rows, dim=1)).resize((rows[0].shape[2] * SCALE // 2, sum(heights)), Image.NEAREST)
+    figure = ImageOps.expand(image, (72, 0, 0, 0), "white")  # a white column on the left for the row labels
     draw = ImageDraw.Draw(figure)
     for label, top, height in zip(labels, accumulate(heights, initial=0), heights):  # about 12 px a line of text
         draw.multiline_text((4, top + max(height - 12 * (label.count("\n") + 1), 0) // 2), label, fill="black")

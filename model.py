@@ -102,13 +102,10 @@ class PatchShuffle(nn.Module):
             first_cover = torch.where(inside, order, rectangles).amin(dim=1).float()  # (B, T); K: never covered
             rank = (first_cover + torch.rand(batch_size, num_patches, device=device)).argsort(dim=1).argsort(dim=1)
             return rank >= masked
-        r, c = shape
         # block: contiguous rows and columns; grid: the widest stride that still fits r rows and c columns
-        row_step, col_step = (1, 1) if self.strategy == "block" else (side // r, side // c)
-        top = torch.randint(0, side - (r - 1) * row_step, (batch_size, 1), device=device)
-        left = torch.randint(0, side - (c - 1) * col_step, (batch_size, 1), device=device)
-        rows = top + row_step * torch.arange(r, device=device)  # (B, r)
-        cols = left + col_step * torch.arange(c, device=device)  # (B, c)
+        steps = [(n, 1 if self.strategy == "block" else side // n) for n in shape]  # (r, row step), (c, column step)
+        rows, cols = (torch.randint(0, side - (n - 1) * step, (batch_size, 1), device=device)  # (B, r), (B, c)
+                      + step * torch.arange(n, device=device) for n, step in steps)
         visible_ids = (rows[:, :, None] * side + cols[:, None, :]).flatten(1)  # (B, r * c)
         return torch.zeros(batch_size, num_patches, dtype=torch.bool, device=device).scatter_(1, visible_ids, True)
 
@@ -136,9 +133,8 @@ def count_patches(image_size, patch_size):
 
 
 class ViTBackbone(nn.Module):  # MAE_Encoder's and ViT_Classifier's (they own its modules: embeddings, blocks, norm)
-    def embed(self, img):  # (B, 3, H, W) -> (B, T, C); pos_embedding (T, 1, C) viewed as (1, T, C)
-        pos = self.pos_embedding
-        return self.patchify(img).flatten(2).transpose(1, 2) + pos.view(1, *pos.shape[::2])
+    def embed(self, img):  # (B, 3, H, W) -> (B, T, C); pos_embedding (T, 1, C) transposed to (1, T, C)
+        return self.patchify(img).flatten(2).transpose(1, 2) + self.pos_embedding.transpose(0, 1)
 
     def encode(self, tokens):  # (B, t, C) -> (B, 1 + t, C), the cls token first
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
@@ -185,13 +181,11 @@ class MAE_Decoder(nn.Module):
         trunc_normal_(self.pos_embedding, std=0.02)
 
     def forward(self, features, backward_indexes):  # (1 + keep, B, C_enc), (T, B) -> image, mask (B, 3, H, W)
-        features = self.embed(features.transpose(0, 1))  # (B, 1 + keep, C)
-        backward_indexes = backward_indexes.T  # (B, T)
+        features, backward_indexes = self.embed(features.transpose(0, 1)), backward_indexes.T  # batch-first
         (B, T), keep = backward_indexes.shape, features.shape[1] - 1
         shuffled = torch.cat([features[:, 1:], self.mask_token.expand(B, T - keep, -1)], dim=1)  # visible first
         unshuffled = take_indexes(shuffled, backward_indexes, 1)
-        positions = self.pos_embedding.view(1, *self.pos_embedding.shape[::2])  # (T + 1, 1, C) -> (1, T + 1, C)
-        tokens = torch.cat([features[:, :1], unshuffled], dim=1) + positions
+        tokens = torch.cat([features[:, :1], unshuffled], dim=1) + self.pos_embedding.transpose(0, 1)  # (T + 1, 1, C)
         patches = self.head(self.transformer(tokens)[:, 1:])  # without the cls token: (B, T, 3 * p * p)
         # float32 whatever the autocast dtype: bf16 would count 48,960 masked patches as 48,896 in the loss.
         masked = (backward_indexes >= keep).float()
@@ -215,13 +209,12 @@ class MAE_ViT(nn.Module):
 
 def mae_loss(predicted_img, img, mask, patch_size, norm_pix_loss=False):  # masked patches' MSE (norm_pix: the paper's)
     to_patches = lambda x: rearrange(x, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=patch_size, p2=patch_size)
-    pred, target, patch_mask = to_patches(predicted_img), to_patches(img), to_patches(mask)[..., 0]
+    pred, target, patch_mask = to_patches(predicted_img), to_patches(img), to_patches(mask)[..., 0].float()
     if norm_pix_loss:
         mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
         target = (target - mean) / (var + 1e-6).sqrt()
     per_patch = ((pred.float() - target.float()) ** 2).mean(dim=-1)
-    patch_mask = patch_mask.float()  # counts in float32 (exact to 2^24), never in the autocast dtype
-    return (per_patch * patch_mask).sum() / patch_mask.sum()
+    return (per_patch * patch_mask).sum() / patch_mask.sum()  # counts in float32 (exact to 2^24), not in bf16/fp16
 
 
 def encoder_state_dict(state_dict):  # MAE_Encoder's weights from an MAE_ViT or a ViT_Classifier state dict
@@ -231,7 +224,6 @@ def encoder_state_dict(state_dict):  # MAE_Encoder's weights from an MAE_ViT or 
 
 
 class ViT_Classifier(ViTBackbone):  # unmasked encoder, a linear head on the cls token (``probe_head``: BatchNorm first)
-
     def __init__(self, encoder: MAE_Encoder, num_classes=10, probe_head=False):
         super().__init__()
         self.cls_token, self.pos_embedding, self.patchify = encoder.cls_token, encoder.pos_embedding, encoder.patchify

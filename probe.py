@@ -60,11 +60,9 @@ def linear_probe_accuracy(train_features, train_labels, test_features, test_labe
 
 def evaluate_encoder(backbone, train_split, test_split, device, k=20, pool="cls", probe_epochs=0, precision="fp32"):
     """k-NN accuracy (and, with ``probe_epochs``, linear-probe accuracy) of a frozen backbone."""
-    train_labels, test_labels = train_split.labels.to(device), test_split.labels.to(device)
-    train_features = extract_features(backbone, train_split.images.to(device), pool, precision=precision)
-    test_features = extract_features(backbone, test_split.images.to(device), pool, precision=precision)
-    results = {"knn_acc": knn_accuracy(train_features, train_labels, test_features, test_labels, k)}
+    features = [x for split in (train_split, test_split) for x in (  # train features, labels, test features, labels
+        extract_features(backbone, split.images.to(device), pool, precision=precision), split.labels.to(device))]
+    results = {"knn_acc": knn_accuracy(*features, k)}
     if probe_epochs:
-        results["probe_acc"] = linear_probe_accuracy(train_features, train_labels, test_features, test_labels,
-                                                     probe_epochs)
+        results["probe_acc"] = linear_probe_accuracy(*features, probe_epochs)
     return results

@@ -26,10 +26,8 @@ def cell(column, form="{}", scale=1):  # the first row's ``column`` (times ``sca
 
 
 def mean_sd(column, scale=1, form="{:.2f}", unit=" %"):  # 'mean ± sample std' ('mean' for one row, '–' for none)
-    def text(rows):
-        v = [float(r[column]) * scale for r in rows if r.get(column)]
-        return "–" if not v else form.format(mean(v)) + (" ± " + form.format(stdev(v)) if v[1:] else "") + unit
-    return text
+    text = lambda v: "–" if not v else form.format(mean(v)) + (" ± " + form.format(stdev(v)) if v[1:] else "") + unit
+    return lambda rows: text([float(r[column]) * scale for r in rows if r.get(column)])
 
 
 each = lambda *how: lambda rows: ", ".join(cell(*how)([r]) for r in rows if r.get(how[0]))  # a value per seed

@@ -188,11 +188,10 @@ def summarize(runs, output_dir):  # the markdown report; its figures (and budget
     keys = dict.fromkeys([*WORDS, *sorted({k for row in rows.values() for k in row["key"]})])
     varying = [k for k in keys if len({show(r["key"][k]) for r in rows.values() if k in r["key"]}) > 1]
     rows = sorted(rows.values(), key=lambda r: order(r, [*varying, *keys]))
-    pretrained = [r for r in rows if not r["scratch"]]
     columns = [c for c in COLUMNS if any(values(row, *c[1:]) for row in rows)]
     fixed = ", ".join(f"{word(k)} {show(v)}" for k, v in rows[0]["key"].items()
                       if k not in varying and show(v) not in ("default", "none"))
-    scratch = len(pretrained) < len(rows)
+    scratch = any(r["scratch"] for r in rows)
     parts = ["# Ablation results", "", "Final test accuracy; mean ± sample std over n seeds." +
              (f" Fixed: {fixed}." if fixed else ""), "", "## All settings" + " vs from scratch" * scratch, "",
              table(rows, ["setting"], lambda r: [label(r, varying)], columns)]
@@ -200,7 +199,7 @@ def summarize(runs, output_dir):  # the markdown report; its figures (and budget
         # The pretrained rows that differ only in ``axis`` side by side, in groups by the other differing settings;
         # a group of one compares nothing (but with no ``axis``, all rows are one group).
         others, groups = [a for a in varying if a != axis], {}
-        for row in sorted(pretrained, key=lambda r: order(r, [*others, axis])):
+        for row in sorted((r for r in rows if not r["scratch"]), key=lambda r: order(r, [*others, axis])):
             groups.setdefault(label(row, others) if others else "", []).append(row)
         groups = [(key, group) for key, group in groups.items() if len(group) > 1 or not axis]
         if axis and groups and axis not in AGAINST:  # the table (a setting of AGAINST has its own, with both arms)

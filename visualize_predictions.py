@@ -63,7 +63,6 @@ def main(argv=None):
     _, test_set = load_dataset(args.dataset, args.data_dir)
     size, classes = test_set.images.shape[-1], test_set.classes
     # Both checkpoints are loaded and checked against the data before anything is computed or written.
-    model = mae = None
     if args.model_path:
         model = load_model(args.model_path, "classifier", "--model_path", size, classes, args.trust_checkpoint)
     if args.mae_model_path:
@@ -72,7 +71,7 @@ def main(argv=None):
     chosen = torch.randperm(len(test_set.labels), generator=torch.Generator().manual_seed(args.seed))[:args.num_images]
     images = test_set.images.to(device)
     figures = {}
-    if model is not None:
+    if args.model_path:
         model.to(device).eval()
         predictions = torch.cat([model(normalize(batch)).argmax(-1) for batch in images.split(1000)]).cpu()
         labels = test_set.labels  # accuracy per class, then over all
@@ -80,7 +79,7 @@ def main(argv=None):
             accuracy = (predictions[members] == labels[members]).float().mean().item()
             print(f"{name:>12s}  {accuracy * 100:6.2f} %  ({int(members.sum())} images)")
         figures[args.output] = prediction_figure(test_set.images[chosen], labels[chosen], predictions[chosen], classes)
-    if mae is not None:
+    if args.mae_model_path:
         figures[args.reconstruction_output] = strategies_figure(
             mae.to(device), normalize(images[chosen.to(device)][:16]), ratios=args.mask_ratios, seed=args.seed)
     for path, figure in figures.items():  # written once both are drawn

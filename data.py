@@ -60,12 +60,6 @@ def peek(name="cifar10", data_dir=None):  # (image size, classes, training image
     return reference[1], len(train.classes), len(train.files)
 
 
-def load_image_folder(folder):  # one split: folder/<class>/*
-    split = read_images(listing := list_image_folder(folder))
-    warn_skipped(listing.folder, listing.skipped)
-    return split
-
-
 def list_image_folder(folder):  # classes and their image files, sorted by name; hidden names (.DS_Store) are never seen
     folder = Path(folder)
     if not folder.is_dir():

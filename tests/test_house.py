@@ -10,7 +10,8 @@ import train_classifier
 from conftest import REPO
 
 MAX_MODULE_LINES, MAX_FLAGS, MAX_POSITIONAL = 450, 32, 6
-MAX_LINES = 3_662  # the goal is 3,600; this is where the code stands (2026-12-07), and it may only shrink
+MAX_LINES = 3_653  # the goal is 3,600; this is where the code stands (2026-12-07), and it may only shrink
+MAX_EPOCH_LINES = 400  # one pretraining epoch, read in the script and the engine
 
 
 def sources():
@@ -21,6 +22,13 @@ def test_lines_in_all_and_per_module():
     lines = {name: len(text.splitlines()) for name, text in sources().items()}
     assert sum(lines.values()) <= MAX_LINES, sorted(lines.items(), key=lambda item: -item[1])
     assert {name: n for name, n in lines.items() if n > MAX_MODULE_LINES} == {}
+
+
+def test_one_pretraining_epoch_reads_in_two_files():
+    code = sources()
+    assert {"def train_epoch", "class BudgetSchedule", "def make_pretrain_step"} <= {
+        line.strip().split("(")[0] for line in code["engine"].splitlines()}
+    assert len(code["mae_pretrain"].splitlines()) + len(code["engine"].splitlines()) < MAX_EPOCH_LINES
 
 
 @pytest.mark.parametrize("script", [mae_pretrain, train_classifier])

@@ -9,9 +9,9 @@ N labelled images per class. --time_budget MINUTES [...] gives each arm that man
     python summarize.py logs/cifar10/sweep_depth                    # then: tables and figures
 
 Runs go to <log_dir>/<dataset>/sweep_<name>/. The same command again continues: finished runs are skipped,
-interrupted ones resumed; a failed run stops only the runs that need its checkpoint (exit code 1). The folder holds
-one study: study.json keeps what makes its results, and a restart with other settings is refused (exit code 2).
-Free-form options come last and win: --pretrain_args="--warmup_epoch 40" (with "=").
+interrupted ones resumed (started again if killed before their first save); a failed run stops only the runs that
+need its checkpoint (exit code 1). The folder holds one study: study.json keeps what makes its results; a restart
+with other settings is refused (exit code 2). Free-form options come last and win: --pretrain_args="--warmup_epoch 4"
 """
 import json
 import shlex

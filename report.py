@@ -69,7 +69,7 @@ GLANCE = [("test accuracy", mean_sd("test_acc")), ("seeds", count("test_acc"))]
 TABLES = {
     "glance": {**BUDGET, "csv": ["cpu_full30_tuned/budget.csv", "budget/*.csv"], "columns": [
         "machine", ARM, ("minutes per run", cell("budget_minutes", "{:g}")), *GLANCE, SOURCE]},
-    "few_labels_glance": {**FEW, "columns": [*LABELS, *GLANCE]},
+    "few_labels_glance": {**FEW, "csv": ["cpu_labels30_tuned/budget.csv"], "columns": [*LABELS, *GLANCE]},
     "budget": {**BUDGET, "csv": ["*/budget.csv", "budget/*.csv"],  # every time-budget study with all labels
                "where": lambda r: not r.get("labels_per_class")},
     "few_labels": {**FEW, "columns": [*LABELS, ("n", count("test_acc")), ("test acc.", mean_sd("test_acc")),

@@ -35,6 +35,8 @@ class Bookkeeping:
         self.stop.saving = self.writer.busy
         per_epoch = len(run.loader) // run.accum_steps * run.accum_steps
         self.budgeted = isinstance(schedule, engine.BudgetSchedule)
+        if self.is_main and not done and position is None and not self.budgeted:  # the folder is ours (locked) now:
+            (run.log_dir / "budget.json").unlink(missing_ok=True)  # an older budgeted run's record, which this replaces
         self.last_epoch = 10 ** 6 if self.budgeted else settings.total_epoch
         done_micro = done * per_epoch + (position.micro_batches if position else 0)
         left = settings.total_epoch * per_epoch - done_micro

@@ -186,8 +186,6 @@ def start_run(args, checkpoint_paths, kind, fixed=()):
     resumed = ckpt.load_checkpoint(resume_path, kind=kind, option="--resume") if resume_path else None
     settings = ckpt.resume_settings(resumed, args, (*fixed, "dataset", "data_dir", "seed"), resume_path, log_dir) \
         if resumed else Namespace(**vars(args))
-    if env.is_main and not resumed and args.time_budget is None and (log_dir / "budget.json").is_file():
-        (log_dir / "budget.json").unlink()  # an older budgeted run's record, in a folder this run replaces
     train_set, test_set = load_dataset(args.dataset, args.data_dir)
     if resumed:
         ckpt.check_classes(resumed, train_set.classes, resume_path)

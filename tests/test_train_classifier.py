@@ -9,6 +9,7 @@ import torch
 import data
 import run_setup
 import train_classifier
+import utils
 from conftest import REPO, SUBPROCESS_ENV, TINY_ENCODER, assert_one_line_error, load_state, read_metrics, run_dirs
 from model import MAE_Encoder, MAE_ViT, ViT_Classifier
 
@@ -101,6 +102,19 @@ def test_second_fresh_run_into_the_same_folder_fails(tmp_path, cls_argv, cli_err
     before = (run_dir / "metrics.csv").read_bytes(), (tmp_path / "cls_last.pt").read_bytes()
     assert "already holds a run" in cli_error(train_classifier.main, argv)
     assert ((run_dir / "metrics.csv").read_bytes(), (tmp_path / "cls_last.pt").read_bytes()) == before
+
+
+def test_overwrite_drops_an_older_budget_record_but_only_once_the_folder_is_its_own(tmp_path, cls_argv, cli_error):
+    run_dir = tmp_path / "logs" / "cifar10" / "r"
+    run_dir.mkdir(parents=True)
+    (run_dir / "budget.json").write_text("{}")  # a budgeted run's record
+    argv = cls_argv(tmp_path, "--total_epoch", 1, "--run_name", "r", "--overwrite")
+    held = utils.RunLock(run_dir).acquire()  # that run is still alive
+    assert "in use by another running copy" in cli_error(train_classifier.main, argv)
+    assert (run_dir / "budget.json").exists()
+    held.release()
+    assert train_classifier.main(argv) == 0
+    assert not (run_dir / "budget.json").exists()
 
 
 # ------------------------------------------------------------------------------------- resume and patience

@@ -20,9 +20,7 @@ from devices import autocast, kept_random_state, synchronize
 SAVE_MINUTES = 10  # a run saves at every epoch's end once this long has passed since its last save (and at its end)
 
 
-class Bookkeeping:
-    """What a training loop keeps beside the model: the locked run folder, logs, saves, graceful stop, budget record."""
-
+class Bookkeeping:  # the module's job, for one run
     def __init__(self, run, fields, done, position, schedule, model):
         settings, self.run, self.schedule = run.settings, run, schedule
         self.is_main, self.stopping, self.final, self.saved = run.env.is_main, False, None, None

@@ -60,9 +60,11 @@ def linear_probe_accuracy(train_features, train_labels, test_features, test_labe
 
 def evaluate_encoder(backbone, train_split, test_split, device, k=20, pool="cls", probe_epochs=0, precision="fp32"):
     """k-NN accuracy (and, with ``probe_epochs``, linear-probe accuracy) of a frozen backbone."""
-    features = [x for split in (train_split, test_split) for x in (  # train features, labels, test features, labels
-        extract_features(backbone, split.images.to(device), pool, precision=precision), split.labels.to(device))]
-    results = {"knn_acc": knn_accuracy(*features, k)}
+    def features(split):  # (features, labels) of a split, on the device
+        return extract_features(backbone, split.images.to(device), pool, precision=precision), split.labels.to(device)
+
+    both = (*features(train_split), *features(test_split))  # what both evaluations take, train first
+    results = {"knn_acc": knn_accuracy(*both, k)}
     if probe_epochs:
-        results["probe_acc"] = linear_probe_accuracy(*features, probe_epochs)
+        results["probe_acc"] = linear_probe_accuracy(*both, probe_epochs)
     return results

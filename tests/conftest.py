@@ -119,6 +119,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def short_budgets(monkeypatch):
+    """In-process runs may take budgets of a few seconds: nothing imports inside them (a real process's floor stays)."""
+    import run_setup
+
+    monkeypatch.setattr(run_setup, "MIN_BUDGET_MINUTES", 0.05)
+
+
 def run_dirs(log_dir):
     """The run folders under ``log_dir/<dataset>/``."""
     return sorted(p for p in Path(log_dir).glob("*/*") if p.is_dir())

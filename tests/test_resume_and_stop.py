@@ -86,11 +86,12 @@ def test_finetuning_stopped_mid_epoch_resumes_bit_for_bit(tmp_path, cls_argv, st
         assert [r[column] for r in rows] == [r[column] for r in full_rows]
 
 
-def test_a_budgeted_run_killed_and_resumed_with_its_preset_keeps_its_budget(tmp_path, cls_argv, stop_at_step):
+def test_a_budgeted_run_killed_and_resumed_with_its_preset_keeps_its_budget(tmp_path, cls_argv, stop_at_step,
+                                                                           short_budgets):
     """As a sweep resumes a run killed at a session's end: its own command (a preset in it), no budget record
     written. The budget goes on (the preset's length once ended it), and the record counts the time before."""
     argv = without(cls_argv(tmp_path, "--preset", "small", "--run_name", "r"), "--total_epoch", "--warmup_epoch")
-    argv += ["--time_budget", "0.2"]
+    argv += ["--time_budget", "0.1"]
     stop_at_step(3)
     assert train_classifier.main(argv) == 143
     run_dir = tmp_path / "logs" / "cifar10" / "r"

@@ -113,12 +113,10 @@ def plan(a):  # every run, seeds outermost: after the first seed's pass every se
             options, extra, epochs=a.finetune_epochs, needs=pretrained,
             minutes=minutes and minutes * ((1 - a.pretrain_share) if pretrained else 1))
 
-    grids = [] if a.scratch_only else [dict(zip(GRID, values)) for values in product(
-        *(once(getattr(a, k) or [None]) for k in GRID))]  # [None]: the setting left out
+    grids = [] if a.scratch_only else list(product(*(once(getattr(a, k) or [None]) for k in GRID)))
     for seed in once(a.seeds):
         for minutes in once(a.time_budget or [None]):
-            for g in grids:
-                epochs, depth, strategy, ratio = g.values()
+            for epochs, depth, strategy, ratio in grids:  # None: the setting left out
                 tag = (depth and f"dd{depth}", strategy, ratio and f"mr{ratio:g}",
                        epochs and f"ep{epochs}" or minutes and f"tb{minutes:g}")
                 settings = dict(**shared, seed=seed, stage="pretrain", decoder_depth=depth, mask_strategy=strategy,

@@ -13,11 +13,9 @@ def extract_features(backbone, images, pool="cls", batch_size=1000, precision="f
     was_training = backbone.training
     backbone.eval()
     forward = torch.compile(backbone.forward_features) if images.device.type == "cuda" else backbone.forward_features
-    features = []
-    for start in range(0, len(images), batch_size):
-        with autocast(images.device, precision):
-            tokens = forward(normalize(images[start:start + batch_size]))
-        features.append((tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)).float())
+    pooled = lambda tokens: (tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)).float()
+    with autocast(images.device, precision):
+        features = [pooled(forward(normalize(batch))) for batch in images.split(batch_size)]
     backbone.train(was_training)
     return torch.cat(features)
 

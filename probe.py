@@ -13,11 +13,9 @@ def extract_features(backbone, images, pool="cls", batch_size=1000, precision="f
     was_training = backbone.training
     backbone.eval()
     forward = torch.compile(backbone.forward_features) if images.device.type == "cuda" else backbone.forward_features
-    features = []
-    for start in range(0, len(images), batch_size):
-        with autocast(images.device, precision):
-            tokens = forward(normalize(images[start:start + batch_size]))
-        features.append((tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)).float())
+    pooled = lambda tokens: (tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)).float()
+    with autocast(images.device, precision):
+        features = [pooled(forward(normalize(batch))) for batch in images.split(batch_size)]
     backbone.train(was_training)
     return torch.cat(features)
 
@@ -27,12 +25,11 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, k=20,
     """Weighted k-NN on cosine similarity: each of the k nearest neighbours votes exp(similarity / T)."""
     train_features = F.normalize(train_features, dim=1)
     correct = torch.zeros((), device=test_labels.device)
-    for start in range(0, len(test_features), chunk):
-        query = F.normalize(test_features[start:start + chunk], dim=1)
-        similarity, neighbours = (query @ train_features.T).topk(min(k, len(train_features)), dim=1)
+    for query, labels in zip(test_features.split(chunk), test_labels.split(chunk)):
+        similarity, neighbours = (F.normalize(query, dim=1) @ train_features.T).topk(min(k, len(train_features)), dim=1)
         votes = torch.zeros(len(query), int(train_labels.max()) + 1, device=query.device)
         votes.scatter_add_(1, train_labels[neighbours], (similarity / temperature).exp())
-        correct += (votes.argmax(dim=1) == test_labels[start:start + chunk]).sum()
+        correct += (votes.argmax(dim=1) == labels).sum()
     return correct.item() / len(test_labels)
 
 

@@ -113,12 +113,10 @@ def plan(a):  # every run, seeds outermost: after the first seed's pass every se
             options, extra, epochs=a.finetune_epochs, needs=pretrained,
             minutes=minutes and minutes * ((1 - a.pretrain_share) if pretrained else 1))
 
-    grids = [] if a.scratch_only else [dict(zip(GRID, values)) for values in product(
-        *(once(getattr(a, k) or [None]) for k in GRID))]  # [None]: the setting left out
+    grids = [] if a.scratch_only else list(product(*(once(getattr(a, k) or [None]) for k in GRID)))
     for seed in once(a.seeds):
         for minutes in once(a.time_budget or [None]):
-            for g in grids:
-                epochs, depth, strategy, ratio = g.values()
+            for epochs, depth, strategy, ratio in grids:  # None: the setting left out
                 tag = (depth and f"dd{depth}", strategy, ratio and f"mr{ratio:g}",
                        epochs and f"ep{epochs}" or minutes and f"tb{minutes:g}")
                 settings = dict(**shared, seed=seed, stage="pretrain", decoder_depth=depth, mask_strategy=strategy,
@@ -186,7 +184,7 @@ def train(run, command):  # None once it finished, else why not
 
 def main(argv=None):
     a = parse_args(argv)
-    runs, finished, failures, before = plan(a), set(), [], 0
+    runs, failures, before = plan(a), {}, 0  # failures: {run: why}; every other run so far finished
     check_study(a)
     say(f"sweep {a.folder}: {len(runs)} runs")
     if not a.dry_run and not a.data_dir and any(run_state(r)[0] != "skipped" for r in runs):
@@ -199,18 +197,16 @@ def main(argv=None):
             utils.write_text(a.folder / "study.json", json.dumps(study(a), indent=1) + "\n")
         for number, job in enumerate(runs, 1):
             (state, detail), prefix = run_state(job), f"[{number}/{len(runs)}] {job.name}:"
-            if state != "skipped" and job.needs and job.needs.name not in finished:
+            if state != "skipped" and job.needs and job.needs.name in failures:
                 state, detail = "not run", f"{job.needs.name} did not finish"
             command = job.command + {"resuming": ["--resume", "auto"], "restarting": ["--overwrite"]}.get(state, [])
             say(f"{prefix} {state}" + f" ({detail})" * bool(detail) + (
                 f"\n    {shlex.join(command)}" if a.dry_run and state not in ("skipped", "not run") else ""))
             before += state == "skipped"
             if state == "not run":
-                failures.append((job.name, f"not run: {detail}"))
-            elif state == "skipped" or a.dry_run or not (why := train(job, command)):  # dry: as if it would finish
-                finished.add(job.name)
-            else:
-                failures.append((job.name, why))
+                failures[job.name] = f"not run: {detail}"
+            elif state != "skipped" and not a.dry_run and (why := train(job, command)):  # dry: as if it would finish
+                failures[job.name] = why
                 say(f"{prefix} FAILED ({why}; its output is above)")
     except KeyboardInterrupt:
         say("\nsweep interrupted; run the same command again to continue where it stopped")
@@ -219,7 +215,7 @@ def main(argv=None):
         lock.release()
     if not a.dry_run:
         say(f"\nsweep {a.folder}: {len(runs) - len(failures)} of {len(runs)} runs finished ({before} of them already "
-            "before this call)", *(f"  failed: {name}: {why}" for name, why in failures),
+            "before this call)", *(f"  failed: {name}: {why}" for name, why in failures.items()),
             *["Fix the cause and run the same command again to continue."] * bool(failures),
             f"tables and figures: python summarize.py {a.folder}", sep="\n")
     return 1 if failures else 0

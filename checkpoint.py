@@ -210,8 +210,7 @@ def check_classes(checkpoint, classes, source):
 
 def check_resume_model(checkpoint, config, source):
     saved = checkpoint["config"].to_dict()
-    changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in config.to_dict().items() if saved.get(k) != v]
-    if changed:
+    if changed := [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in config.to_dict().items() if saved.get(k) != v]:
         raise UserError(f"cannot resume {source} with another model ({'; '.join(changed)}); {OWN_SETTINGS}")
 
 
@@ -227,9 +226,8 @@ def resume_settings(checkpoint, args, fixed, source, log_dir):
     if checkpoint.get("position"):
         why["batch_size"] = " (it stopped in the middle of an epoch; resume with its batch size, then change it)"
     refused = [k for k in fixed if k in saved and (k in typed or k in ("dataset", "data_dir"))]
-    changed = [f"--{k}: {saved.get(k)!r} -> {settings[k]!r}{why.get(k, '')}"
-               for k in refused + [k for k in why if k in typed] if saved.get(k) != settings[k]]
-    if changed:
+    if changed := [f"--{k}: {saved.get(k)!r} -> {settings[k]!r}{why.get(k, '')}"
+                   for k in refused + [k for k in why if k in typed] if saved.get(k) != settings[k]]:
         raise UserError(f"cannot resume {source} with other settings ({'; '.join(changed)}); {OWN_SETTINGS}")
     moved = {k: v for k, v in saved.items() if k not in RUNTIME_FLAGS and k in settings and v != settings[k]}
     resolved = {**settings, **{k: v for k, v in moved.items() if k not in typed}}  # left out: the run's value

@@ -246,8 +246,7 @@ class RunLogger:
         self.csv_path, self.rows, self.writer, self.start_epoch = self.log_dir / "metrics.csv", [], None, start_epoch
         if not enabled:
             return
-        quiet_tensorboard_thread_errors()
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        quiet_tensorboard_thread_errors()  # the folder: made by the run's lock, else by the first write
         if start_epoch <= 1:
             for path in [self.csv_path, *self.log_dir.glob(f"{RUN_LOG_PREFIX}.*")]:
                 path.unlink(missing_ok=True)
@@ -334,8 +333,7 @@ def quiet_tensorboard_thread_errors():
 
 def tensorboard_tag(name):
     """``train_loss`` -> ``train/loss`` so TensorBoard groups the curves."""
-    group = next((g for g in ("train_", "val_", "knn_", "probe_") if name.startswith(g)), None)
-    return f"{group[:-1]}/{name[len(group):]}" if group else name
+    return name.replace("_", "/", 1) if name.startswith(("train_", "val_", "knn_", "probe_")) else name
 
 
 def logged_rows(csv_path):

@@ -262,8 +262,7 @@ class RunLogger:
             if self.writer is None:
                 from torch.utils.tensorboard import SummaryWriter  # slow to import, and only rank 0 needs it
 
-                self.writer = SummaryWriter(str(self.log_dir), purge_step=(
-                    self.start_epoch if self.start_epoch > 1 else None))
+                self.writer = SummaryWriter(self.log_dir, purge_step=self.start_epoch if self.start_epoch > 1 else None)
             return call(self.writer)
         except OSError as error:
             event_writer = getattr(getattr(self.writer, "file_writer", None), "event_writer", None)
@@ -286,8 +285,7 @@ class RunLogger:
         would add a second run to every view); a metric is the scalar ``hparams/<name>`` at ``epoch``."""
         from torch.utils.tensorboard.summary import hparams
 
-        kept = {k: "none" if v is None else v for k, v in settings.items() if isinstance(v, (bool, int, float, str))
-                or v is None}
+        kept = {k: "none" if v is None else v for k, v in settings.items() if isinstance(v, int | float | str | None)}
         metrics = {f"hparams/{name}": float(value) for name, value in final_metrics.items() if value is not None}
 
         def write(w):

@@ -1,5 +1,4 @@
-"""Devices, precision, compile, seeding and torchrun: where and how a run computes, and on what (for the tables
-that cite it)."""
+"""Devices, precision, compile, seeding and torchrun: where and how a run computes, and on what machine."""
 import logging
 import os
 import random

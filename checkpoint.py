@@ -78,10 +78,9 @@ class CheckpointWriter:
 def load_checkpoint(path, trust_pickle=False, kind=None, option=None):
     """A dict with ``model``, ``kind`` and (a known kind) ``config`` and ``guessed``. A pickled module can run code
     when unpickled: only with ``trust_pickle``. With ``kind``, the other kind is refused, naming ``option``."""
+    raw = Path(path).read_bytes()  # an OSError: run_cli names the path and the OS's cause
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (FileNotFoundError, IsADirectoryError, PermissionError):
-        raise  # run_cli names the path and the OS's cause
+        checkpoint = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as error:  # damaged bytes fail inside the unpickler in many ways (EOFError, IndexError, ...)
         # Only a file that names a class ("Unsupported global", older torch: "class") is a pickled module.
         if not re.search("Unsupported (global|class)", str(error)):
@@ -93,7 +92,7 @@ def load_checkpoint(path, trust_pickle=False, kind=None, option=None):
                             f"weights), which can run code when loaded; pass --trust_checkpoint if you trust "
                             f"where it came from") from None
         try:  # the reference pickles `model.MAE_ViT` / `model.ViT_Classifier`: ours have the same names
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+            checkpoint = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
         except Exception as error:
             raise UserError(f"checkpoint {path} could not be unpickled ({first_line(error)})") from None
     if isinstance(checkpoint, torch.nn.Module):
@@ -211,8 +210,7 @@ def check_classes(checkpoint, classes, source):
 
 def check_resume_model(checkpoint, config, source):
     saved = checkpoint["config"].to_dict()
-    changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in config.to_dict().items() if saved.get(k) != v]
-    if changed:
+    if changed := [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in config.to_dict().items() if saved.get(k) != v]:
         raise UserError(f"cannot resume {source} with another model ({'; '.join(changed)}); {OWN_SETTINGS}")
 
 
@@ -228,9 +226,8 @@ def resume_settings(checkpoint, args, fixed, source, log_dir):
     if checkpoint.get("position"):
         why["batch_size"] = " (it stopped in the middle of an epoch; resume with its batch size, then change it)"
     refused = [k for k in fixed if k in saved and (k in typed or k in ("dataset", "data_dir"))]
-    changed = [f"--{k}: {saved.get(k)!r} -> {settings[k]!r}{why.get(k, '')}"
-               for k in refused + [k for k in why if k in typed] if saved.get(k) != settings[k]]
-    if changed:
+    if changed := [f"--{k}: {saved.get(k)!r} -> {settings[k]!r}{why.get(k, '')}"
+                   for k in refused + [k for k in why if k in typed] if saved.get(k) != settings[k]]:
         raise UserError(f"cannot resume {source} with other settings ({'; '.join(changed)}); {OWN_SETTINGS}")
     moved = {k: v for k, v in saved.items() if k not in RUNTIME_FLAGS and k in settings and v != settings[k]}
     resolved = {**settings, **{k: v for k, v in moved.items() if k not in typed}}  # left out: the run's value

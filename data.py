@@ -61,7 +61,6 @@ def peek(name="cifar10", data_dir=None):  # (image size, classes, training image
 
 
 def list_image_folder(folder):  # classes and their image files, sorted by name; hidden names (.DS_Store) are never seen
-    folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder} is not a folder; --data_dir needs train/<class>/ and test/<class>/ inside")
     entries = visible_entries(folder)

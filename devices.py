@@ -1,13 +1,11 @@
-"""Devices, precision, compile, seeding and torchrun: where and how a run computes, and on what (for the tables
-that cite it)."""
-import contextlib
+"""Devices, precision, compile, seeding and torchrun: where and how a run computes, and on what machine."""
 import logging
 import os
 import random
 import shutil
 import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from collections import namedtuple
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +28,7 @@ def machine_description(device):
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     name = "CPU"
-    with contextlib.suppress(OSError, StopIteration):
+    with suppress(OSError, StopIteration):
         info = Path("/proc/cpuinfo").read_text().splitlines()
         name = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
         flags = set(next(line for line in info if line.startswith("flags")).split())
@@ -44,18 +42,10 @@ def setup_seed(seed):
     torch.manual_seed(seed)  # also seeds CUDA
     np.random.seed(seed)
     random.seed(seed)
-    torch.backends.cudnn.benchmark = False
 
 
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self):
-        return self.rank == 0
+class Dist(namedtuple("Dist", "rank world_size device")):  # this process's place among torchrun's, and its device
+    is_main = property(lambda self: self.rank == 0)
 
 
 def auto_device():
@@ -92,8 +82,7 @@ def setup_device(requested=None):
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if world_size > 1 else (device.index or 0))
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = True  # cuDNN's convolutions use TF32 by default
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Dist(rank, world_size, device)
@@ -127,7 +116,7 @@ def check_device(parser, requested):
     if requested in (None, "auto", "cpu"):
         return
     device = None
-    with contextlib.suppress(RuntimeError):
+    with suppress(RuntimeError):
         device = torch.device(requested)
     if device is None or device.type not in ("mps", "cuda"):
         parser.error(f"argument --device: {requested!r} is not a device; use auto, cpu, mps, cuda or cuda:N")
@@ -147,7 +136,7 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 def cpu_has_native_bf16():
     """AVX512-BF16 or AMX: elsewhere bf16 is emulated on the CPU and slower than fp32 (not Linux: fp32)."""
-    with contextlib.suppress(OSError):
+    with suppress(OSError):
         return bool({"avx512_bf16", "amx_bf16"} & set(Path("/proc/cpuinfo").read_text().split()))
     return False
 

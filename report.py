@@ -126,7 +126,6 @@ def render_table(name, results, page):  # TABLES[name] as Markdown, from ``resul
 
 def fill_tables(page, results=HERE / "results", write=True):
     """Refills the marked tables of ``page`` (write=False: only compares); returns whether it already held them."""
-    page = Path(page)
     old = page.read_text()
     new = MARKED.sub(lambda m: m[1] + render_table(m[2], results, page) + m[3], old)
     if write and new != old:  # whole or not at all: a reader never sees half a page

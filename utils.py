@@ -246,8 +246,7 @@ class RunLogger:
         self.csv_path, self.rows, self.writer, self.start_epoch = self.log_dir / "metrics.csv", [], None, start_epoch
         if not enabled:
             return
-        quiet_tensorboard_thread_errors()
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        quiet_tensorboard_thread_errors()  # the folder: made by the run's lock, else by the first write
         if start_epoch <= 1:
             for path in [self.csv_path, *self.log_dir.glob(f"{RUN_LOG_PREFIX}.*")]:
                 path.unlink(missing_ok=True)
@@ -263,8 +262,7 @@ class RunLogger:
             if self.writer is None:
                 from torch.utils.tensorboard import SummaryWriter  # slow to import, and only rank 0 needs it
 
-                self.writer = SummaryWriter(str(self.log_dir), purge_step=(
-                    self.start_epoch if self.start_epoch > 1 else None))
+                self.writer = SummaryWriter(self.log_dir, purge_step=self.start_epoch if self.start_epoch > 1 else None)
             return call(self.writer)
         except OSError as error:
             event_writer = getattr(getattr(self.writer, "file_writer", None), "event_writer", None)
@@ -287,8 +285,7 @@ class RunLogger:
         would add a second run to every view); a metric is the scalar ``hparams/<name>`` at ``epoch``."""
         from torch.utils.tensorboard.summary import hparams
 
-        kept = {k: "none" if v is None else v for k, v in settings.items() if isinstance(v, (bool, int, float, str))
-                or v is None}
+        kept = {k: "none" if v is None else v for k, v in settings.items() if isinstance(v, int | float | str | None)}
         metrics = {f"hparams/{name}": float(value) for name, value in final_metrics.items() if value is not None}
 
         def write(w):
@@ -334,8 +331,7 @@ def quiet_tensorboard_thread_errors():
 
 def tensorboard_tag(name):
     """``train_loss`` -> ``train/loss`` so TensorBoard groups the curves."""
-    group = next((g for g in ("train_", "val_", "knn_", "probe_") if name.startswith(g)), None)
-    return f"{group[:-1]}/{name[len(group):]}" if group else name
+    return name.replace("_", "/", 1) if name.startswith(("train_", "val_", "knn_", "probe_")) else name
 
 
 def logged_rows(csv_path):

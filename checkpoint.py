@@ -78,9 +78,10 @@ class CheckpointWriter:
 def load_checkpoint(path, trust_pickle=False, kind=None, option=None):
     """A dict with ``model``, ``kind`` and (a known kind) ``config`` and ``guessed``. A pickled module can run code
     when unpickled: only with ``trust_pickle``. With ``kind``, the other kind is refused, naming ``option``."""
-    raw = Path(path).read_bytes()  # an OSError: run_cli names the path and the OS's cause
     try:
-        checkpoint = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise  # run_cli names the path and the OS's cause
     except Exception as error:  # damaged bytes fail inside the unpickler in many ways (EOFError, IndexError, ...)
         # Only a file that names a class ("Unsupported global", older torch: "class") is a pickled module.
         if not re.search("Unsupported (global|class)", str(error)):
@@ -92,7 +93,7 @@ def load_checkpoint(path, trust_pickle=False, kind=None, option=None):
                             f"weights), which can run code when loaded; pass --trust_checkpoint if you trust "
                             f"where it came from") from None
         try:  # the reference pickles `model.MAE_ViT` / `model.ViT_Classifier`: ours have the same names
-            checkpoint = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as error:
             raise UserError(f"checkpoint {path} could not be unpickled ({first_line(error)})") from None
     if isinstance(checkpoint, torch.nn.Module):

@@ -29,8 +29,7 @@ class Bookkeeping:  # the module's job, for one run
         self.logger = utils.RunLogger(run.log_dir, fields, done + 1, self.is_main)
         self.writer = ckpt.CheckpointWriter()
         self.last_save = time.monotonic()
-        self.stop = StopFlag(run.env.device).install()
-        self.stop.saving = self.writer.busy
+        self.stop = StopFlag(run.env.device, saving=self.writer.busy).install()
         per_epoch = len(run.loader) // run.accum_steps * run.accum_steps
         self.budgeted = isinstance(schedule, engine.BudgetSchedule)
         if self.is_main and not done and position is None and not self.budgeted:  # the folder is ours (locked) now:
@@ -154,8 +153,8 @@ class StopFlag:
     second signal quits at once, unless a checkpoint is being written (``saving()``): that write ends whole first.
     Under torchrun the processes agree every ``agree_every`` micro-batches, so they all stop at the same step."""
 
-    def __init__(self, device=None, agree_every=10):
-        self.requested, self.exit_code, self.saving = False, 0, lambda: False
+    def __init__(self, device=None, agree_every=10, saving=lambda: False):
+        self.requested, self.exit_code, self.saving = False, 0, saving
         self.device, self.agree_every, self.polls = device, agree_every, 0
 
     def install(self):

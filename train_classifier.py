@@ -37,8 +37,7 @@ FIXED_ON_RESUME = ("pretrained_model_path", "linear_probe", "model_ema", "labels
 def build_model(args, typed_sizes, image_size, num_classes):
     """A classifier and its config: from scratch, or around the encoder of ``--pretrained_model_path``."""
     if not args.pretrained_model_path:
-        sizes = {k: v for k, v in run_setup.sizes(args).items() if k in ModelConfig.ENCODER_FIELDS}
-        config = ModelConfig.from_dict({**sizes, "image_size": image_size, "num_classes": num_classes})
+        config = ModelConfig.from_dict({**run_setup.sizes(args), "image_size": image_size, "num_classes": num_classes})
         run_setup.check_model(build_classifier, config)
         return build_classifier(config, args.drop_path), config
     path = args.pretrained_model_path
@@ -184,10 +183,8 @@ def main(argv=None):
     ema = ModelEmaV3(model, decay=cfg.model_ema) if cfg.model_ema else None
     done, position = ckpt.restore_training_state(resumed, "classifier", model, optimizer, run.resume_path) \
         if resumed else (0, None)
-    if ema and resumed:
-        if resumed.get("ema") is None:
-            raise utils.UserError(f"cannot resume {run.resume_path} with --model_ema: it was trained without it")
-        ckpt.load_weights(ema.module, resumed["ema"], run.resume_path)
+    if ema and resumed:  # a run trained without it is refused by resume_settings: --model_ema is fixed on resume
+        ckpt.load_weights(ema.module, resumed.get("ema") or {}, run.resume_path)
     best = resumed["best"] if resumed else {"val_acc": -1.0, "epoch": 0}
     if resumed and not cfg.time_budget and done >= cfg.total_epoch:
         print(f"{run.resume_path} has finished all {done} of --total_epoch {cfg.total_epoch} epochs: nothing to do "

@@ -17,7 +17,7 @@ import utils
 from data import normalize
 from devices import autocast, kept_random_state, synchronize
 
-SAVE_MINUTES = 10  # a run saves at every epoch's end once this long has passed since its last save (and at its end)
+SAVE_MINUTES = 5  # a run saves at every epoch's end once this long has passed since its last save (and at its end)
 
 
 class Bookkeeping:  # the module's job, for one run

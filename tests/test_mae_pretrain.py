@@ -157,7 +157,7 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path, mae_
 
 def test_sigterm_finishes_the_epoch_saves_and_exits_143(tmp_path, mae_argv):
     # Long enough never to finish on its own; checkpoints only at the end, so a checkpoint proves the stop saved.
-    argv = mae_argv(tmp_path, "--total_epoch", 1000, "--warmup_epoch", 1)  # saves after 10 minutes
+    argv = mae_argv(tmp_path, "--total_epoch", 1000, "--warmup_epoch", 1)  # saves after 5 minutes
     process = subprocess.Popen([sys.executable, str(REPO / "mae_pretrain.py"), *argv], cwd=tmp_path,
                                env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -65,8 +65,7 @@ def measure(workload, batch_size, precision, mode, augment, args, config, device
     # A small lr: random data must not drive the loss to NaN, on which train_epoch stops.
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     if workload == "pretrain":  # the training scripts' own steps (no batch regularisers), compiled as they do it
-        step = engine.make_pretrain_step(model, device, precision, config.patch_size)
-        step = devices.maybe_compile(step, device, mode != "none")
+        step = engine.make_pretrain_step(model, device, precision, config.patch_size, compile=mode != "none")
     else:
         step = engine.make_classifier_step(model, device, precision, torch.nn.CrossEntropyLoss(), None, mode != "none")
     images = torch.randint(0, 256, (batch_size, 3, config.image_size, config.image_size), dtype=torch.uint8,

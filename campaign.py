@@ -31,7 +31,7 @@ META = "gpu torch commit date key command wall_s".split()  # every row's first c
 STEPS = {"budget": "budget/campaign.csv", **{s: f"{s}.csv" for s in "few_labels epochs tta bench ablation".split()}}
 saved = lambda name, mae=True: f"{WORK}/checkpoints/{name}{'' if mae else '_last'}.pt"  # a classifier's latest
 machine = lambda: torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-rows_of = lambda step: utils.read_csv(path) if (path := ROOT / "results" / STEPS[step]).is_file() else []
+rows_of = lambda step: utils.read_rows(ROOT / "results" / STEPS[step])
 done = lambda: {row["key"] for step in STEPS for row in rows_of(step)}  # the units with rows
 runs = lambda unit: [words[words.index("--run_name") + 1] for words in unit.commands if "--run_name" in words]
 # A script's words as run: the training runs read the images, the benchmark's are synthetic.

@@ -202,9 +202,8 @@ def random_flip(images):  # per-sample flip with probability 1/2 (short runs: a 
     return torch.where(flip, images.flip(-1), images)
 
 
-def rand_augment(images, groups=16, num_ops=2, magnitude=9):  # crop, flip, then RandAugment: one draw of ops per chunk
-    policy = RandAugment(num_ops=num_ops, magnitude=magnitude)
-    return torch.cat([policy(chunk) for chunk in random_crop_flip(images).chunk(groups)])
+def rand_augment(images, groups=16):  # crop, flip, then RandAugment (2 ops, magnitude 9): one draw of ops per chunk
+    return torch.cat([RandAugment()(chunk) for chunk in random_crop_flip(images).chunk(groups)])
 
 
 def random_erasing(images, probability=0.25, area=(0.02, 1 / 3), aspect=(0.3, 3.3)):

@@ -1,14 +1,12 @@
-"""Devices, precision, compile, seeding and torchrun: where and how a run computes, and on what machine."""
+"""Devices, precision, compile and torchrun: where and how a run computes, and on what machine."""
 import logging
 import os
-import random
 import shutil
 import time
 from collections import namedtuple
 from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -36,12 +34,6 @@ def machine_description(device):
                         else "AVX2" if "avx2" in flags else "no AVX2")
     threads = torch.get_num_threads()
     return f"{name}, {threads} thread{'s' * (threads > 1)}, torch {torch.__version__}"
-
-
-def setup_seed(seed):
-    torch.manual_seed(seed)  # also seeds CUDA
-    np.random.seed(seed)
-    random.seed(seed)
 
 
 class Dist(namedtuple("Dist", "rank world_size device")):  # this process's place among torchrun's, and its device
@@ -159,8 +151,7 @@ def grad_scaler(device, precision):
     return torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
 
-def why_eager(device):
-    """Why torch.compile is not used here (None where it is)."""
+def why_eager(device):  # None where torch.compile is used
     if device.type == "mps":
         return "torch.compile on MPS is experimental in torch 2.x"
     if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
@@ -177,8 +168,7 @@ def maybe_compile(fn, device, enabled=True):
     return torch.compile(fn)
 
 
-def describe_speed_path(device, precision, compiled, requested_precision=None):
-    """One log line: what the step will run as."""
+def describe_speed_path(device, precision, compiled, requested_precision=None):  # one log line
     compile_note = ("eager" if not compiled else f"eager ({why_eager(device)})" if why_eager(device)
                     else "torch.compile")
     chosen = " (chosen by --precision auto)" if requested_precision == "auto" else ""

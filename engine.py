@@ -14,14 +14,14 @@ from model import mae_loss
 from utils import UserError
 
 
-def make_pretrain_step(model, device, precision, patch_size, norm_pix_loss=False):
+def make_pretrain_step(model, device, precision, patch_size, norm_pix_loss=False, compile=False):
     """One micro-batch: the masked forward under autocast and the loss on the masked patches -> (loss,)."""
     def step(images, _labels):
         with autocast(device, precision):
             predicted, mask = model(images)
         return (mae_loss(predicted, images, mask, patch_size, norm_pix_loss),)
 
-    return step
+    return maybe_compile(step, device, compile)
 
 
 def make_classifier_step(model, device, precision, criterion, prepare=None, compile=False):
@@ -166,9 +166,7 @@ class EpochSchedule:
         return self.set_factor(self.factor(epoch - 1))
 
     before_step = None  # a per-epoch schedule sets nothing per step (BudgetSchedule does)
-
-    def record(self):
-        return None  # nothing to save beside the arguments (BudgetSchedule saves its shares)
+    record = lambda self: None  # nothing to save beside the arguments (BudgetSchedule saves its shares)
 
 
 class BudgetSchedule(EpochSchedule):

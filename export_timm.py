@@ -22,14 +22,9 @@ def main(argv=None):
     parser.add_argument("--trust_checkpoint", action="store_true", help="allow a pickled whole-module checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     args = parser.parse_args(argv)
-    output = Path(args.output)
-    if not Path(args.checkpoint).is_file():
-        parser.error(f"argument checkpoint: {args.checkpoint} is not a file")
-    if output.resolve() == Path(args.checkpoint).resolve():
+    if Path(args.output).resolve() == Path(args.checkpoint).resolve():
         parser.error(f"argument output: {args.output} is the input checkpoint; writing there would replace it")
-    if output.exists() and (output.is_dir() or not args.overwrite):
-        parser.error(f"argument output: {args.output} " + ("is a folder; give a file name" if output.is_dir() else
-                                                          "already exists; pass --overwrite to replace it"))
+    utils.check_outputs(parser, {"output": args.output}, {"checkpoint": args.checkpoint}, overwrite=args.overwrite)
     checkpoint = ckpt.load_checkpoint(args.checkpoint, args.trust_checkpoint)
     if checkpoint["kind"] not in ("mae", "classifier"):
         raise utils.UserError(f"{args.checkpoint} holds neither an MAE nor a classifier")

@@ -17,7 +17,7 @@ import devices
 import engine
 import run_setup
 import utils
-from data import AUGMENTATIONS, Split, normalize
+from data import Split, normalize
 from figures import reconstruction_grid
 from model import MASK_STRATEGIES, ModelConfig, build_mae
 from probe import evaluate_encoder
@@ -39,7 +39,6 @@ def build_parser():
     p.add_argument("--mask_ratio", type=utils.OPEN_UNIT, default=None, help="default 0.75")
     p.add_argument("--mask_strategy", choices=MASK_STRATEGIES, default=None, help="default random")
     p.add_argument("--norm_pix_loss", action="store_true", help="per-patch normalised targets (the paper's)")
-    p.add_argument("--augment", choices=sorted(AUGMENTATIONS), default="none")
     p.add_argument("--knn_every", type=utils.NONNEGATIVE_INT, default=0,
                    help="k-NN (k=20, cls token) test accuracy every K epochs")
     p.add_argument("--probe_epochs", type=utils.NONNEGATIVE_INT, default=0,
@@ -59,8 +58,7 @@ def parse_args(argv=None):
 def model_config(settings, image_size, resumed=None):
     """The architecture: the defaults, under a resumed checkpoint's, under the sizes given."""
     base = resumed.to_dict() if resumed else ModelConfig().to_dict()
-    extra = {k: getattr(settings, k) for k in ("mask_ratio", "mask_strategy") if getattr(settings, k) is not None}
-    config = ModelConfig.from_dict({**base, "image_size": image_size, **run_setup.sizes(settings), **extra})
+    config = ModelConfig.from_dict({**base, "image_size": image_size, **run_setup.sizes(settings)})
     run_setup.check_model(build_mae, config, decoder=True)
     return config
 
@@ -96,8 +94,8 @@ def main(argv=None):
               f"(a larger --total_epoch continues it)")
         return devices.cleanup_distributed()
     train_model = DistributedDataParallel(model) if env.world_size > 1 else model
-    eager_step = engine.make_pretrain_step(train_model, device, run.precision, config.patch_size, cfg.norm_pix_loss)
-    step = devices.maybe_compile(eager_step, device, not cfg.no_compile)
+    step = engine.make_pretrain_step(train_model, device, run.precision, config.patch_size, cfg.norm_pix_loss,
+                                     compile=not cfg.no_compile)
     loader = run_setup.make_loader(run, cfg)
     scaler = devices.grad_scaler(device, run.precision)
     fixed_images = normalize(run.test_set.images[:16].to(device))  # the reference's 16 validation images

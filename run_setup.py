@@ -4,11 +4,11 @@ import argparse
 import json
 import sys
 import time
-from argparse import Namespace
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from timm.utils import random_seed
 
 import checkpoint as ckpt
 import devices
@@ -43,6 +43,7 @@ def add_arguments(p, script, batch_size, micro_batch, lr, total_epoch, warmup_ep
     p.add_argument("--batch_size", type=utils.POSITIVE_INT, default=batch_size)
     p.add_argument("--max_device_batch_size", type=utils.POSITIVE_INT, default=micro_batch,
                    help="the micro-batch: gradients of a larger batch accumulate")
+    p.add_argument("--augment", choices=sorted(AUGMENTATIONS), default="none")
     p.add_argument("--base_learning_rate", type=utils.POSITIVE_FLOAT, default=lr, help="lr = base * batch / 256")
     p.add_argument("--total_epoch", type=utils.EPOCHS, default=total_epoch)
     p.add_argument("--warmup_epoch", type=utils.ranged(int, 0, 10 ** 6), default=warmup_epoch)
@@ -121,8 +122,7 @@ def options_typed(parser, argv):
 
 def name_run(prefix, args, parser, abbreviations):
     """``prefix`` plus the settings that differ from their defaults (``mae_dd8_block``)."""
-    defaults = {action.dest: action.default for action in parser._actions}
-    defaults.update({k: v for k, v in ModelConfig().to_dict().items() if defaults.get(k) is None})
+    defaults = {**ModelConfig().to_dict(), **{a.dest: a.default for a in parser._actions if a.default is not None}}
     parts = [prefix]
     for name, short in abbreviations.items():
         value = getattr(args, name)
@@ -133,8 +133,8 @@ def name_run(prefix, args, parser, abbreviations):
     return "_".join(parts)
 
 
-def sizes(settings, fields=SIZE_FLAGS + DECODER_FLAGS):
-    """The size flags given (typed, from a preset or from a resumed run), as a dict."""
+def sizes(settings, fields=SIZE_FLAGS + DECODER_FLAGS + ("mask_ratio", "mask_strategy")):
+    """The model flags given (sizes, masking; typed, from a preset or from a resumed run), as a dict."""
     return {name: getattr(settings, name) for name in fields if getattr(settings, name, None) is not None}
 
 
@@ -166,7 +166,7 @@ class Run:
     resume_path: str
     train_set: object
     test_set: object
-    settings: Namespace  # args, with a resumed run's own values for the flags left out
+    settings: argparse.Namespace  # args, with a resumed run's own values for the flags left out
     image_size: int
     checkpoint_paths: list = ()
     loader: GpuLoader = None
@@ -177,7 +177,7 @@ def start_run(args, checkpoint_paths, kind, fixed=()):
     """Seed, device, data, the run folder and (when resuming) the checkpoint and its settings -> (Run, resumed).
     ``checkpoint_paths``: what the run writes, the first what ``--resume auto`` continues from."""
     env = devices.setup_device(args.device)
-    devices.setup_seed(args.seed + env.rank)  # each process draws its own masks and augmentations
+    random_seed(args.seed, env.rank)  # torch, numpy, random: each process draws its own masks and augmentations
     resume_path = args.resume if args.resume != "auto" else (
         checkpoint_paths[0] if Path(checkpoint_paths[0]).is_file() else None)
     log_dir = Path(args.log_dir) / args.dataset / args.run_name
@@ -185,7 +185,7 @@ def start_run(args, checkpoint_paths, kind, fixed=()):
         refuse_to_replace(log_dir, checkpoint_paths, args.overwrite, args.resume == "auto")
     resumed = ckpt.load_checkpoint(resume_path, kind=kind, option="--resume") if resume_path else None
     settings = ckpt.resume_settings(resumed, args, (*fixed, "dataset", "data_dir", "seed"), resume_path, log_dir) \
-        if resumed else Namespace(**vars(args))
+        if resumed else argparse.Namespace(**vars(args))
     train_set, test_set = load_dataset(args.dataset, args.data_dir)
     if resumed:
         ckpt.check_classes(resumed, train_set.classes, resume_path)

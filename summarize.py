@@ -34,8 +34,6 @@ AGAINST = {"time_budget": ("Accuracy against the time budget (equal compute)", "
            "labels_per_class": ("Accuracy against labels per class", "accuracy_vs_labels.png")}
 word = lambda key: WORDS.get(key, key.replace("_", " "))
 read_json = lambda path: json.loads(path.read_text()) if path.is_file() else {}
-# metrics.csv's rows (text; '' where nothing was measured), [] before the first
-read_rows = lambda run_dir: utils.read_csv(run_dir / "metrics.csv") if (run_dir / "metrics.csv").is_file() else []
 # The epochs that end a run, None while unknown: sweep.py's settings.json has them, or budget.json at the end.
 length = lambda run_dir: (read_json(run_dir / "settings.json").get("total_epochs")
                           or read_json(run_dir / "budget.json").get("total_epoch"))
@@ -44,7 +42,8 @@ length = lambda run_dir: (read_json(run_dir / "settings.json").get("total_epochs
 def read_run(path):  # (the run, None) or (None, why it is left out: unfinished, unreadable), from its settings.json
     run_dir = path.parent
     try:
-        rows, total, budget = read_rows(run_dir), length(run_dir), read_json(run_dir / "budget.json")
+        rows, total = utils.read_rows(run_dir / "metrics.csv"), length(run_dir)
+        budget = read_json(run_dir / "budget.json")
         if not total or len(rows) < total:
             return None, f"{run_dir} (not finished: {len(rows)}/{total or '?'} epochs)"
         key = dict(json.loads(path.read_text())["settings"])  # the settings less stage and seed

@@ -147,7 +147,7 @@ def check_study(a):  # a sweep folder holds one study: another one there is refu
 
 
 def run_state(run):  # (state, detail): "skipped" (checkpoint and all its epochs there), "resuming", "new", "restarting"
-    done, total = len(summarize.read_rows(run.log_dir)), summarize.length(run.log_dir) or run.total_epochs
+    done, total = utils.logged_rows(run.log_dir / "metrics.csv"), summarize.length(run.log_dir) or run.total_epochs
     if run.checkpoint.is_file():
         return ("skipped", f"finished: {done}/{total} epochs") if total and done >= total else \
             ("resuming", f"{done}/{total or '?'} epochs done")
@@ -179,7 +179,7 @@ def train(run, command):  # None once it finished, else why not
         return f"exit code {code}"
     if not run.checkpoint.is_file():
         return f"it ended without its checkpoint {run.checkpoint}"
-    write_settings(run, command, len(summarize.read_rows(run.log_dir)))
+    write_settings(run, command, utils.logged_rows(run.log_dir / "metrics.csv"))
 
 
 def main(argv=None):

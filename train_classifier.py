@@ -21,7 +21,7 @@ import devices
 import engine
 import run_setup
 import utils
-from data import AUGMENTATIONS, GpuLoader, Split, random_erasing
+from data import GpuLoader, Split, random_erasing
 from model import ModelConfig, build_classifier, encoder_state_dict
 
 # The MAE / DeiT fine-tuning recipe at CIFAR scale (layer decay: with a pretrained encoder only).
@@ -133,8 +133,7 @@ def build_parser():
                         "run with this --seed (an epoch repeats it to at least 10,000 images)")
     # The accuracy recipe: everything off by default so that the reference run stays reproducible.
     p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
-                   help="a preset of the options below; options given explicitly still win")
-    p.add_argument("--augment", choices=sorted(AUGMENTATIONS), default="none")
+                   help="a named set of the options below, --augment and the batch sizes; typed options still win")
     p.add_argument("--mixup", type=utils.NONNEGATIVE_FLOAT, default=0.0, help="mixup alpha (0: off)")
     p.add_argument("--label_smoothing", type=utils.ranged(float, 0, 1, high_open=True), default=0.0)
     p.add_argument("--layer_decay", type=utils.ranged(float, 0, 1, low_open=True), default=None,
@@ -156,8 +155,6 @@ def parse_args(argv=None):
     args, typed = run_setup.parse(p, argv, "train_classifier", recipe=RECIPES)
     if args.linear_probe and not args.pretrained_model_path:
         p.error("--linear_probe needs --pretrained_model_path (a frozen random encoder says little)")
-    if args.pretrained_model_path and not Path(args.pretrained_model_path).is_file():
-        p.error(f"argument --pretrained_model_path: {args.pretrained_model_path} is not a checkpoint file")
     source = f"from-{Path(args.pretrained_model_path).stem}" if args.pretrained_model_path else "scratch"
     args.run_name = args.run_name or run_setup.name_run(f"cls_{source}", args, p, RUN_NAME_KEYS)
     args.output_model_path = args.output_model_path or f"vit-t-{args.run_name}.pt"

@@ -171,8 +171,11 @@ def check_writable_folder(parser, flag, folder):
         parser.error(f"argument {flag}: {folder} is not writable ({probe}: {error.strerror or error})")
 
 
-def check_outputs(parser, outputs, inputs=None, data_dir=None):
+def check_outputs(parser, outputs, inputs=None, data_dir=None, overwrite=None):
     """The files a command writes (``{flag: path}``): none may replace an input, the data, a run's logs or another."""
+    for flag, path in (inputs or {}).items():  # what it reads: checkpoint files that exist
+        if path and not Path(path).is_file():
+            parser.error(f"argument {flag}: {path} is not a checkpoint file")
     seen = {}
     for flag, path in outputs.items():
         if Path(path).is_dir():
@@ -187,19 +190,19 @@ def check_outputs(parser, outputs, inputs=None, data_dir=None):
             parser.error(f"argument {flag}: {path} is the name of a run folder's log file; choose another name")
         if target in seen:
             parser.error(f"argument {flag}: {path} is also where {seen[target]} goes; one would replace the other")
+        if overwrite is False and target.exists():  # None: the command decides (a run's own refusals)
+            parser.error(f"argument {flag}: {path} already exists; pass --overwrite to replace it")
         seen[target] = flag
 
 
-def check_figure_file(parser, flag, path, overwrite):
-    """An image the command will save: a format PIL writes, and an existing file replaced only when asked."""
+def check_figure_file(parser, flag, path):
+    """An image the command will save: in a format PIL writes."""
     from PIL import Image
 
     writable = sorted(ext for ext, name in Image.registered_extensions().items() if name in Image.SAVE)
     if Image.registered_extensions().get(Path(path).suffix.lower()) not in Image.SAVE:
         parser.error(f"argument {flag}: {path} does not end in an image format that can be written "
                      f"(e.g. .png, .jpg, .pdf; all: {' '.join(writable)})")
-    if Path(path).exists() and not overwrite:
-        parser.error(f"argument {flag}: {path} already exists; pass --overwrite to replace it")
 
 
 class RunLock:
@@ -334,5 +337,5 @@ def tensorboard_tag(name):
     return name.replace("_", "/", 1) if name.startswith(("train_", "val_", "knn_", "probe_")) else name
 
 
-def logged_rows(csv_path):
-    return len(read_csv(csv_path)) if Path(csv_path).is_file() else 0
+read_rows = lambda csv_path: read_csv(csv_path) if Path(csv_path).is_file() else []  # [] before a run's first epoch
+logged_rows = lambda csv_path: len(read_rows(csv_path))

@@ -2,8 +2,6 @@
 checkpoint brings its own architecture: no size flags are needed.
 
     python visualize_predictions.py --model_path vit-t-cls_from-vit-t-mae.pt --mae_model_path vit-t-mae.pt"""
-from pathlib import Path
-
 import torch
 
 import checkpoint as ckpt
@@ -45,14 +43,11 @@ def parse_args(argv=None):  # every path checked before anything is loaded: inpu
         p.error("nothing to draw: pass --model_path (a classifier) and/or --mae_model_path")
     devices.check_device(p, args.device)
     inputs = {"--model_path": args.model_path, "--mae_model_path": args.mae_model_path}
-    for flag, path in inputs.items():
-        if path and not Path(path).is_file():
-            p.error(f"argument {flag}: {path} is not a checkpoint file")
     outputs = {"--output": args.output} if args.model_path else {}
     outputs.update({"--reconstruction_output": args.reconstruction_output} if args.mae_model_path else {})
-    utils.check_outputs(p, outputs, inputs, args.data_dir)
+    utils.check_outputs(p, outputs, inputs, args.data_dir, args.overwrite)
     for flag, path in outputs.items():
-        utils.check_figure_file(p, flag, path, args.overwrite)
+        utils.check_figure_file(p, flag, path)
     return args
 
 

@@ -10,7 +10,7 @@ import train_classifier
 from conftest import REPO
 
 MAX_MODULE_LINES, MAX_FLAGS, MAX_POSITIONAL = 450, 32, 6
-MAX_LINES = 3_623  # the goal is 3,600; this is where the code stands (2026-12-07), and it may only shrink
+MAX_LINES = 3_596  # the goal was 3,600; this is where the code stands (2026-12-07), and it may only shrink
 MAX_EPOCH_LINES = 400  # one pretraining epoch, read in the script and the engine
 
 

@@ -126,31 +126,22 @@ def compile_test_skipped():
 
 @pytest.mark.skipif(bool(compile_test_skipped()), reason=compile_test_skipped() or "-")
 def test_compiled_bf16_step_matches_the_fp32_step(monkeypatch):
-    # What CUDA training runs (compiled, bf16 autocast) against the CPU path (eager fp32), on the same batch and
-    # masks. The test enters the CPU bf16 autocast itself, whatever this CPU's --precision auto picks.
+    # The step the training script compiles (bf16 autocast, inductor) against the CPU's eager fp32 step, on the
+    # same batch and masks; the same step function training runs, whatever this CPU's --precision auto picks.
     model = tiny_mae(depth=1)
-    images = torch.randn(4, 3, IMAGE, IMAGE)
+    images, labels = torch.randn(4, 3, IMAGE, IMAGE), torch.zeros(4, dtype=torch.long)
     masks = fixed_masks(4)
     monkeypatch.setattr(PatchShuffle, "visible_mask", lambda self, b, t, device: masks[:b].to(device))
-
-    def loss_fn(images):
-        predicted, mask = model(images)
-        return mae_loss(predicted, images, mask, PATCH)
-
-    def bf16_loss_fn(images):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            predicted, mask = model(images)
-        return mae_loss(predicted, images, mask, PATCH)
-
+    cpu = torch.device("cpu")
     torch.compiler.reset()
     try:
-        fast_loss = torch.compile(bf16_loss_fn)(images)
+        (fast_loss,) = engine.make_pretrain_step(model, cpu, "bf16", PATCH, compile=True)(images, labels)
         fast_loss.backward()
     finally:
         torch.compiler.reset()  # leave no compiled graphs (holding this model) to later tests
     fast_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
-    loss = loss_fn(images)
+    (loss,) = engine.make_pretrain_step(model, cpu, "fp32", PATCH)(images, labels)
     loss.backward()
     grads = [p.grad for p in model.parameters()]
 

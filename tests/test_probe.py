@@ -184,8 +184,8 @@ def pretrain(image_folder, tmp_path, *extra):
     argv = ["--data_dir", str(image_folder), "--device", "cpu", "--batch_size", "16", "--max_device_batch_size",
             "16", "--warmup_epoch", "1", "--emb_dim", "32", "--encoder_depth", "1", "--encoder_heads", "2",
             "--decoder_depth", "1", "--decoder_heads", "2", "--log_dir", str(tmp_path / "logs"),
-            "--run_name", "run", "--model_path", str(tmp_path / "mae.pt"), *extra]
-    mae_pretrain.main(argv)
+            "--run_name", "run", "--model_path", str(tmp_path / "mae.pt"), "--no_compile", *extra]
+    mae_pretrain.main(argv)  # eager: test_engine_compile compiles the same step function (a cold compile costs 15 s)
     with open(tmp_path / "logs" / "cifar10" / "run" / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     return rows, ckpt.load_checkpoint(tmp_path / "mae.pt")["model"]

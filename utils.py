@@ -172,7 +172,7 @@ def check_writable_folder(parser, flag, folder):
 
 
 def check_outputs(parser, outputs, inputs=None, data_dir=None, overwrite=None):
-    """The files a command writes (``{flag: path}``): none may replace an input, the data, a run's logs or another."""
+    """Inputs (``{flag: path}``) must be files; an output may not replace one, the data, a run's logs or another."""
     for flag, path in (inputs or {}).items():  # what it reads: checkpoint files that exist
         if path and not Path(path).is_file():
             parser.error(f"argument {flag}: {path} is not a checkpoint file")

@@ -170,9 +170,9 @@ class StopFlag:
             return False
         flag = torch.tensor([float(self.requested)], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and not self.requested:  # another process was signalled: exit as it will
+        if (stop := bool(flag.item())) and not self.requested:  # another process was signalled: exit as it will
             self.requested, self.exit_code = True, 143
-        return bool(flag.item())
+        return stop
 
     def _handle(self, signum, frame):
         if self.requested:
